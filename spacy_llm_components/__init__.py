@@ -1,0 +1,20 @@
+"""spaCy components that run fine-tuned Hugging Face Transformers heads.
+
+`hf_textcat`, `hf_ner` and `hf_qa` are registered as spaCy factories through
+entry points, so `nlp.add_pipe("hf_ner", ...)` works without importing this
+package. Importing it gives `ask` and `export_hf`.
+"""
+
+from .extensions import register_extensions
+
+register_extensions()
+
+from . import scorers  # noqa: E402,F401  (registers the scorers)
+from .components.ner import HFEntityRecognizer  # noqa: E402
+from .components.qa import HFQuestionAnswerer, ask  # noqa: E402
+from .components.textcat import HFTextCategorizer  # noqa: E402
+from .export import export_hf  # noqa: E402
+from .hf import CheckpointError  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["ask", "export_hf", "CheckpointError", "HFEntityRecognizer", "HFQuestionAnswerer", "HFTextCategorizer"]

@@ -1,0 +1,174 @@
+"""Word pieces <-> words <-> spaCy tokens, and window split/merge.
+
+Pure functions on plain data (ints, offsets, numpy arrays): no model, no I/O,
+no spaCy pipeline. The same functions serve inference and training features,
+so the two cannot drift.
+"""
+
+from bisect import bisect_left, bisect_right
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+CharSpan = Tuple[int, int]  # [start, end) in characters
+PieceRange = Tuple[int, int]  # [start, end) in word-piece positions
+
+
+def group_words(word_ids: Sequence[Optional[int]]) -> List[PieceRange]:
+    """Piece ranges of consecutive pieces that share a pre-tokenizer word id.
+
+    `word_ids` comes from a fast tokenizer's `Encoding.word_ids`; pieces with
+    id None (special tokens) belong to no word.
+    """
+    words: List[PieceRange] = []
+    start = 0
+    current: Optional[int] = None
+    for i, wid in enumerate(word_ids):
+        if wid != current or wid is None:
+            if current is not None:
+                words.append((start, i))
+            start, current = i, wid
+    if current is not None:
+        words.append((start, len(word_ids)))
+    return words
+
+
+def unit_piece_ranges(
+    unit_spans: Sequence[CharSpan], piece_spans: Sequence[CharSpan]
+) -> List[PieceRange]:
+    """For each unit (token, sentence) the range of pieces that overlap it.
+
+    Both inputs are sorted by start. A unit no piece overlaps (whitespace, a
+    character the tokenizer drops) gets an empty range at the position where
+    its pieces would be.
+    """
+    piece_starts = [s for s, _ in piece_spans]
+    piece_ends = [e for _, e in piece_spans]
+    ranges: List[PieceRange] = []
+    for start, end in unit_spans:
+        first = bisect_right(piece_ends, start)  # first piece ending after the unit starts
+        last = bisect_left(piece_starts, end)  # first piece starting at/after the unit ends
+        ranges.append((first, max(first, last)))
+    return ranges
+
+
+def window_spans(n: int, size: int, overlap: int) -> List[PieceRange]:
+    """Cover range(n) with windows of at most `size` items; neighbours share `overlap` items.
+
+    n == 0 gives one empty window, so an empty input still has one (empty) window.
+    """
+    if size < 1:
+        raise ValueError(f"window size must be >= 1, got {size}")
+    overlap = max(0, min(overlap, size - 1))
+    if n <= size:
+        return [(0, n)]
+    step = size - overlap
+    spans = []
+    start = 0
+    while True:
+        end = min(start + size, n)
+        spans.append((start, end))
+        if end == n:
+            return spans
+        start += step
+
+
+def merge_window_scores(
+    windows: Sequence[PieceRange], window_scores: Sequence[np.ndarray], n: int
+) -> np.ndarray:
+    """Per position, keep the scores of the window in which it has the most context.
+
+    Context of a position is its distance to the nearer window edge; a document
+    edge counts as full context. With one window covering everything the result
+    is that window's scores unchanged.
+    """
+    if len(windows) != len(window_scores):
+        raise ValueError("one score array per window is needed")
+    if n == 0:
+        width = window_scores[0].shape[1:] if window_scores else ()
+        return np.zeros((0, *width), dtype=np.float32)
+    out = np.empty((n, *window_scores[0].shape[1:]), dtype=window_scores[0].dtype)
+    best = np.full(n, -1, dtype=np.int64)
+    for (start, end), scores in zip(windows, window_scores):
+        if scores.shape[0] != end - start:
+            raise ValueError(f"window {start}:{end} has {scores.shape[0]} score rows")
+        idx = np.arange(start, end)
+        left = np.where(start == 0, n, idx - start)
+        right = np.where(end == n, n, end - 1 - idx)
+        context = np.minimum(left, right)
+        better = context > best[start:end]
+        out[start:end][better] = scores[better]
+        best[start:end][better] = context[better]
+    return out
+
+
+def pack_units(unit_ranges: Sequence[PieceRange], max_len: int) -> List[PieceRange]:
+    """Greedily pack consecutive units (sentences, tokens) into windows of <= max_len pieces.
+
+    Windows end on unit boundaries; a unit longer than max_len is cut into
+    max_len-sized pieces. Empty units are skipped. No input gives one empty window.
+    """
+    windows: List[PieceRange] = []
+    cur_start: Optional[int] = None
+    cur_end = 0
+    for start, end in unit_ranges:
+        if end <= start:
+            continue
+        if cur_start is not None and end - cur_start <= max_len:
+            cur_end = end
+            continue
+        if cur_start is not None:
+            windows.append((cur_start, cur_end))
+            cur_start = None
+        while end - start > max_len:
+            windows.append((start, start + max_len))
+            start += max_len
+        cur_start, cur_end = start, end
+    if cur_start is not None:
+        windows.append((cur_start, cur_end))
+    return windows or [(0, 0)]
+
+
+def snap_to_tokens(
+    span: CharSpan, token_starts: Sequence[int], token_ends: Sequence[int]
+) -> Optional[Tuple[int, int]]:
+    """Smallest token range [first, last) whose characters cover `span`.
+
+    Returns None when no token overlaps the span (it lies in whitespace).
+    """
+    start, end = span
+    if not token_starts or end <= start:
+        return None
+    first = bisect_right(token_ends, start)  # first token ending after span start
+    last = bisect_left(token_starts, end)  # first token starting at/after span end
+    if first >= last:
+        return None
+    return first, last
+
+
+def refine_units(
+    coarse: Sequence[PieceRange], fine: Sequence[PieceRange], max_len: int
+) -> List[PieceRange]:
+    """Replace each coarse unit (sentence) longer than max_len by the fine units (tokens) inside it."""
+    units: List[PieceRange] = []
+    for start, end in coarse:
+        if end - start <= max_len:
+            units.append((start, end))
+        else:
+            units.extend((s, e) for s, e in fine if s >= start and e <= end and e > s)
+    return units
+
+
+def resolve_overlaps(entities: List[Tuple[int, int, str, float]]) -> List[Tuple[int, int, str, float]]:
+    """After snapping, two entities can share a token: merge them if of one type, else keep the surer one."""
+    kept: List[Tuple[int, int, str, float]] = []
+    for ent in sorted(entities):
+        if kept and ent[0] < kept[-1][1]:
+            prev = kept[-1]
+            if prev[2] == ent[2]:
+                kept[-1] = (prev[0], max(prev[1], ent[1]), prev[2], max(prev[3], ent[3]))
+            elif ent[3] > prev[3]:
+                kept[-1] = ent
+            continue
+        kept.append(ent)
+    return kept

@@ -1,0 +1,1 @@
+"""spaCy components wrapping Hugging Face task heads."""

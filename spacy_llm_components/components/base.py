@@ -1,0 +1,249 @@
+"""What the three components share: lazy checkpoint loading, length-sorted batched
+inference, and storing the checkpoint inside the pipeline folder."""
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import srsly
+import torch
+from spacy.language import Language
+from spacy.pipeline import Pipe
+from spacy.tokens import Doc
+from spacy.util import ensure_path, minibatch
+
+from ..hf import Checkpoint, load_checkpoint, peek_labels, resolve_device, resolve_dtype, save_checkpoint
+
+MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
+
+
+@dataclass
+class ModelInput:
+    """One sequence for the model: ids with special tokens, and segment ids."""
+
+    input_ids: List[int]
+    token_type_ids: Optional[List[int]] = None
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Where a tokenizer puts its special tokens around one or two sequences."""
+
+    single_prefix: List[int]
+    single_suffix: List[int]
+    pair_prefix_len: int  # specials before the first sequence of a pair
+    pair_middle_len: int  # specials between the two sequences
+
+    @classmethod
+    def of(cls, tokenizer) -> "SpecialTokens":
+        single = tokenizer.build_inputs_with_special_tokens([-1])
+        pair = tokenizer.build_inputs_with_special_tokens([-1], [-2])
+        i = single.index(-1)
+        a, b = pair.index(-1), pair.index(-2)
+        return cls(single[:i], single[i + 1 :], a, b - a - 1)
+
+    @property
+    def n_single(self) -> int:
+        return len(self.single_prefix) + len(self.single_suffix)
+
+
+class HFPipe(Pipe):
+    """Base of hf_textcat, hf_ner and hf_qa.
+
+    The checkpoint loads on first use, not in the factory: `spacy.load` then
+    restores it from the pipeline folder and never touches `model` (the path the
+    pipeline was first built from, which may be gone).
+    """
+
+    task: ClassVar[str]
+    output_names: ClassVar[Tuple[str, ...]] = ("logits",)
+    per_token: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        nlp: Language,
+        name: str,
+        *,
+        model: str,
+        batch_size: int,
+        max_length: Optional[int],
+        device: str,
+        dtype: str,
+        scorer: Optional[Callable],
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
+        if max_length is not None and max_length < 8:
+            raise ValueError(f"{name}: max_length must be >= 8 or null, got {max_length}")
+        resolve_dtype(dtype, resolve_device(device))  # fail at add_pipe, not at first call
+        self.vocab = nlp.vocab
+        self.name = name
+        self.model_name = model
+        self.batch_size = batch_size
+        self.max_length_cfg = max_length
+        self.device = device
+        self.dtype = dtype
+        self.scorer = scorer
+        self.cfg: dict = {}
+        self._checkpoint: Optional[Checkpoint] = None
+        self._specials: Optional[SpecialTokens] = None
+
+    # -- loading -----------------------------------------------------------------
+    def _new_head_labels(self) -> Optional[List[str]]:
+        """Labels of a new head when the checkpoint is a bare encoder (None: no new head)."""
+        return None
+
+    def _new_head_problem_type(self) -> Optional[str]:
+        return None
+
+    def _on_load(self) -> None:
+        """Read what the component needs from a freshly loaded checkpoint (labels, scheme)."""
+
+    def _set_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._checkpoint = checkpoint
+        self._specials = SpecialTokens.of(checkpoint.tokenizer)
+        self._on_load()
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        if self._checkpoint is None:
+            self._set_checkpoint(
+                load_checkpoint(
+                    self.model_name,
+                    self.task,
+                    labels=self._new_head_labels(),
+                    problem_type=self._new_head_problem_type(),
+                    device=self.device,
+                    dtype=self.dtype,
+                )
+            )
+        return self._checkpoint  # type: ignore[return-value]
+
+    def _label_names(self) -> List[str]:
+        """Head labels; before the checkpoint is loaded, read from config without loading.
+
+        spaCy asks for `labels` while restoring a pipeline, before `from_disk`:
+        loading the original checkpoint then would be slow, or fail if it is gone.
+        """
+        if self._checkpoint is not None:
+            return self._checkpoint.id2label
+        return peek_labels(self.model_name) or self._new_head_labels() or []
+
+    @property
+    def specials(self) -> SpecialTokens:
+        self.checkpoint
+        return self._specials  # type: ignore[return-value]
+
+    @property
+    def max_length(self) -> int:
+        limit = self.checkpoint.max_length
+        return min(limit, self.max_length_cfg) if self.max_length_cfg else limit
+
+    def initialize(self, get_examples: Optional[Callable] = None, *, nlp: Optional[Language] = None) -> None:
+        """Load the checkpoint (`spacy assemble` / `nlp.initialize` call this)."""
+        self.checkpoint
+
+    # -- inference ---------------------------------------------------------------
+    def __call__(self, doc: Doc) -> Doc:
+        error_handler = self.get_error_handler()
+        try:
+            self.set_annotations([doc], self.predict([doc]))
+            return doc
+        except Exception as err:
+            error_handler(self.name, self, [doc], err)
+            return doc
+
+    def pipe(self, stream: Iterable[Doc], *, batch_size: int = 1000) -> Iterator[Doc]:
+        """Annotate docs in order; each `batch_size` docs form one buffer sorted by length."""
+        error_handler = self.get_error_handler()
+        for docs in minibatch(stream, size=batch_size):
+            try:
+                self.set_annotations(docs, self.predict(docs))
+            except Exception as err:
+                error_handler(self.name, self, docs, err)
+            yield from docs
+
+    def _encode(self, texts: Sequence[str]):
+        """Word pieces of whole texts, no special tokens, with character offsets and word ids."""
+        return self.checkpoint.tokenizer(
+            list(texts),
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        ).encodings
+
+    def _single(self, ids: Sequence[int]) -> ModelInput:
+        sp = self.specials
+        input_ids = sp.single_prefix + list(ids) + sp.single_suffix
+        return ModelInput(input_ids, [0] * len(input_ids))
+
+    def _forward(self, inputs: Sequence[ModelInput]) -> List[Tuple[np.ndarray, ...]]:
+        """Run the model over sequences, batched by similar length; results in input order.
+
+        Each result holds one float32 array per name in `output_names`, cut to
+        the sequence's own length for per-token outputs.
+        """
+        ck = self.checkpoint
+        pad_id = ck.tokenizer.pad_token_id or 0
+        use_types = "token_type_ids" in ck.tokenizer.model_input_names
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i].input_ids))
+        results: List[Tuple[np.ndarray, ...]] = [()] * len(inputs)
+        device = ck.device
+        with torch.inference_mode():
+            for batch in minibatch(order, size=self.batch_size):
+                width = max(len(inputs[i].input_ids) for i in batch)
+                ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+                mask = np.zeros((len(batch), width), dtype=np.int64)
+                types = np.zeros((len(batch), width), dtype=np.int64)
+                for row, i in enumerate(batch):
+                    n = len(inputs[i].input_ids)
+                    ids[row, :n] = inputs[i].input_ids
+                    mask[row, :n] = 1
+                    if use_types and inputs[i].token_type_ids:
+                        types[row, :n] = inputs[i].token_type_ids
+                feed = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+                if use_types:
+                    feed["token_type_ids"] = torch.from_numpy(types).to(device)
+                out = ck.model(**feed)
+                arrays = [getattr(out, name).float().cpu().numpy() for name in self.output_names]
+                for row, i in enumerate(batch):
+                    n = len(inputs[i].input_ids)
+                    results[i] = tuple(a[row, :n] if self.per_token else a[row] for a in arrays)
+        return results
+
+    # -- serialization -----------------------------------------------------------
+    def to_disk(self, path, *, exclude: Iterable[str] = tuple()) -> None:
+        """Weights (safetensors), tokenizer and label map go into `path/model`."""
+        path = ensure_path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.checkpoint, path / MODEL_DIR)
+        srsly.write_json(path / "cfg", {"source": self.checkpoint.source, **self.cfg})
+
+    def from_disk(self, path, *, exclude: Iterable[str] = tuple()) -> "HFPipe":
+        path = ensure_path(path)
+        model_dir = path / MODEL_DIR
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"{self.name}: no checkpoint folder at {model_dir}")
+        self._set_checkpoint(load_checkpoint(model_dir, self.task, device=self.device, dtype=self.dtype))
+        return self
+
+    def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
+        with tempfile.TemporaryDirectory() as tmp:
+            self.to_disk(Path(tmp) / "c")
+            files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+        return srsly.msgpack_dumps(files)
+
+    def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = tuple()) -> "HFPipe":
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            for rel, data in srsly.msgpack_loads(bytes_data).items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+            return self.from_disk(tmp / "c")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,186 @@
+"""hf_ner: `AutoModelForTokenClassification` as a spaCy component writing `doc.ents` or `doc.spans`."""
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from spacy.language import Language
+from spacy.tokens import Doc, Span, SpanGroup
+
+from ..align import group_words, merge_window_scores, resolve_overlaps, snap_to_tokens, window_spans
+from ..decode import (
+    DECODERS,
+    SCHEMES,
+    LabelSchemeError,
+    decode_entities,
+    detect_scheme,
+    log_softmax,
+    parse_tag,
+    tags_for_types,
+    transitions,
+)
+from ..hf import CheckpointError
+from .base import HFPipe
+
+AGGREGATIONS = ("first", "mean")
+
+
+@Language.factory(
+    "hf_ner",
+    assigns=["doc.ents", "token.ent_iob", "token.ent_type"],
+    default_config={
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "labels": None,
+        "scheme": "auto",
+        "aggregation": "first",
+        "decoder": "viterbi",
+        "spans_key": None,
+        "stride": 128,
+        "batch_size": 32,
+        "max_length": None,
+        "device": "auto",
+        "dtype": "float32",
+        "scorer": {"@scorers": "spacy_llm_components.ner_scorer.v1"},
+    },
+    default_score_weights={"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None},
+)
+def make_hf_ner(
+    nlp: Language,
+    name: str,
+    model: str,
+    labels: Optional[List[str]],
+    scheme: str,
+    aggregation: str,
+    decoder: str,
+    spans_key: Optional[str],
+    stride: int,
+    batch_size: int,
+    max_length: Optional[int],
+    device: str,
+    dtype: str,
+    scorer: Optional[Callable],
+) -> "HFEntityRecognizer":
+    return HFEntityRecognizer(
+        nlp, name, model=model, labels=labels, scheme=scheme, aggregation=aggregation, decoder=decoder,
+        spans_key=spans_key, stride=stride, batch_size=batch_size, max_length=max_length,
+        device=device, dtype=dtype, scorer=scorer,
+    )
+
+
+@dataclass
+class DocEntities:
+    """Decoded entities of one doc: (first token, end token, label, score), and how many were snapped."""
+
+    entities: List[Tuple[int, int, str, float]] = field(default_factory=list)
+    snapped: int = 0
+
+
+class HFEntityRecognizer(HFPipe):
+    """Tags words with a token-classification head and sets entities on spaCy tokens.
+
+    Word pieces are grouped into the tokenizer's words (first piece by default,
+    mean of pieces as an option), decoded with the scheme's valid transitions,
+    and each entity's character span is snapped to spaCy token boundaries. An
+    entity whose edge falls inside a spaCy token grows to the whole token (and
+    is counted in `snapped`) instead of being dropped. Long docs run as
+    overlapping windows over word pieces whose logits are merged before decoding.
+    """
+
+    task = "token-classification"
+
+    def __init__(self, nlp: Language, name: str, *, labels: Optional[List[str]], scheme: str, aggregation: str,
+                 decoder: str, spans_key: Optional[str], stride: int, **kwargs) -> None:
+        super().__init__(nlp, name, **kwargs)
+        if scheme != "auto" and scheme not in SCHEMES:
+            raise ValueError(f"{name}: scheme {scheme!r} is not 'auto' or one of {SCHEMES}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"{name}: aggregation {aggregation!r} is not one of {AGGREGATIONS}")
+        if decoder not in DECODERS:
+            raise ValueError(f"{name}: decoder {decoder!r} is not one of {sorted(DECODERS)}")
+        if stride < 0:
+            raise ValueError(f"{name}: stride must be >= 0, got {stride}")
+        self.entity_types = labels
+        self.scheme_cfg = scheme
+        self.aggregation = aggregation
+        self.decoder = decoder
+        self.spans_key = spans_key
+        self.stride = stride
+        self.snapped = 0  # entities grown to token boundaries since the component was made
+        self.cfg = {"spans_key": spans_key}
+
+    def _new_head_labels(self) -> Optional[List[str]]:
+        if not self.entity_types:
+            return None
+        return tags_for_types(self.entity_types, "IOB2" if self.scheme_cfg == "auto" else self.scheme_cfg)
+
+    def _on_load(self) -> None:
+        tags = self.checkpoint.id2label
+        try:
+            self.scheme = detect_scheme(tags) if self.scheme_cfg == "auto" else self.scheme_cfg
+            self.transitions = transitions(tags, self.scheme)
+        except LabelSchemeError as err:
+            raise CheckpointError(f"{self.checkpoint.source}: cannot read the label scheme of id2label: {err}") from err
+        self.tags = tags
+
+    @property
+    def labels(self) -> List[str]:
+        """Entity types, in the order of their first tag in the checkpoint."""
+        types: List[str] = []
+        for tag in self._label_names():
+            etype = parse_tag(tag)[1]
+            if etype is not None and etype not in types:
+                types.append(etype)
+        return types
+
+    def predict(self, docs: Sequence[Doc]) -> List[DocEntities]:
+        window = self.max_length - self.specials.n_single
+        encodings = self._encode([d.text for d in docs])
+        inputs, spans = [], []
+        for enc in encodings:
+            windows = window_spans(len(enc.ids), window, self.stride) if enc.ids else []
+            spans.append(windows)
+            inputs.extend(self._single(enc.ids[s:e]) for s, e in windows)
+        outputs = iter(self._forward(inputs))
+        results = []
+        for doc, enc, windows in zip(docs, encodings, spans):
+            if not windows:
+                results.append(DocEntities())
+                continue
+            skip = len(self.specials.single_prefix)  # drop special-token positions
+            window_logits = [next(outputs)[0][skip : skip + e - s] for s, e in windows]
+            piece_logits = merge_window_scores(windows, window_logits, len(enc.ids))
+            results.append(self._decode_doc(doc, enc, piece_logits))
+        return results
+
+    def _decode_doc(self, doc: Doc, enc, piece_logits: np.ndarray) -> DocEntities:
+        words = group_words(enc.word_ids)
+        if self.aggregation == "first":
+            word_logits = piece_logits[[s for s, _ in words]]
+        else:
+            word_logits = np.stack([piece_logits[s:e].mean(axis=0) for s, e in words])
+        decoded = decode_entities(log_softmax(word_logits), self.tags, self.transitions, self.decoder)
+        starts = [t.idx for t in doc]
+        ends = [t.idx + len(t) for t in doc]
+        out = DocEntities()
+        for first_word, end_word, label, score in decoded:
+            char_span = (enc.offsets[words[first_word][0]][0], enc.offsets[words[end_word - 1][1] - 1][1])
+            tokens = snap_to_tokens(char_span, starts, ends)
+            if tokens is None:
+                continue
+            if (starts[tokens[0]], ends[tokens[1] - 1]) != char_span:
+                out.snapped += 1
+            out.entities.append((tokens[0], tokens[1], label, score))
+        out.entities = resolve_overlaps(out.entities)
+        return out
+
+    def set_annotations(self, docs: Sequence[Doc], predictions: Sequence[DocEntities]) -> None:
+        for doc, pred in zip(docs, predictions):
+            spans = [Span(doc, s, e, label=label) for s, e, label, _ in pred.entities]
+            for span, (_, _, _, score) in zip(spans, pred.entities):
+                span._.score = score
+            if self.spans_key:
+                doc.spans[self.spans_key] = SpanGroup(doc, name=self.spans_key, spans=spans)
+            else:
+                doc.ents = spans
+            self.snapped += pred.snapped
+

