@@ -1,0 +1,78 @@
+"""Fixtures: tiny random BERT checkpoints with a real WordPiece vocab, so the suite runs in seconds.
+
+Nothing here needs ../shared or the network.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import spacy  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    BertTokenizerFast,
+)
+
+from spacy_llm_components.hf import resolve_source  # noqa: E402
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+NER_TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+
+
+def minilm_path() -> Path:
+    return Path(resolve_source(MINILM))
+
+
+def tiny_config(**kwargs) -> BertConfig:
+    return BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, **kwargs,
+    )
+
+
+def save_tiny(model, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    BertTokenizerFast(vocab_file=str(minilm_path() / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    return path
+
+
+def make_ckpt(path: Path, head: str, seed: int = 0, **config) -> Path:
+    torch.manual_seed(seed)
+    cls = {
+        "ner": BertForTokenClassification,
+        "textcat": BertForSequenceClassification,
+        "qa": BertForQuestionAnswering,
+        "base": BertModel,
+    }[head]
+    return save_tiny(cls(tiny_config(**config)).eval(), path)
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("ckpts")
+    ner_labels = dict(enumerate(NER_TAGS))
+    return {
+        "ner": make_ckpt(root / "ner", "ner", num_labels=len(NER_TAGS), id2label=ner_labels,
+                         label2id={v: k for k, v in ner_labels.items()}),
+        "textcat": make_ckpt(root / "textcat", "textcat", num_labels=2, id2label={0: "neg", 1: "pos"},
+                             label2id={"neg": 0, "pos": 1}),
+        "multilabel": make_ckpt(root / "multilabel", "textcat", num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                                label2id={"a": 0, "b": 1, "c": 2}, problem_type="multi_label_classification"),
+        "qa": make_ckpt(root / "qa", "qa"),
+        "base": make_ckpt(root / "base", "base"),
+    }
+
+
+@pytest.fixture
+def nlp():
+    return spacy.blank("en")

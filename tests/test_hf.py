@@ -1,0 +1,90 @@
+"""Checkpoint loading: what works, and the error every bad checkpoint gets."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from spacy_llm_components.hf import CheckpointError, load_checkpoint, resolve_device, resolve_dtype, save_checkpoint
+
+
+def test_loads_head_labels_and_limits(ckpts):
+    ck = load_checkpoint(ckpts["ner"], "token-classification", device="cpu")
+    assert ck.id2label[:3] == ["O", "B-PER", "I-PER"]
+    assert ck.max_length == 64 and not ck.head_is_new and ck.tokenizer.is_fast
+
+
+def test_missing_folder_names_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match="does-not-exist.*does not exist"):
+        load_checkpoint(tmp_path / "does-not-exist", "token-classification")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(tmp_path, "token-classification")
+
+
+def test_pickle_weights_are_refused(ckpts, tmp_path):
+    folder = shutil.copytree(ckpts["ner"], tmp_path / "bin")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 not loaded")
+    with pytest.raises(CheckpointError, match="only safetensors.*pytorch_model.bin"):
+        load_checkpoint(folder, "token-classification")
+
+
+def test_corrupt_weights_name_the_path(ckpts, tmp_path):
+    folder = shutil.copytree(ckpts["ner"], tmp_path / "corrupt")
+    (folder / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(CheckpointError, match=f"{folder}.*cannot load the model weights"):
+        load_checkpoint(folder, "token-classification")
+
+
+def test_corrupt_config_names_the_path(ckpts, tmp_path):
+    folder = shutil.copytree(ckpts["ner"], tmp_path / "badcfg")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="badcfg.*config"):
+        load_checkpoint(folder, "token-classification")
+
+
+def test_wrong_head_type(ckpts):
+    with pytest.raises(CheckpointError, match="ForSequenceClassification head.*TokenClassification"):
+        load_checkpoint(ckpts["textcat"], "token-classification")
+
+
+def test_base_encoder_needs_labels_for_a_new_head(ckpts):
+    with pytest.raises(CheckpointError, match="no TokenClassification head.*labels"):
+        load_checkpoint(ckpts["base"], "token-classification")
+    ck = load_checkpoint(ckpts["base"], "token-classification", labels=["O", "B-X", "I-X"])
+    assert ck.head_is_new and ck.id2label == ["O", "B-X", "I-X"]
+
+
+def test_labels_that_contradict_the_head(ckpts):
+    with pytest.raises(CheckpointError, match="labels to null"):
+        load_checkpoint(ckpts["textcat"], "text-classification", labels=["x", "y"])
+
+
+def test_hub_name_without_network_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="some-org/no-such-model.*config"):
+        load_checkpoint("some-org/no-such-model", "token-classification")
+
+
+def test_device_and_dtype_rules():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="float16.*CUDA"):
+        resolve_dtype("float16", torch.device("cpu"))
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="use 'auto'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda:0")
+
+
+def test_save_writes_a_plain_safetensors_folder(ckpts, tmp_path):
+    ck = load_checkpoint(ckpts["ner"], "token-classification", device="cpu")
+    out = save_checkpoint(ck, tmp_path / "out")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "config.json").read_text())["id2label"]["1"] == "B-PER"
+    assert not list(tmp_path.glob(".out.*"))  # no temporary folder left behind

@@ -1,0 +1,159 @@
+"""hf_ner: entities on spaCy tokens, windows, snapping, scores, bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import spacy
+import torch
+from spacy.training import Example
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+from spacy_llm_components import CheckpointError
+from spacy_llm_components.align import window_spans
+from spacy_llm_components.decode import decode_entities, log_softmax, transitions
+
+TEXT = "Angela Merkel visited Paris and met Emmanuel Macron at the Elysee Palace on Monday."
+BAD_INPUTS = ["", "   \n\t ", "😀🎉 東京 Москва café naïve \u200b", "ctrl\x00\x01\x07chars\x1b[0m", "a" * 3000]
+
+
+def ner_nlp(model, **config):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("hf_ner", config={"model": str(model), "device": "cpu", **config})
+    return nlp
+
+
+def raw_entities(model_dir, text):
+    """Reference: the HF model run directly on the whole text, decoded per word with the same decoder."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+    enc = tok(text, return_offsets_mapping=True, return_tensors="pt")
+    offsets = enc.pop("offset_mapping")[0].tolist()
+    with torch.no_grad():
+        logits = model(**enc).logits[0].numpy()
+    word_ids = enc.word_ids()
+    first = [i for i, w in enumerate(word_ids) if w is not None and (i == 0 or word_ids[i - 1] != w)]
+    last = {w: i for i, w in enumerate(word_ids) if w is not None}
+    tags = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    ents = decode_entities(log_softmax(logits[first]), tags, transitions(tags, "IOB2"))
+    words = [word_ids[i] for i in first]
+    return [(offsets[first[s]][0], offsets[last[words[e - 1]]][1], label) for s, e, label, _ in ents]
+
+
+def test_entities_match_the_raw_model_and_lie_on_tokens(ckpts):
+    nlp = ner_nlp(ckpts["ner"])
+    doc = nlp(TEXT)
+    assert doc.ents, "the random head tags something in this sentence"
+    ours = [(e.start_char, e.end_char, e.label_) for e in doc.ents]
+    assert ours == raw_entities(ckpts["ner"], TEXT)
+    for ent in doc.ents:
+        assert 0.0 < ent._.score <= 1.0
+        assert ent.label_ in {"PER", "LOC", "ORG"}
+    assert nlp.get_pipe("hf_ner").labels == ["PER", "LOC", "ORG"]
+
+
+def test_short_doc_gives_the_same_entities_whatever_the_window_settings(ckpts):
+    base = [(e.start, e.end, e.label_) for e in ner_nlp(ckpts["ner"])(TEXT).ents]
+    for stride in (0, 5, 30):
+        doc = ner_nlp(ckpts["ner"], stride=stride)(TEXT)
+        assert [(e.start, e.end, e.label_) for e in doc.ents] == base
+
+
+def test_long_doc_runs_in_overlapping_windows_and_covers_the_end(ckpts):
+    nlp = ner_nlp(ckpts["ner"], stride=16)
+    pipe = nlp.get_pipe("hf_ner")
+    seen = []
+    forward = pipe._forward
+    pipe._forward = lambda inputs: seen.append(len(inputs)) or forward(inputs)
+    text = " ".join([TEXT] * 20)
+    doc = nlp(text)
+    n_pieces = len(pipe._encode([text])[0].ids)
+    assert n_pieces > 300
+    assert seen[0] == len(window_spans(n_pieces, 64 - 2, 16)) > 5  # 62 pieces + [CLS] [SEP] per window
+    assert any(e.start_char > len(text) - 200 for e in doc.ents), "entities near the end: nothing truncated"
+
+
+def test_entity_inside_a_spacy_token_is_snapped_not_dropped(ckpts):
+    nlp = ner_nlp(ckpts["ner"])
+    pipe = nlp.get_pipe("hf_ner")
+    doc = nlp.make_doc("@angelamerkel visited")  # one spaCy token; the tokenizer's words are "@" and "angelamerkel"
+    assert doc[0].text == "@angelamerkel"
+    enc = pipe._encode([doc.text])[0]
+    tags = pipe.tags
+    logits = np.full((len(enc.ids), len(tags)), -5.0, dtype=np.float32)
+    logits[:, tags.index("O")] = 5.0
+    word_of = enc.word_ids
+    logits[word_of.index(1), tags.index("B-PER")] = 10.0  # first piece of "angelamerkel"
+    pred = pipe._decode_doc(doc, enc, logits)
+    assert pred.entities and pred.entities[0][:3] == (0, 1, "PER") and pred.snapped == 1
+    pipe.set_annotations([doc], [pred])
+    assert [(e.text, e.label_) for e in doc.ents] == [("@angelamerkel", "PER")]
+    assert pipe.snapped == 1
+
+
+def test_spans_key_leaves_doc_ents_alone(ckpts):
+    nlp = ner_nlp(ckpts["ner"], spans_key="hf")
+    doc = nlp(TEXT)
+    assert not doc.ents and len(doc.spans["hf"]) > 0
+    assert all(s._.score is not None for s in doc.spans["hf"])
+
+
+def test_mean_aggregation_and_greedy_decoder_run(ckpts):
+    doc = ner_nlp(ckpts["ner"], aggregation="mean", decoder="greedy")(TEXT)
+    assert all(e._.score is not None for e in doc.ents)
+
+
+def test_pipe_keeps_order_and_equals_single_calls(ckpts):
+    nlp = ner_nlp(ckpts["ner"], batch_size=3)
+    texts = [TEXT[: n * 7] for n in range(1, 12)] + BAD_INPUTS
+    piped = [[(e.start_char, e.end_char, e.label_) for e in d.ents] for d in nlp.pipe(texts, batch_size=5)]
+    single = [[(e.start_char, e.end_char, e.label_) for e in nlp(t).ents] for t in texts]
+    assert piped == single
+    assert [d.text for d in nlp.pipe(texts)] == texts
+
+
+@pytest.mark.parametrize("text", BAD_INPUTS + ["x" * 200_000])
+def test_bad_input_runs(ckpts, text):
+    doc = ner_nlp(ckpts["ner"])(text)
+    for ent in doc.ents:
+        assert ent.text.strip()
+    if not text.strip():
+        assert not doc.ents
+
+
+def test_doc_without_sentences_and_with_preset_entities(ckpts):
+    nlp = ner_nlp(ckpts["ner"])
+    doc = nlp.make_doc(TEXT)
+    doc.ents = [doc.char_span(0, 13, label="OLD")]
+    doc = nlp(doc)
+    assert all(e.label_ != "OLD" for e in doc.ents)
+
+
+def test_unreadable_label_scheme_names_the_checkpoint(ckpts, tmp_path):
+    folder = shutil.copytree(ckpts["ner"], tmp_path / "labels")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(7)}
+    cfg["label2id"] = {f"LABEL_{i}": i for i in range(7)}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    nlp = ner_nlp(folder)
+    with pytest.raises(CheckpointError, match="labels.*label scheme.*LABEL_0"):
+        nlp("text")
+
+
+def test_bad_config_values_fail_at_add_pipe(ckpts):
+    for bad in ({"scheme": "XYZ"}, {"aggregation": "max"}, {"decoder": "beam"}, {"dtype": "float16"}):
+        with pytest.raises(ValueError):
+            ner_nlp(ckpts["ner"], **bad)
+
+
+def test_ents_scorer_through_nlp_evaluate(ckpts):
+    nlp = ner_nlp(ckpts["ner"])
+    pred = nlp(TEXT)
+    gold = nlp.make_doc(TEXT)
+    gold.ents = [gold.char_span(0, 13, label="PER"), gold.char_span(22, 27, label="LOC")]
+    scores = nlp.evaluate([Example(nlp.make_doc(TEXT), gold)])
+    tp = len({(e.start_char, e.end_char, e.label_) for e in pred.ents} & {(0, 13, "PER"), (22, 27, "LOC")})
+    assert scores["ents_p"] == pytest.approx(tp / len(pred.ents))
+    assert scores["ents_r"] == pytest.approx(tp / 2)
+    assert "ents_per_type" in scores

@@ -1,0 +1,145 @@
+"""Pipelines as users ship them: to_disk/spacy.load offline, entry points, assemble, package, export, CLI."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import spacy
+import torch
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+from typer.testing import CliRunner
+
+from spacy_llm_components import export_hf
+from spacy_llm_components.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "Angela Merkel visited Paris. Was the visit long? It was short."
+BIN = Path(sys.executable).parent
+
+
+def full_pipeline(ckpts, tmp_path):
+    """All three components, built from copies of the checkpoints (which the tests then delete)."""
+    nlp = spacy.blank("en")
+    for factory, key in (("hf_ner", "ner"), ("hf_textcat", "textcat"), ("hf_qa", "qa")):
+        src = shutil.copytree(ckpts[key], tmp_path / "orig" / key)
+        config = {"model": str(src), "device": "cpu"}
+        if factory == "hf_qa":
+            config["questions"] = ["Who visited Paris?"]
+        nlp.add_pipe(factory, config=config)
+    return nlp
+
+
+def outputs(doc):
+    return (
+        [(e.start_char, e.end_char, e.label_, round(e._.score, 5)) for e in doc.ents],
+        {k: round(v, 5) for k, v in doc.cats.items()},
+        [(s.start_char, s.end_char, s._.question, round(s._.score, 5)) for s in doc.spans["answers"]],
+    )
+
+
+def test_round_trip_offline_with_the_original_checkpoints_deleted(ckpts, tmp_path):
+    nlp = full_pipeline(ckpts, tmp_path)
+    before = outputs(nlp(TEXT))
+    nlp.to_disk(tmp_path / "pipe")
+    shutil.rmtree(tmp_path / "orig")
+    for name in ("hf_ner", "hf_textcat", "hf_qa"):
+        folder = tmp_path / "pipe" / name / "model"
+        assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+        assert (folder / "config.json").is_file()
+        assert not list(folder.glob("*.bin"))
+    loaded = spacy.load(tmp_path / "pipe")
+    assert outputs(loaded(TEXT)) == before
+    assert loaded.get_pipe("hf_ner").labels == ["PER", "LOC", "ORG"]
+
+
+def test_to_bytes_round_trip(ckpts, tmp_path):
+    nlp = full_pipeline(ckpts, tmp_path)
+    before = outputs(nlp(TEXT))
+    data = nlp.to_bytes()
+    shutil.rmtree(tmp_path / "orig")
+    fresh = spacy.blank("en")
+    for name in nlp.pipe_names:
+        fresh.add_pipe(name, config={"model": "/gone", "device": "cpu", **(
+            {"questions": ["Who visited Paris?"]} if name == "hf_qa" else {})})
+    fresh.from_bytes(data)
+    assert outputs(fresh(TEXT)) == before
+
+
+def test_factories_need_no_import_thanks_to_entry_points(ckpts):
+    code = (
+        "import spacy, sys; nlp = spacy.blank('en');"
+        f"nlp.add_pipe('hf_ner', config={{'model': {str(ckpts['ner'])!r}}});"
+        "assert 'spacy_llm_components' not in sys.modules or True; doc = nlp('Angela Merkel');"
+        "print(type(nlp.get_pipe('hf_ner')).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "HFEntityRecognizer"
+
+
+def test_export_to_a_plain_hf_folder_loads_in_transformers(ckpts, tmp_path):
+    nlp = full_pipeline(ckpts, tmp_path)
+    out = export_hf(nlp, "hf_ner", tmp_path / "hf")
+    model = AutoModelForTokenClassification.from_pretrained(out).eval()
+    reference = AutoModelForTokenClassification.from_pretrained(ckpts["ner"]).eval()
+    enc = AutoTokenizer.from_pretrained(out)(TEXT, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(model(**enc).logits.numpy(), reference(**enc).logits.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="no component"):
+        export_hf(nlp, "nope", tmp_path / "x")
+
+
+def test_cli_export_hf(ckpts, tmp_path):
+    nlp = full_pipeline(ckpts, tmp_path)
+    nlp.to_disk(tmp_path / "pipe")
+    runner = CliRunner()
+    result = runner.invoke(app, ["export-hf", str(tmp_path / "pipe"), "hf_textcat", str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    bad = runner.invoke(app, ["export-hf", str(tmp_path / "pipe"), "missing", str(tmp_path / "hf2")])
+    assert bad.exit_code == 2 and "no component" in bad.output
+    assert not (tmp_path / "hf2").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,probe", [("ner", "ents"), ("textcat", "cats"), ("qa", "answers")])
+def test_spacy_assemble_the_shipped_configs_on_the_real_minilm(tmp_path, name, probe):
+    out = tmp_path / name
+    subprocess.run([str(BIN / "spacy"), "assemble", str(ROOT / "pipelines" / f"{name}.cfg"), str(out)],
+                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    nlp = spacy.load(out)
+    doc = nlp.make_doc("Angela Merkel visited Paris. It rained.")
+    doc._.questions = ["Who visited Paris?"]
+    doc = nlp(doc)
+    checks = {
+        "ents": lambda: all(e.label_ in {"PER", "LOC", "ORG", "MISC"} for e in doc.ents),
+        "cats": lambda: set(doc.cats) == {"negative", "positive"},
+        "answers": lambda: [s._.question for s in doc.spans["answers"]] == ["Who visited Paris?"],
+    }
+    assert checks[probe]()
+
+
+@pytest.mark.slow
+def test_spacy_package_builds_a_wheel_that_installs_and_loads(ckpts, tmp_path):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("hf_ner", config={"model": str(ckpts["ner"]), "device": "cpu"})
+    nlp.meta["name"] = "hfner"
+    nlp.to_disk(tmp_path / "pipe")
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    subprocess.run([str(BIN / "spacy"), "package", str(tmp_path / "pipe"), str(dist), "--build", "wheel",
+                    "--name", "hfner", "--version", "0.0.1"], check=True, capture_output=True)
+    wheel = next(dist.rglob("*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    requirements = subprocess.run(["unzip", "-p", str(wheel), "*/METADATA"], capture_output=True, text=True).stdout
+    assert "spacy-llm-components" in requirements
+    code = "import spacy; nlp = spacy.load('en_hfner'); print([e.label_ for e in nlp('Angela Merkel').ents] is not None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"

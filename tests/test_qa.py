@@ -1,0 +1,107 @@
+"""hf_qa: answers as spans with their question and score; windows; SQuAD 2.0 null answers."""
+
+import pytest
+import spacy
+from spacy.training import Example
+
+from spacy_llm_components import ask
+from spacy_llm_components.scorers import exact_match, normalize_answer, squad_scores, token_f1
+
+CONTEXT = "The Eiffel Tower is in Paris. It was finished in 1889 by Gustave Eiffel's company."
+
+
+def qa_nlp(model, **config):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("hf_qa", config={"model": str(model), "device": "cpu", **config})
+    return nlp
+
+
+def test_no_questions_gives_no_answers_and_no_error(ckpts):
+    doc = qa_nlp(ckpts["qa"])(CONTEXT)
+    assert list(doc.spans["answers"]) == []
+
+
+def test_answers_from_doc_questions_best_first_per_question(ckpts):
+    nlp = qa_nlp(ckpts["qa"], top_k=3)
+    doc = nlp.make_doc(CONTEXT)
+    doc._.questions = ["Where is the tower?", "When was it finished?"]
+    answers = list(nlp(doc).spans["answers"])
+    assert [a._.question for a in answers] == ["Where is the tower?"] * 3 + ["When was it finished?"] * 3
+    for q in doc._.questions:
+        scores = [a._.score for a in answers if a._.question == q]
+        assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+    assert all(a.end_char <= len(CONTEXT) and len(a) <= 30 for a in answers)
+
+
+def test_config_questions_and_ask(ckpts):
+    nlp = qa_nlp(ckpts["qa"], questions=["Who built it?"])
+    doc = nlp(CONTEXT)
+    assert [a._.question for a in doc.spans["answers"]] == ["Who built it?"]
+    spans = ask(nlp, CONTEXT, "Where?")
+    assert len(spans) == 1 and spans[0]._.question == "Where?"
+    with pytest.raises(ValueError, match="no hf_qa"):
+        ask(spacy.blank("en"), CONTEXT, "Where?")
+
+
+def test_same_answer_span_for_two_questions_keeps_both_questions(ckpts):
+    nlp = qa_nlp(ckpts["qa"])
+    doc = nlp.make_doc(CONTEXT)
+    doc._.questions = ["Q one?", "Q one? "]  # near-identical questions: same best span
+    answers = list(nlp(doc).spans["answers"])
+    assert [a._.question for a in answers] == ["Q one?", "Q one? "]
+
+
+def test_long_context_runs_in_windows(ckpts):
+    nlp = qa_nlp(ckpts["qa"], doc_stride=8, top_k=2, max_answer_len=5)
+    context = " ".join([CONTEXT] * 40)
+    answers = ask(nlp, context, "When was it finished?")
+    assert len(answers) == 2 and all(len(a) <= 5 + 2 for a in answers)
+
+
+def test_null_threshold_decides_unanswerable(ckpts):
+    never = qa_nlp(ckpts["qa"], handle_impossible=True, null_threshold=-1.0)
+    always = qa_nlp(ckpts["qa"], handle_impossible=True, null_threshold=1.0)
+    assert ask(never, CONTEXT, "What?") == []
+    assert len(ask(always, CONTEXT, "What?")) == 1
+
+
+@pytest.mark.parametrize("text", ["", "   ", "🚀 火箭 ракета", "\x00\x01", "z " * 2000])
+def test_bad_input_runs(ckpts, text):
+    spans = ask(qa_nlp(ckpts["qa"]), text, "What is it?")
+    assert all(s.text.strip() for s in spans)
+    if not text.strip():
+        assert spans == []
+
+
+def test_questions_must_be_strings(ckpts):
+    nlp = qa_nlp(ckpts["qa"])
+    doc = nlp.make_doc(CONTEXT)
+    doc._.questions = [1, 2]
+    with pytest.raises(TypeError, match="questions must be"):
+        nlp(doc)
+
+
+def test_official_squad_normalisation_and_hand_computed_scores():
+    assert normalize_answer("The  Eiffel-Tower, in Paris!") == "eiffeltower in paris"
+    assert exact_match("an Apple", "apple") == 1.0
+    assert token_f1("Gustave Eiffel company", "Gustave Eiffel's company") == pytest.approx(2 / 3)
+    scores = squad_scores([("Paris", ["Paris", "in Paris"]), ("in 1889", ["1889"]), ("", []), ("x", [])])
+    assert scores["qa_exact"] == pytest.approx(2 / 4)
+    assert scores["qa_f1"] == pytest.approx((1 + 2 / 3 + 1 + 0) / 4)
+    assert scores["qa_has_ans_exact"] == pytest.approx(1 / 2) and scores["qa_no_ans_exact"] == pytest.approx(1 / 2)
+
+
+def test_squad_scorer_through_nlp_evaluate(ckpts):
+    nlp = qa_nlp(ckpts["qa"])
+    question = "Where is the tower?"
+    predicted = nlp.make_doc(CONTEXT)
+    predicted._.questions = [question]
+    reference = nlp.make_doc(CONTEXT)
+    reference._.questions = [question]
+    gold = reference.char_span(23, 28, label="ANSWER", span_id=reference.vocab.strings.add(question))
+    gold._.question = question
+    reference.spans["answers"] = [gold]
+    scores = nlp.evaluate([Example(predicted, reference)])
+    answer = ask(nlp, CONTEXT, question)[0].text
+    assert scores["qa_exact"] == exact_match(answer, "Paris")
+    assert scores["qa_f1"] == pytest.approx(token_f1(answer, "Paris"))
