@@ -161,10 +161,8 @@ def decode_entities(
     """Entities (start, end, type, score) over positions; score = mean probability of the chosen tags."""
     path = DECODERS[decoder](log_probs, trans)
     chosen = np.exp(log_probs[np.arange(len(path)), path]) if len(path) else np.zeros(0)
-    return [
-        (s, e, t, float(chosen[s:e].mean()))
-        for s, e, t in tags_to_entities([tags[i] for i in path])
-    ]
+    total = np.concatenate([[0.0], np.cumsum(chosen)]).tolist()
+    return [(s, e, t, (total[e] - total[s]) / (e - s)) for s, e, t in tags_to_entities([tags[i] for i in path])]
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

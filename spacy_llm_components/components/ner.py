@@ -36,7 +36,7 @@ AGGREGATIONS = ("first", "mean")
         "decoder": "viterbi",
         "spans_key": None,
         "stride": 128,
-        "batch_size": 32,
+        "batch_size": 64,
         "max_length": None,
         "device": "auto",
         "dtype": "float32",

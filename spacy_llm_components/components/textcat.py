@@ -23,7 +23,7 @@ POOLINGS = ("mean", "max")
         "threshold": 0.5,
         "thresholds": {},
         "pooling": "mean",
-        "batch_size": 32,
+        "batch_size": 64,
         "max_length": None,
         "device": "auto",
         "dtype": "float32",
