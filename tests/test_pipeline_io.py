@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import spacy
 import torch
+from spacy.tokens import DocBin
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -146,3 +147,19 @@ def test_spacy_package_builds_a_wheel_that_installs_and_loads(ckpts, tmp_path):
                          env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "True"
+
+
+def test_multiprocess_pipe_matches_single_process(ckpts, tmp_path):
+    """n_process forks workers; torch's OpenMP pool must not hang them."""
+    nlp = full_pipeline(ckpts, tmp_path)
+    texts = [TEXT, "Berlin is big.", "", "Macron met Merkel."] * 2
+    single = [outputs(d) for d in nlp.pipe(texts)]
+    assert [outputs(d) for d in nlp.pipe(texts, n_process=2, batch_size=2)] == single
+
+
+def test_docbin_keeps_scores_and_questions(ckpts, tmp_path):
+    nlp = full_pipeline(ckpts, tmp_path)
+    docs = list(nlp.pipe([TEXT, "Macron met Merkel."]))
+    data = DocBin(store_user_data=True, docs=docs).to_bytes()
+    restored = list(DocBin().from_bytes(data).get_docs(nlp.vocab))
+    assert [outputs(d) for d in restored] == [outputs(d) for d in docs]

@@ -1,6 +1,7 @@
 """What the three components share: lazy checkpoint loading, length-sorted batched
 inference, and storing the checkpoint inside the pipeline folder."""
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +19,16 @@ from spacy.util import ensure_path, minibatch
 from ..hf import Checkpoint, load_checkpoint, peek_labels, resolve_device, resolve_dtype, save_checkpoint
 
 MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
+
+
+def _one_thread_after_fork() -> None:
+    """Forked children (spaCy's `nlp.pipe(n_process=N)`) cannot use the parent's OpenMP
+    pool: their first forward pass would hang. One intra-op thread per worker, as
+    torch's DataLoader workers do."""
+    torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
 @dataclass
