@@ -105,3 +105,10 @@ def test_squad_scorer_through_nlp_evaluate(ckpts):
     answer = ask(nlp, CONTEXT, question)[0].text
     assert scores["qa_exact"] == exact_match(answer, "Paris")
     assert scores["qa_f1"] == pytest.approx(token_f1(answer, "Paris"))
+
+
+def test_a_question_longer_than_the_model_input_still_gets_answers(ckpts):
+    """The tiny model takes 64 pieces: a 200-word question is cut so the context still fits."""
+    nlp = qa_nlp(ckpts["qa"], max_question_len=500)
+    spans = ask(nlp, CONTEXT, "where " * 200 + "?")
+    assert len(spans) == 1 and spans[0].end_char <= len(CONTEXT)

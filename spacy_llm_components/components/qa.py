@@ -122,7 +122,8 @@ class HFQuestionAnswerer(HFPipe):
     def predict(self, docs: Sequence[Doc]) -> List[List[Answer]]:
         asked = [self._questions_of(doc) for doc in docs]
         unique = sorted({q for qs in asked for q in qs})
-        q_ids = {q: enc.ids[: self.max_question_len] for q, enc in zip(unique, self._encode(unique))} if unique else {}
+        q_len = min(self.max_question_len, self.max_length // 2)  # leave at least half the input to the context
+        q_ids = {q: enc.ids[:q_len] for q, enc in zip(unique, self._encode(unique))} if unique else {}
         contexts = self._encode([d.text for d in docs]) if unique else [None] * len(docs)
         n_special_pair = len(self.checkpoint.tokenizer.build_inputs_with_special_tokens([], []))
         null_index = 0 if self.specials.pair_prefix_len else None
@@ -131,7 +132,7 @@ class HFQuestionAnswerer(HFPipe):
         for i, (questions, ctx) in enumerate(zip(asked, contexts)):
             for question in questions:
                 q = q_ids[question]
-                window = max(1, self.max_length - len(q) - n_special_pair)
+                window = self.max_length - len(q) - n_special_pair
                 for start, end in window_spans(len(ctx.ids), window, self.doc_stride) if ctx.ids else []:
                     model_input, offset = self._pair(q, ctx.ids[start:end])
                     inputs.append(model_input)
