@@ -53,13 +53,15 @@ def unit_piece_ranges(
 
 
 def window_spans(n: int, size: int, overlap: int) -> List[PieceRange]:
-    """Cover range(n) with windows of at most `size` items; neighbours share `overlap` items.
+    """Cover range(n) with windows of at most `size` items; neighbours share `overlap` items
+    (capped at size // 2, so a text of n items takes at most about 2n/size windows).
 
     n == 0 gives one empty window, so an empty input still has one (empty) window.
     """
     if size < 1:
         raise ValueError(f"window size must be >= 1, got {size}")
-    overlap = max(0, min(overlap, size - 1))
+    # an overlap near the window size would make one window per item: at most half a window
+    overlap = max(0, min(overlap, size // 2))
     if n <= size:
         return [(0, n)]
     step = size - overlap
@@ -160,15 +162,28 @@ def refine_units(
 
 
 def resolve_overlaps(entities: List[Tuple[int, int, str, float]]) -> List[Tuple[int, int, str, float]]:
-    """After snapping, two entities can share a token: merge them if of one type, else keep the surer one."""
-    kept: List[Tuple[int, int, str, float]] = []
-    for ent in sorted(entities):
-        if kept and ent[0] < kept[-1][1]:
-            prev = kept[-1]
-            if prev[2] == ent[2]:
-                kept[-1] = (prev[0], max(prev[1], ent[1]), prev[2], max(prev[3], ent[3]))
-            elif ent[3] > prev[3]:
-                kept[-1] = ent
-            continue
-        kept.append(ent)
-    return kept
+    """Make snapped entities disjoint without losing tokens.
+
+    Overlapping entities of one type merge; where types clash, each token goes
+    to the surest entity covering it, and the others keep the tokens left to them.
+    """
+    merged: List[Tuple[int, int, str, float]] = []
+    for ent in sorted(entities, key=lambda x: (x[2], x[0], x[1])):
+        last = merged[-1] if merged else None
+        if last is not None and last[2] == ent[2] and ent[0] < last[1]:
+            merged[-1] = (last[0], max(last[1], ent[1]), last[2], max(last[3], ent[3]))
+        else:
+            merged.append(ent)
+    owner: dict = {}
+    for i, (start, end, _, score) in enumerate(merged):
+        for t in range(start, end):
+            if t not in owner or score > merged[owner[t]][3]:
+                owner[t] = i
+    runs: List[Tuple[int, int, str, float]] = []
+    for t in sorted(owner):
+        i = owner[t]
+        if runs and runs[-1][1] == t and owner[t - 1] == i:
+            runs[-1] = (runs[-1][0], t + 1, runs[-1][2], runs[-1][3])
+        else:
+            runs.append((t, t + 1, merged[i][2], merged[i][3]))
+    return runs

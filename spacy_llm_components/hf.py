@@ -175,6 +175,11 @@ def load_checkpoint(
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except Exception as err:  # corrupt JSON, unknown model_type, no network for a hub name
+        if isinstance(source, str):
+            raise CheckpointError(
+                f"{source}: no local folder of that name, and the Hugging Face hub could not provide "
+                f"the model config (no network?): {err}"
+            ) from err
         raise CheckpointError(f"{source}: cannot read the model config: {err}") from err
     has_head = _head_status(config, task, str(source))
     if task != "question-answering":

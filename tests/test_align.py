@@ -111,5 +111,17 @@ def test_group_words_and_unit_ranges():
 
 def test_overlaps_after_snapping_merge_same_type_and_keep_surer_otherwise():
     assert resolve_overlaps([(0, 2, "PER", 0.5), (1, 3, "PER", 0.9)]) == [(0, 3, "PER", 0.9)]
-    assert resolve_overlaps([(0, 2, "PER", 0.5), (1, 3, "LOC", 0.9)]) == [(1, 3, "LOC", 0.9)]
+    # the surer entity takes the shared token, the other keeps the rest: nothing is dropped
+    assert resolve_overlaps([(0, 2, "PER", 0.5), (1, 3, "LOC", 0.9)]) == [(0, 1, "PER", 0.5), (1, 3, "LOC", 0.9)]
+    assert resolve_overlaps([(0, 5, "PER", 0.61), (4, 5, "LOC", 0.62)]) == [(0, 4, "PER", 0.61), (4, 5, "LOC", 0.62)]
     assert resolve_overlaps([(0, 1, "PER", 0.5), (1, 3, "LOC", 0.9)]) == [(0, 1, "PER", 0.5), (1, 3, "LOC", 0.9)]
+
+
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(1, 4), st.sampled_from("AB"), st.floats(0, 1)), max_size=12))
+def test_resolved_entities_never_overlap_and_cover_the_same_tokens(raw):
+    entities = [(s, s + n, label, score) for s, n, label, score in raw]
+    resolved = resolve_overlaps(entities)
+    for (s1, e1, *_), (s2, e2, *_) in zip(resolved, resolved[1:]):
+        assert e1 <= s2 and s1 < e1
+    covered = {i for s, e, *_ in entities for i in range(s, e)}
+    assert {i for s, e, *_ in resolved for i in range(s, e)} == covered

@@ -65,7 +65,7 @@ def test_labels_that_contradict_the_head(ckpts):
 
 
 def test_hub_name_without_network_is_a_clear_error():
-    with pytest.raises(CheckpointError, match="some-org/no-such-model.*config"):
+    with pytest.raises(CheckpointError, match="some-org/no-such-model: no local folder.*hub"):
         load_checkpoint("some-org/no-such-model", "token-classification")
 
 

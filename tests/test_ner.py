@@ -122,12 +122,29 @@ def test_bad_input_runs(ckpts, text):
         assert not doc.ents
 
 
-def test_doc_without_sentences_and_with_preset_entities(ckpts):
-    nlp = ner_nlp(ckpts["ner"])
-    doc = nlp.make_doc(TEXT)
-    doc.ents = [doc.char_span(0, 13, label="OLD")]
-    doc = nlp(doc)
-    assert all(e.label_ != "OLD" for e in doc.ents)
+def test_preset_entities_stay_unless_overwrite_ents(ckpts):
+    """Like spaCy's entity_ruler: earlier entities win by default, predictions fill the rest."""
+    fresh = [(e.start, e.end, e.label_) for e in ner_nlp(ckpts["ner"])(TEXT).ents]
+    for overwrite in (False, True):
+        nlp = ner_nlp(ckpts["ner"], overwrite_ents=overwrite)
+        doc = nlp.make_doc(TEXT)
+        doc.ents = [doc.char_span(0, 13, label="OLD")]  # "Angela Merkel", tokens 0-2
+        doc = nlp(doc)
+        got = [(e.start, e.end, e.label_) for e in doc.ents]
+        clash = [e for e in fresh if e[0] < 2]
+        if overwrite:
+            assert all(e in got for e in fresh)
+            assert ((0, 2, "OLD") in got) == (not clash)
+        else:
+            assert (0, 2, "OLD") in got
+            assert [e for e in got if e[2] != "OLD"] == [e for e in fresh if e[0] >= 2]
+
+
+def test_two_textcat_components_keep_each_others_cats(ckpts):
+    nlp = spacy.blank("en")
+    nlp.add_pipe("hf_textcat", name="sentiment", config={"model": str(ckpts["textcat"]), "device": "cpu"})
+    nlp.add_pipe("hf_textcat", name="topic", config={"model": str(ckpts["multilabel"]), "device": "cpu"})
+    assert set(nlp(TEXT).cats) == {"neg", "pos", "a", "b", "c"}
 
 
 def test_unreadable_label_scheme_names_the_checkpoint(ckpts, tmp_path):

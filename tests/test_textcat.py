@@ -106,3 +106,20 @@ def test_cats_scorer_through_nlp_evaluate(ckpts):
     accuracy = sum(p == g for p, g in zip(preds, gold)) / 3
     assert "cats_score" in scores and "cats_f_per_type" in scores
     assert scores["cats_micro_f"] == pytest.approx(accuracy)
+
+
+def test_tokenizer_without_its_own_class_still_gets_special_tokens(ckpts, tmp_path):
+    """A checkpoint with only tokenizer.json loads as a plain PreTrainedTokenizerFast, whose
+    build_inputs_with_special_tokens adds nothing: [CLS]/[SEP] must come from its post-processor."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "plain"
+    AutoModelForSequenceClassification.from_pretrained(ckpts["textcat"]).save_pretrained(folder)
+    bert = AutoTokenizer.from_pretrained(ckpts["textcat"])
+    plain = PreTrainedTokenizerFast(tokenizer_object=bert.backend_tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                    cls_token="[CLS]", sep_token="[SEP]", model_max_length=64)
+    plain.save_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).build_inputs_with_special_tokens([7]) == [7]
+    ours = textcat_nlp(folder)(TEXT).cats
+    reference = textcat_nlp(ckpts["textcat"])(TEXT).cats
+    assert ours == pytest.approx(reference, rel=1e-5)

@@ -41,24 +41,49 @@ class ModelInput:
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """Where a tokenizer puts its special tokens around one or two sequences."""
+    """Where a tokenizer puts its special tokens (and segment ids) around one or two sequences.
+
+    Read off the tokenizer's own encodings (its post-processor), not from
+    `build_inputs_with_special_tokens`, which adds nothing for tokenizers that
+    load as a plain `PreTrainedTokenizerFast`.
+    """
 
     single_prefix: List[int]
     single_suffix: List[int]
-    pair_prefix_len: int  # specials before the first sequence of a pair
-    pair_middle_len: int  # specials between the two sequences
+    pair_prefix: List[int]
+    pair_middle: List[int]
+    pair_suffix: List[int]
+    pair_types: Tuple[List[int], int, List[int], int, List[int]]  # prefix, first seq, middle, second seq, suffix
 
     @classmethod
     def of(cls, tokenizer) -> "SpecialTokens":
-        single = tokenizer.build_inputs_with_special_tokens([-1])
-        pair = tokenizer.build_inputs_with_special_tokens([-1], [-2])
-        i = single.index(-1)
-        a, b = pair.index(-1), pair.index(-2)
-        return cls(single[:i], single[i + 1 :], a, b - a - 1)
+        single = tokenizer("a", return_token_type_ids=True).encodings[0]
+        pair = tokenizer("a", "b", return_token_type_ids=True).encodings[0]
+        sp = _segments(single.ids, single.sequence_ids)
+        pp = _segments(pair.ids, pair.sequence_ids)
+        tp = _segments(pair.type_ids, pair.sequence_ids)
+        return cls(sp[0], sp[2], pp[0], pp[2], pp[4], (tp[0], tp[1][0], tp[2], tp[3][0], tp[4]))
 
     @property
     def n_single(self) -> int:
         return len(self.single_prefix) + len(self.single_suffix)
+
+    @property
+    def n_pair(self) -> int:
+        return len(self.pair_prefix) + len(self.pair_middle) + len(self.pair_suffix)
+
+
+def _segments(values: Sequence[int], sequence_ids: Sequence[Optional[int]]) -> List[List[int]]:
+    """Split an encoding into [specials, seq 0, specials, seq 1, specials] by sequence id."""
+    parts: List[List[int]] = [[], [], [], [], []]
+    part = 0
+    for value, seq in zip(values, sequence_ids):
+        if seq is None:
+            part = {0: 0, 1: 2, 2: 2, 3: 4, 4: 4}[part]
+        else:
+            part = 1 if seq == 0 else 3
+        parts[part].append(value)
+    return parts
 
 
 class HFPipe(Pipe):

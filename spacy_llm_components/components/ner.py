@@ -35,6 +35,7 @@ AGGREGATIONS = ("first", "mean")
         "aggregation": "first",
         "decoder": "viterbi",
         "spans_key": None,
+        "overwrite_ents": False,
         "stride": 128,
         "batch_size": 64,
         "max_length": None,
@@ -53,6 +54,7 @@ def make_hf_ner(
     aggregation: str,
     decoder: str,
     spans_key: Optional[str],
+    overwrite_ents: bool,
     stride: int,
     batch_size: int,
     max_length: Optional[int],
@@ -62,7 +64,7 @@ def make_hf_ner(
 ) -> "HFEntityRecognizer":
     return HFEntityRecognizer(
         nlp, name, model=model, labels=labels, scheme=scheme, aggregation=aggregation, decoder=decoder,
-        spans_key=spans_key, stride=stride, batch_size=batch_size, max_length=max_length,
+        spans_key=spans_key, overwrite_ents=overwrite_ents, stride=stride, batch_size=batch_size, max_length=max_length,
         device=device, dtype=dtype, scorer=scorer,
     )
 
@@ -89,7 +91,7 @@ class HFEntityRecognizer(HFPipe):
     task = "token-classification"
 
     def __init__(self, nlp: Language, name: str, *, labels: Optional[List[str]], scheme: str, aggregation: str,
-                 decoder: str, spans_key: Optional[str], stride: int, **kwargs) -> None:
+                 decoder: str, spans_key: Optional[str], overwrite_ents: bool, stride: int, **kwargs) -> None:
         super().__init__(nlp, name, **kwargs)
         if scheme != "auto" and scheme not in SCHEMES:
             raise ValueError(f"{name}: scheme {scheme!r} is not 'auto' or one of {SCHEMES}")
@@ -104,6 +106,7 @@ class HFEntityRecognizer(HFPipe):
         self.aggregation = aggregation
         self.decoder = decoder
         self.spans_key = spans_key
+        self.overwrite_ents = overwrite_ents
         self.stride = stride
         self.snapped = 0  # entities grown to token boundaries since the component was made
         self.cfg = {"spans_key": spans_key}
@@ -181,6 +184,14 @@ class HFEntityRecognizer(HFPipe):
             if self.spans_key:
                 doc.spans[self.spans_key] = SpanGroup(doc, name=self.spans_key, spans=spans)
             else:
-                doc.ents = spans
+                doc.ents = _combine(list(doc.ents), spans, self.overwrite_ents)
             self.snapped += pred.snapped
 
+
+
+def _combine(existing: List[Span], predicted: List[Span], overwrite: bool) -> List[Span]:
+    """Entities already on the doc (an entity_ruler's, say) stay unless `overwrite`; on a clash
+    the side with priority keeps its span, and the other side's non-clashing spans are added."""
+    first, second = (predicted, existing) if overwrite else (existing, predicted)
+    taken = {i for span in first for i in range(span.start, span.end)}
+    return sorted(first + [s for s in second if not taken.intersection(range(s.start, s.end))])

@@ -62,9 +62,11 @@ def make_hf_qa(
 
 @dataclass
 class Answer:
+    """One answer: a token range of the doc, the question it answers, and its score."""
+
     question: str
-    start_char: int
-    end_char: int
+    start: int
+    end: int
     score: float
 
 
@@ -113,11 +115,11 @@ class HFQuestionAnswerer(HFPipe):
 
     def _pair(self, question: Sequence[int], context: Sequence[int]) -> Tuple[ModelInput, int]:
         """Model input for (question, context slice) and the position where the context starts."""
-        tok = self.checkpoint.tokenizer
-        ids = tok.build_inputs_with_special_tokens(list(question), list(context))
-        types = tok.create_token_type_ids_from_sequences(list(question), list(context))
         sp = self.specials
-        return ModelInput(ids, types), sp.pair_prefix_len + len(question) + sp.pair_middle_len
+        pre_t, q_t, mid_t, c_t, suf_t = sp.pair_types
+        ids = sp.pair_prefix + list(question) + sp.pair_middle + list(context) + sp.pair_suffix
+        types = pre_t + [q_t] * len(question) + mid_t + [c_t] * len(context) + suf_t
+        return ModelInput(ids, types), len(sp.pair_prefix) + len(question) + len(sp.pair_middle)
 
     def predict(self, docs: Sequence[Doc]) -> List[List[Answer]]:
         asked = [self._questions_of(doc) for doc in docs]
@@ -125,8 +127,8 @@ class HFQuestionAnswerer(HFPipe):
         q_len = min(self.max_question_len, self.max_length // 2)  # leave at least half the input to the context
         q_ids = {q: enc.ids[:q_len] for q, enc in zip(unique, self._encode(unique))} if unique else {}
         contexts = self._encode([d.text for d in docs]) if unique else [None] * len(docs)
-        n_special_pair = len(self.checkpoint.tokenizer.build_inputs_with_special_tokens([], []))
-        null_index = 0 if self.specials.pair_prefix_len else None
+        n_special_pair = self.specials.n_pair
+        null_index = 0 if self.specials.pair_prefix else None
         inputs: List[ModelInput] = []
         plan = []  # (doc index, question, context piece start, input position of context start, window length)
         for i, (questions, ctx) in enumerate(zip(asked, contexts)):
@@ -139,20 +141,24 @@ class HFQuestionAnswerer(HFPipe):
                     plan.append((i, question, start, offset, end - start))
         found: List[Dict[str, Dict[Tuple[int, int], float]]] = [{q: {} for q in qs} for qs in asked]
         null: Dict[Tuple[int, str], float] = {}
+        bounds = [([t.idx for t in doc], [t.idx + len(t) for t in doc]) for doc in docs]
         for (i, question, start, offset, length), (start_logits, end_logits) in zip(plan, self._forward(inputs)):
             candidates, null_score = answer_candidates(
-                start_logits, end_logits, (offset, offset + length), self.max_answer_len, self.top_k, null_index
+                # extra candidates: several can snap to the same tokens and count once
+                start_logits, end_logits, (offset, offset + length), self.max_answer_len, 4 * self.top_k, null_index
             )
             null[(i, question)] = min(null.get((i, question), 1.0), null_score)
             offsets = contexts[i].offsets
+            best = found[i][question]
             for s, e, score in candidates:
-                span = (offsets[start + s - offset][0], offsets[start + e - offset][1])
-                best = found[i][question]
-                best[span] = max(best.get(span, 0.0), score)
+                # snap before ranking, so spans that snap to the same tokens count once towards top_k
+                tokens = snap_to_tokens((offsets[start + s - offset][0], offsets[start + e - offset][1]), *bounds[i])
+                if tokens is not None:
+                    best[tokens] = max(best.get(tokens, 0.0), score)
         results = []
         for i, questions in enumerate(asked):
             answers = []
-            for question in questions:
+            for question in dict.fromkeys(questions):
                 ranked = sorted(found[i][question].items(), key=lambda kv: -kv[1])[: self.top_k]
                 if self.handle_impossible and (
                     not ranked or null.get((i, question), 0.0) - ranked[0][1] > self.null_threshold
@@ -164,15 +170,9 @@ class HFQuestionAnswerer(HFPipe):
 
     def set_annotations(self, docs: Sequence[Doc], predictions: Sequence[List[Answer]]) -> None:
         for doc, answers in zip(docs, predictions):
-            starts = [t.idx for t in doc]
-            ends = [t.idx + len(t) for t in doc]
-            spans, seen = [], set()
+            spans = []
             for ans in answers:
-                tokens = snap_to_tokens((ans.start_char, ans.end_char), starts, ends)
-                if tokens is None or (tokens, ans.question) in seen:
-                    continue
-                seen.add((tokens, ans.question))
-                span = Span(doc, tokens[0], tokens[1], label=ANSWER_LABEL, span_id=doc.vocab.strings.add(ans.question))
+                span = Span(doc, ans.start, ans.end, label=ANSWER_LABEL, span_id=doc.vocab.strings.add(ans.question))
                 span._.question = ans.question
                 span._.score = ans.score
                 spans.append(span)

@@ -133,7 +133,7 @@ class HFTextCategorizer(HFPipe):
     def set_annotations(self, docs: Sequence[Doc], probs: Sequence[np.ndarray]) -> None:
         labels = self.labels
         for doc, p in zip(docs, probs):
-            doc.cats = {label: float(x) for label, x in zip(labels, p)}
+            doc.cats.update({label: float(x) for label, x in zip(labels, p)})  # other components' cats stay
 
     def labels_for(self, doc: Doc) -> List[str]:
         """The decision for a scored doc: labels at or over their threshold (multi-label), or the argmax."""
