@@ -102,7 +102,6 @@ def ner_bench(texts: List[str], model: Path, batch_sizes: List[int], ours_batch:
                                      device=-1, batch_size=bs)
         hf_out, hf_times[bs] = timed(lambda: list(pipe(texts)))
         report(f"transformers.pipeline batch_size={bs}", hf_times[bs], len(texts), n_pieces)
-        del pipe
     best_bs = min(hf_times, key=hf_times.get)
     pipe = transformers.pipeline("token-classification", model=str(model), aggregation_strategy="first",
                                  device=-1, batch_size=best_bs)
@@ -156,7 +155,6 @@ def textcat_bench(texts: List[str], model: Path, batch_sizes: List[int], ours_ba
         out, hf_times[bs] = timed(lambda: list(pipe(texts)))
         hf_labels[bs] = [o["label"] for o in out]
         report(f"transformers.pipeline batch_size={bs}", hf_times[bs], len(texts), n_pieces)
-        del pipe
     best_bs = min(hf_times, key=hf_times.get)
     best = hf_times[best_bs]
 

@@ -3,9 +3,14 @@ HF's entities lie on spaCy tokens, i.e. that every disagreement comes from snapp
 
     .venv/bin/python bench/check_ner_agreement.py
 """
-import sys, warnings
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from bench_inference import *
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import spacy  # noqa: E402
+import transformers  # noqa: E402
+
+from bench_inference import DATA, OUT, conll_sentences  # noqa: E402
 texts = conll_sentences(DATA / "conll2003" / "dev.conll")[:1000]
 model = OUT / "minilm-random-ner"
 pipe = transformers.pipeline("token-classification", model=str(model), aggregation_strategy="first", device=-1, batch_size=8)

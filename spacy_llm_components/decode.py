@@ -14,7 +14,6 @@ _PREFIXES = {"B", "I", "L", "U", "E", "S"}
 _BEGIN = {"IOB1": {"B"}, "IOB2": {"B"}, "BILOU": {"B"}, "BIOES": {"B"}, "IO": set()}
 _INSIDE = {"IOB1": {"I"}, "IOB2": {"I"}, "BILOU": {"I"}, "BIOES": {"I"}, "IO": {"I"}}
 _LAST = {"BILOU": {"L"}, "BIOES": {"E"}}
-_UNIT = {"BILOU": {"U"}, "BIOES": {"S"}}
 
 
 class LabelSchemeError(ValueError):
@@ -73,7 +72,7 @@ def transitions(tags: Sequence[str], scheme: str) -> Transitions:
         raise LabelSchemeError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
     parsed = [parse_tag(t) for t in tags]
     begin, inside = _BEGIN[scheme], _INSIDE[scheme]
-    last, unit = _LAST.get(scheme, set()), _UNIT.get(scheme, set())
+    last = _LAST.get(scheme, set())  # U-/S- need no rule of their own: they open and close at once
     k = len(tags)
     pairs = np.ones((k, k), dtype=bool)
     start = np.ones(k, dtype=bool)
