@@ -33,6 +33,11 @@ def group_words(word_ids: Sequence[Optional[int]]) -> List[PieceRange]:
     return words
 
 
+def word_char_spans(words: Sequence[PieceRange], piece_offsets: Sequence[CharSpan]) -> List[CharSpan]:
+    """Character span of each word (a range of pieces)."""
+    return [(piece_offsets[s][0], piece_offsets[e - 1][1]) for s, e in words]
+
+
 def unit_piece_ranges(
     unit_spans: Sequence[CharSpan], piece_spans: Sequence[CharSpan]
 ) -> List[PieceRange]:

@@ -154,6 +154,36 @@ def tags_to_entities(tags: Sequence[str]) -> List[Tuple[int, int, str]]:
     return entities
 
 
+def entities_to_tags(n: int, entities: Sequence[Tuple[int, int, str]], scheme: str = "IOB2") -> List[str]:
+    """Tags for `n` positions from disjoint (start, end, type) entities: the inverse of `tags_to_entities`.
+
+    IOB1 uses B only where an entity directly follows one of the same type.
+    """
+    tags = ["O"] * n
+    previous: Optional[Tuple[int, str]] = None  # (end, type) of the last entity written
+    for start, end, etype in sorted(entities):
+        if not 0 <= start < end <= n:
+            raise ValueError(f"entity ({start}, {end}, {etype!r}) lies outside 0..{n} or is empty")
+        if scheme == "IO":
+            prefixes = ["I"] * (end - start)
+        elif scheme in ("BILOU", "BIOES"):
+            single, last = ("U", "L") if scheme == "BILOU" else ("S", "E")
+            prefixes = [single] if end - start == 1 else ["B"] + ["I"] * (end - start - 2) + [last]
+        elif scheme == "IOB1":
+            first = "B" if previous == (start, etype) else "I"
+            prefixes = [first] + ["I"] * (end - start - 1)
+        elif scheme == "IOB2":
+            prefixes = ["B"] + ["I"] * (end - start - 1)
+        else:
+            raise LabelSchemeError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
+        for i, prefix in zip(range(start, end), prefixes):
+            if tags[i] != "O":
+                raise ValueError(f"entities overlap at position {i}")
+            tags[i] = f"{prefix}-{etype}"
+        previous = (end, etype)
+    return tags
+
+
 def decode_entities(
     log_probs: np.ndarray, tags: Sequence[str], trans: Transitions, decoder: str = "viterbi"
 ) -> List[Tuple[int, int, str, float]]:

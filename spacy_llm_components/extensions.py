@@ -1,4 +1,7 @@
-"""Custom attributes: `Doc._.questions`, `Span._.score`, `Span._.question`.
+"""Custom attributes: `Doc._.questions`, `Doc._.qas`, `Span._.score`, `Span._.question`.
+
+`Doc._.qas` holds gold QA data by character offset (SQuAD style): a list of
+{"id", "question", "answers": [{"text", "start"}], "is_impossible"}.
 
 spaCy keys span attributes by character offsets only, so an entity and an
 answer over the same characters would share one `score`. These attributes are
@@ -30,5 +33,6 @@ def register_extensions() -> None:
     for name in ("score", "question"):
         if not Span.has_extension(name):
             Span.set_extension(name, getter=_getter(name), setter=_setter(name))
-    if not Doc.has_extension("questions"):
-        Doc.set_extension("questions", default=None)
+    for name in ("questions", "qas"):
+        if not Doc.has_extension(name):
+            Doc.set_extension(name, default=None)

@@ -65,16 +65,22 @@ def squad_scores(pairs: Iterable[tuple]) -> Dict[str, Any]:
 def score_squad(examples: Iterable[Example], *, spans_key: str = "answers", **_: Any) -> Dict[str, Any]:
     """SQuAD EM/F1 of predicted answers against the reference's answers, per question.
 
-    The reference doc lists its questions in `doc._.questions` and its gold
-    answers in `doc.spans[spans_key]` (each with `span._.question`); a question
+    Gold answers come from the reference's `doc._.qas` (character offsets, as
+    `sllm prepare` writes them) or else from `doc.spans[spans_key]` (each with
+    `span._.question`) for the questions in `doc._.questions`; a question
     without gold answers is unanswerable. The prediction for a question is its
     best (first) answer span, or "" when there is none.
     """
     pairs = []
     for eg in examples:
-        gold: Dict[str, List[str]] = {q: [] for q in (eg.reference._.questions or [])}
-        for span in eg.reference.spans.get(spans_key, []):
-            gold.setdefault(span._.question, []).append(span.text)
+        gold: Dict[str, List[str]] = {}
+        if eg.reference._.qas:
+            for qa in eg.reference._.qas:
+                gold.setdefault(qa["question"], []).extend(a["text"] for a in qa["answers"])
+        else:
+            gold = {q: [] for q in (eg.reference._.questions or [])}
+            for span in eg.reference.spans.get(spans_key, []):
+                gold.setdefault(span._.question, []).append(span.text)
         predicted: Dict[str, str] = {}
         for span in eg.predicted.spans.get(spans_key, []):
             predicted.setdefault(span._.question, span.text)

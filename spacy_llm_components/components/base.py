@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import srsly
@@ -19,6 +19,9 @@ from spacy.util import ensure_path, minibatch
 from ..hf import Checkpoint, load_checkpoint, peek_labels, resolve_device, resolve_dtype, save_checkpoint
 
 MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
+IGNORE_INDEX = -100  # label of positions the loss skips (torch's CrossEntropyLoss default)
+
+Feature = Dict[str, Any]  # one training example for the model: input_ids, token_type_ids, labels...
 
 
 def _one_thread_after_fork() -> None:
@@ -37,6 +40,13 @@ class ModelInput:
 
     input_ids: List[int]
     token_type_ids: Optional[List[int]] = None
+
+    def feature(self, **targets: Any) -> Feature:
+        """A training feature: this input plus its targets (labels, start/end positions)."""
+        out: Feature = {"input_ids": self.input_ids}
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids
+        return {**out, **targets}
 
 
 @dataclass(frozen=True)
@@ -181,6 +191,11 @@ class HFPipe(Pipe):
     def initialize(self, get_examples: Optional[Callable] = None, *, nlp: Optional[Language] = None) -> None:
         """Load the checkpoint (`spacy assemble` / `nlp.initialize` call this)."""
         self.checkpoint
+
+    # -- training ----------------------------------------------------------------
+    def features(self, docs: Sequence[Doc]) -> List[Feature]:
+        """Training features from reference docs, built with the encoding and windows `predict` uses."""
+        raise NotImplementedError
 
     # -- inference ---------------------------------------------------------------
     def __call__(self, doc: Doc) -> Doc:

@@ -7,20 +7,29 @@ import numpy as np
 from spacy.language import Language
 from spacy.tokens import Doc, Span, SpanGroup
 
-from ..align import group_words, merge_window_scores, resolve_overlaps, snap_to_tokens, window_spans
+from ..align import (
+    group_words,
+    merge_window_scores,
+    resolve_overlaps,
+    snap_to_tokens,
+    unit_piece_ranges,
+    window_spans,
+    word_char_spans,
+)
 from ..decode import (
     DECODERS,
     SCHEMES,
     LabelSchemeError,
     decode_entities,
     detect_scheme,
+    entities_to_tags,
     log_softmax,
     parse_tag,
     tags_for_types,
     transitions,
 )
 from ..hf import CheckpointError
-from .base import HFPipe
+from .base import IGNORE_INDEX, Feature, HFPipe
 
 AGGREGATIONS = ("first", "mean")
 
@@ -135,12 +144,42 @@ class HFEntityRecognizer(HFPipe):
                 types.append(etype)
         return types
 
+    def _windows(self, n_pieces: int) -> List[Tuple[int, int]]:
+        """Overlapping piece windows that fit the model (none for a text without pieces)."""
+        return window_spans(n_pieces, self.max_length - self.specials.n_single, self.stride) if n_pieces else []
+
+    def features(self, docs: Sequence[Doc]) -> List[Feature]:
+        """Training features from gold `doc.ents`: one per window, the word's tag on its first piece.
+
+        A tokenizer word overlapping an entity belongs to it; tags follow the
+        head's scheme. Built with the same encoding and windows as `predict`.
+        """
+        tag_ids = {tag: i for i, tag in enumerate(self.tags)}
+        n_pre = len(self.specials.single_prefix)
+        n_suf = len(self.specials.single_suffix)
+        features = []
+        for doc, enc in zip(docs, self._encode([d.text for d in docs])):
+            words = group_words(enc.word_ids)
+            word_spans = word_char_spans(words, enc.offsets)
+            ents = [(ent.start_char, ent.end_char, ent.label_) for ent in doc.ents]
+            ranges = unit_piece_ranges([(s, e) for s, e, _ in ents], word_spans)
+            entities = [(first, last, label) for (first, last), (_, _, label) in zip(ranges, ents) if last > first]
+            piece_labels = [IGNORE_INDEX] * len(enc.ids)
+            for (first_piece, _), tag in zip(words, entities_to_tags(len(words), entities, self.scheme)):
+                if tag not in tag_ids:
+                    raise ValueError(f"{self.name}: entity tag {tag!r} is not a label of the model ({self.tags})")
+                piece_labels[first_piece] = tag_ids[tag]
+            for start, end in self._windows(len(enc.ids)):
+                model_input = self._single(enc.ids[start:end])
+                labels = [IGNORE_INDEX] * n_pre + piece_labels[start:end] + [IGNORE_INDEX] * n_suf
+                features.append(model_input.feature(labels=labels))
+        return features
+
     def predict(self, docs: Sequence[Doc]) -> List[DocEntities]:
-        window = self.max_length - self.specials.n_single
         encodings = self._encode([d.text for d in docs])
         inputs, spans = [], []
         for enc in encodings:
-            windows = window_spans(len(enc.ids), window, self.stride) if enc.ids else []
+            windows = self._windows(len(enc.ids))
             spans.append(windows)
             inputs.extend(self._single(enc.ids[s:e]) for s, e in windows)
         outputs = iter(self._forward(inputs))
@@ -157,6 +196,7 @@ class HFEntityRecognizer(HFPipe):
 
     def _decode_doc(self, doc: Doc, enc, piece_logits: np.ndarray) -> DocEntities:
         words = group_words(enc.word_ids)
+        word_spans = word_char_spans(words, enc.offsets)
         if self.aggregation == "first":
             word_logits = piece_logits[[s for s, _ in words]]
         else:
@@ -166,7 +206,7 @@ class HFEntityRecognizer(HFPipe):
         ends = [t.idx + len(t) for t in doc]
         out = DocEntities()
         for first_word, end_word, label, score in decoded:
-            char_span = (enc.offsets[words[first_word][0]][0], enc.offsets[words[end_word - 1][1] - 1][1])
+            char_span = (word_spans[first_word][0], word_spans[end_word - 1][1])
             tokens = snap_to_tokens(char_span, starts, ends)
             if tokens is None:
                 continue

@@ -6,9 +6,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from spacy.language import Language
 from spacy.tokens import Doc, Span, SpanGroup
 
-from ..align import snap_to_tokens, window_spans
+from ..align import snap_to_tokens, unit_piece_ranges, window_spans
 from ..decode import answer_candidates
-from .base import HFPipe, ModelInput
+from .base import Feature, HFPipe, ModelInput
 
 ANSWER_LABEL = "ANSWER"
 
@@ -121,24 +121,57 @@ class HFQuestionAnswerer(HFPipe):
         types = pre_t + [q_t] * len(question) + mid_t + [c_t] * len(context) + suf_t
         return ModelInput(ids, types), len(sp.pair_prefix) + len(question) + len(sp.pair_middle)
 
+    def _question_ids(self, questions: Sequence[str]) -> Dict[str, List[int]]:
+        """Word pieces per distinct question, cut so at least half the input is left to the context."""
+        unique = sorted(set(questions))
+        q_len = min(self.max_question_len, self.max_length // 2)
+        return {q: enc.ids[:q_len] for q, enc in zip(unique, self._encode(unique))} if unique else {}
+
+    def _windows(self, question: Sequence[int], context: Sequence[int]) -> List[Tuple[ModelInput, int, int, int]]:
+        """(model input, context piece start, input position of the context start, window length) per
+        window of the context that fits beside the question."""
+        window = self.max_length - len(question) - self.specials.n_pair
+        spans = window_spans(len(context), window, self.doc_stride) if len(context) else []
+        out = []
+        for start, end in spans:
+            model_input, offset = self._pair(question, context[start:end])
+            out.append((model_input, start, offset, end - start))
+        return out
+
+    def features(self, docs: Sequence[Doc]) -> List[Feature]:
+        """Training features from gold `doc._.qas`: one per (question, context window), with the first
+        gold answer's start/end piece, or the null position (CLS) when the window does not hold it
+        (or the question is unanswerable), as in Hugging Face's run_qa."""
+        if not self.specials.pair_prefix:
+            raise ValueError(f"{self.name}: the tokenizer puts no token before the question; training "
+                             "needs one (CLS) as the no-answer position")
+        qas = [doc._.qas or [] for doc in docs]
+        q_ids = self._question_ids([qa["question"] for qs in qas for qa in qs])
+        features = []
+        for doc, questions, ctx in zip(docs, qas, self._encode([d.text for d in docs])):
+            for qa in questions:
+                answer = (0, 0)
+                if qa["answers"] and not qa["is_impossible"]:
+                    gold = qa["answers"][0]
+                    answer = unit_piece_ranges([(gold["start"], gold["start"] + len(gold["text"]))], ctx.offsets)[0]
+                for model_input, start, offset, length in self._windows(q_ids[qa["question"]], ctx.ids):
+                    inside = answer[1] > answer[0] and start <= answer[0] and answer[1] <= start + length
+                    first, last = (offset + answer[0] - start, offset + answer[1] - 1 - start) if inside else (0, 0)
+                    features.append(model_input.feature(start_positions=first, end_positions=last))
+        return features
+
     def predict(self, docs: Sequence[Doc]) -> List[List[Answer]]:
         asked = [self._questions_of(doc) for doc in docs]
-        unique = sorted({q for qs in asked for q in qs})
-        q_len = min(self.max_question_len, self.max_length // 2)  # leave at least half the input to the context
-        q_ids = {q: enc.ids[:q_len] for q, enc in zip(unique, self._encode(unique))} if unique else {}
-        contexts = self._encode([d.text for d in docs]) if unique else [None] * len(docs)
-        n_special_pair = self.specials.n_pair
+        q_ids = self._question_ids([q for qs in asked for q in qs])
+        contexts = self._encode([d.text for d in docs]) if q_ids else [None] * len(docs)
         null_index = 0 if self.specials.pair_prefix else None
         inputs: List[ModelInput] = []
         plan = []  # (doc index, question, context piece start, input position of context start, window length)
         for i, (questions, ctx) in enumerate(zip(asked, contexts)):
             for question in questions:
-                q = q_ids[question]
-                window = self.max_length - len(q) - n_special_pair
-                for start, end in window_spans(len(ctx.ids), window, self.doc_stride) if ctx.ids else []:
-                    model_input, offset = self._pair(q, ctx.ids[start:end])
+                for model_input, start, offset, length in self._windows(q_ids[question], ctx.ids):
                     inputs.append(model_input)
-                    plan.append((i, question, start, offset, end - start))
+                    plan.append((i, question, start, offset, length))
         found: List[Dict[str, Dict[Tuple[int, int], float]]] = [{q: {} for q in qs} for qs in asked]
         null: Dict[Tuple[int, str], float] = {}
         bounds = [([t.idx for t in doc], [t.idx + len(t) for t in doc]) for doc in docs]

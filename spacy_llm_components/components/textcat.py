@@ -1,6 +1,6 @@
 """hf_textcat: `AutoModelForSequenceClassification` as a spaCy component writing `doc.cats`."""
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from spacy.language import Language
@@ -8,7 +8,7 @@ from spacy.tokens import Doc
 
 from ..align import pack_units, refine_units, unit_piece_ranges
 from ..decode import softmax
-from .base import HFPipe
+from .base import Feature, HFPipe, ModelInput
 
 POOLINGS = ("mean", "max")
 
@@ -112,14 +112,33 @@ class HFTextCategorizer(HFPipe):
             tokens = refine_units(sents, tokens, window)
         return pack_units(tokens, window)
 
-    def predict(self, docs: Sequence[Doc]) -> List[np.ndarray]:
-        """Probabilities per doc, in label order."""
+    def _inputs(self, docs: Sequence[Doc]) -> Tuple[List[ModelInput], List[int]]:
+        """Model inputs of the docs' windows, and the doc each window belongs to."""
         window = self.max_length - self.specials.n_single
         inputs, owner = [], []
         for i, (doc, enc) in enumerate(zip(docs, self._encode([d.text for d in docs]))):
             for start, end in self._windows(doc, enc.offsets, window):
                 inputs.append(self._single(enc.ids[start:end]))
                 owner.append(i)
+        return inputs, owner
+
+    def features(self, docs: Sequence[Doc]) -> List[Feature]:
+        """Training features from gold `doc.cats`: every window of a doc carries the doc's labels
+        (a class index, or a 0/1 vector for multi-label heads), as `predict` pools over them."""
+        labels = self.labels
+        targets = []
+        for doc in docs:
+            missing = [label for label in labels if label not in doc.cats]
+            if missing:
+                raise ValueError(f"{self.name}: doc.cats lacks labels {missing} of the model: {doc.text[:60]!r}")
+            scores = [float(doc.cats[label]) for label in labels]
+            targets.append(scores if self.multi_label else int(np.argmax(scores)))
+        inputs, owner = self._inputs(docs)
+        return [model_input.feature(labels=targets[i]) for model_input, i in zip(inputs, owner)]
+
+    def predict(self, docs: Sequence[Doc]) -> List[np.ndarray]:
+        """Probabilities per doc, in label order."""
+        inputs, owner = self._inputs(docs)
         logits = self._forward(inputs)
         per_doc: List[List[np.ndarray]] = [[] for _ in docs]
         for i, (out,) in zip(owner, logits):

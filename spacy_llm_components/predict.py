@@ -1,0 +1,117 @@
+"""Streaming predictions: JSONL records in, JSONL records with cats / ents / answers out.
+
+Constant memory on large files: records stream through `nlp.pipe`, results are
+written as they come, to a temporary file renamed into place at the end (an
+error never leaves half an output).
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from spacy.language import Language
+from spacy.tokens import Doc
+
+from .build import hf_component
+from .components.qa import HFQuestionAnswerer
+from .data.errors import BadRecord, DataError
+
+
+def doc_predictions(doc: Doc, nlp: Language) -> Dict[str, Any]:
+    """What the pipeline's hf_* components predicted on a doc, as plain JSON-ready data:
+    `cats`, `ents` (text, start_char, end_char, label, score) and `answers` (question, text,
+    start_char, end_char, score), whichever the pipeline produces."""
+    out: Dict[str, Any] = {}
+    task = hf_component(nlp).task
+    if task == "text-classification":
+        out["cats"] = {label: round(float(score), 6) for label, score in doc.cats.items()}
+    elif task == "token-classification":
+        pipe = hf_component(nlp)
+        spans = doc.spans.get(pipe.spans_key, []) if pipe.spans_key else doc.ents
+        out["ents"] = [_span(s, label=s.label_) for s in spans]
+    else:
+        pipe = hf_component(nlp)
+        assert isinstance(pipe, HFQuestionAnswerer)
+        out["answers"] = [{"question": s._.question, **_span(s)} for s in doc.spans.get(pipe.spans_key, [])]
+    return out
+
+
+def _span(span, **extra: Any) -> Dict[str, Any]:
+    score = span._.score
+    return {"text": span.text, "start_char": span.start_char, "end_char": span.end_char, **extra,
+            "score": None if score is None else round(float(score), 6)}
+
+
+def make_input_doc(nlp: Language, record: Dict[str, Any], where: str, path: Union[str, Path]) -> Doc:
+    """A doc from an input record {"text": ..., "questions": [...]} (questions only for QA)."""
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise DataError(path, where, f'"text" must be a string, got {type(text).__name__}'
+                        if "text" in record else 'no "text" field')
+    doc = nlp.make_doc(text)
+    questions = record.get("questions")
+    if questions is not None:
+        if isinstance(questions, str):
+            questions = [questions]
+        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+            raise DataError(path, where, '"questions" must be a string or a list of strings')
+        doc._.questions = questions
+    return doc
+
+
+def _records(path: Path, nlp: Language, skipped: List[BadRecord], skip_bad: bool, progress) -> Iterator[Tuple[Doc, Dict]]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            progress(len(raw))
+            where = f"line {number}"
+            try:
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(path, where, f"not UTF-8 (byte 0x{raw[err.start]:02x})") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(path, where, f"not valid JSON: {err.msg} at column {err.colno}") from None
+                if not isinstance(record, dict):
+                    raise DataError(path, where, "expected a JSON object")
+                yield make_input_doc(nlp, record, where, path), record
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                skipped.append(err.record)
+
+
+def predict_file(nlp: Language, input_path: Union[str, Path], output_path: Union[str, Path], *,
+                 batch_size: Optional[int] = None, skip_bad: bool = False, show_progress: bool = True) -> Dict[str, Any]:
+    """Annotate every record of `input_path` into `output_path`; returns counts and skipped records.
+
+    Each output line is the input record (all its fields) plus the predictions.
+    """
+    from tqdm import tqdm
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise DataError(input_path, None, "file does not exist")
+    skipped: List[BadRecord] = []
+    written = 0
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", dir=output_path.parent)
+    bar = tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, disable=not show_progress, desc="predict")
+    try:
+        with os.fdopen(fd, "w", encoding="utf8") as out:
+            stream = _records(input_path, nlp, skipped, skip_bad, bar.update)
+            for doc, record in nlp.pipe(stream, as_tuples=True, batch_size=batch_size):
+                out.write(json.dumps({**record, **doc_predictions(doc, nlp)}, ensure_ascii=False) + "\n")
+                written += 1
+        os.replace(tmp, output_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    return {"written": written, "skipped": [r.to_dict() for r in skipped]}
