@@ -28,7 +28,7 @@ def build_pipeline(task: str, model: str, *, labels: Optional[List[str]] = None,
     bare encoder; for a checkpoint with a head, leave it None.
     """
     name = COMPONENT[task]
-    config = Config().from_disk(config_path(task))
+    config = Config().from_disk(config_path(task), interpolate=False)
     config["paths"]["model"] = str(model)
     component = config["components"][name]
     component["device"] = device

@@ -1,0 +1,110 @@
+"""Training throughput: `finetune` against a plain Hugging Face `Trainer` script on the same data and model.
+
+Same CoNLL-2003 training sentences, same MiniLM base, same batch size, learning
+rate and number of optimizer steps. The plain script is what the HF token
+classification example does (tokenize pre-split words, label first pieces,
+DataCollatorForTokenClassification, random batches), run once as is and once
+with `group_by_length=True`. Throughput counts real (non-padding) word pieces
+per second of training; our figure excludes the dev evaluations.
+
+    .venv/bin/python bench/bench_training.py --steps 150
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForTokenClassification, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "conll2003"
+sys.path.insert(0, str(ROOT))
+
+from spacy_llm_components.data import prepare  # noqa: E402
+from spacy_llm_components.hf import resolve_source  # noqa: E402
+from spacy_llm_components.train import CountingCollator, FinetuneConfig, finetune  # noqa: E402
+
+BASE = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def read_conll(path: Path):
+    sentences, words, tags = [], [], []
+    for line in path.read_text().splitlines() + [""]:
+        if not line.strip():
+            if words:
+                sentences.append((words, tags))
+            words, tags = [], []
+            continue
+        cols = line.split()
+        words.append(cols[0])
+        tags.append(cols[-1])
+    return sentences
+
+
+def plain_trainer(steps: int, batch: int, lr: float, group_by_length: bool) -> dict:
+    """The HF example recipe, written out as a user would."""
+    sentences = read_conll(DATA / "train.conll")
+    tag_list = sorted({t for _, tags in sentences for t in tags}, key=lambda t: (t != "O", t))
+    tag_id = {t: i for i, t in enumerate(tag_list)}
+    source = resolve_source(BASE)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    set_seed(0)
+    model = AutoModelForTokenClassification.from_pretrained(
+        source, num_labels=len(tag_list), id2label=dict(enumerate(tag_list)), label2id=tag_id)
+    features = []
+    for words, tags in sentences:
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=512)
+        labels, previous = [], None
+        for wid in enc.word_ids():
+            labels.append(-100 if wid is None or wid == previous else tag_id[tags[wid]])
+            previous = wid
+        features.append({"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"], "labels": labels})
+    collator = CountingCollator(tokenizer, "ner")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+                                 warmup_ratio=0.1, weight_decay=0.01, save_strategy="no", eval_strategy="no",
+                                 logging_steps=50, report_to="none", use_cpu=not torch.cuda.is_available(),
+                                 group_by_length=group_by_length, seed=0, data_seed=0, disable_tqdm=True)
+        out = Trainer(model=model, args=args, train_dataset=features, data_collator=collator).train()
+    seconds = out.metrics["train_runtime"]
+    return {"seconds": seconds, "word_pieces": collator.word_pieces, "word_pieces_per_second": collator.word_pieces / seconds}
+
+
+def ours(steps: int, batch: int, lr: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare("ner", DATA / "train.conll", Path(tmp) / "data", dev=DATA / "dev.conll")
+        # one evaluation at the end (a dev slice keeps it short; its time is excluded anyway)
+        config = FinetuneConfig(max_steps=steps, batch_size=batch, lr=lr, eval_steps=steps, device="auto")
+        result = finetune("ner", data.train, data.dev, Path(tmp) / "model", config, progress=False)
+    return {"seconds": result.train_seconds, "word_pieces": result.word_pieces,
+            "word_pieces_per_second": result.word_pieces_per_second}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    args = parser.parse_args()
+    rows = {
+        "plain Trainer (HF example recipe)": plain_trainer(args.steps, args.batch_size, args.lr, False),
+        "plain Trainer + group_by_length": plain_trainer(args.steps, args.batch_size, args.lr, True),
+        "sllm finetune": ours(args.steps, args.batch_size, args.lr),
+    }
+    base = rows["plain Trainer (HF example recipe)"]["word_pieces_per_second"]
+    print(f"\n{args.steps} steps x batch {args.batch_size}, CoNLL-2003 train, MiniLM, "
+          f"{'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads {torch.get_num_threads()}")
+    print("| run | train seconds | real word pieces | word pieces/s | ratio vs plain |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r in rows.items():
+        print(f"| {name} | {r['seconds']:.1f} | {r['word_pieces']:,} | {r['word_pieces_per_second']:,.0f} | "
+              f"{r['word_pieces_per_second'] / base:.2f}x |")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

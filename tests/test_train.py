@@ -1,0 +1,177 @@
+"""Training features (same code path as inference) and fine-tuning with the HF Trainer on tiny checkpoints."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import spacy
+from safetensors.numpy import load_file
+from transformers import TrainerCallback
+
+from spacy_llm_components.build import build_pipeline, hf_component
+from spacy_llm_components.data import prepare
+from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune
+
+NER_TRAIN = "".join(
+    f"{name} B-PER\n{surname} I-PER\nvisited O\n{city} B-LOC\n. O\n\n"
+    for name, surname, city in [("Angela", "Merkel", "Paris"), ("John", "Smith", "Berlin"), ("Mary", "Jones", "Rome"),
+                                ("Peter", "Brown", "Madrid"), ("Anna", "Schmidt", "Vienna"), ("Tom", "Miller", "Oslo")]
+)
+
+
+def tiny_config(**kwargs) -> FinetuneConfig:
+    defaults = dict(max_steps=4, eval_steps=2, batch_size=4, lr=1e-3, device="cpu", warmup_ratio=0.0)
+    return FinetuneConfig(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def ner_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ner-data")
+    (root / "train.conll").write_text(NER_TRAIN)
+    (root / "dev.conll").write_text("Angela B-PER\nMerkel I-PER\nvisited O\nRome B-LOC\n")
+    return prepare("ner", root / "train.conll", root / "prepared", dev=root / "dev.conll")
+
+
+# -- features --------------------------------------------------------------------------------------
+def test_ner_features_label_first_piece_of_each_word(ckpts):
+    nlp = build_pipeline("ner", str(ckpts["base"]), labels=["PER", "LOC"], device="cpu")
+    pipe = hf_component(nlp)
+    doc = nlp.make_doc("Schwarzenegger visited Paris")
+    doc.ents = [doc.char_span(0, 14, "PER"), doc.char_span(23, 28, "LOC")]
+    (feature,) = pipe.features([doc])
+    tok = pipe.checkpoint.tokenizer
+    pieces = tok.convert_ids_to_tokens(feature["input_ids"])
+    tags = {p: pipe.tags[label] for p, label in zip(pieces, feature["labels"]) if label != -100}
+    assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]" and feature["labels"][0] == feature["labels"][-1] == -100
+    first = tok.tokenize("Schwarzenegger")
+    assert len(first) > 1 and tags == {first[0]: "B-PER", "visited": "O", "paris": "B-LOC"}
+    assert sum(label != -100 for label in feature["labels"]) == 3  # continuation pieces are ignored
+
+
+def test_ner_features_window_long_docs_like_predict(ckpts):
+    nlp = build_pipeline("ner", str(ckpts["base"]), labels=["PER"], device="cpu")
+    pipe = hf_component(nlp)
+    doc = nlp.make_doc(" ".join(["word"] * 150))  # 150 pieces, model input 64
+    features = pipe.features([doc])
+    assert len(features) == len(pipe._windows(150)) > 1
+    assert all(len(f["input_ids"]) <= 64 for f in features)
+
+
+def test_qa_features_point_at_the_answer(ckpts):
+    nlp = build_pipeline("qa", str(ckpts["qa"]), device="cpu")
+    pipe = hf_component(nlp)
+    context = "The tower is in Paris and the river is the Seine."
+    doc = nlp.make_doc(context)
+    doc._.qas = [{"id": "1", "question": "Where is the tower?", "answers": [{"text": "Paris", "start": 16}],
+                  "is_impossible": False},
+                 {"id": "2", "question": "Who?", "answers": [], "is_impossible": True}]
+    answerable, impossible = pipe.features([doc])
+    tok = pipe.checkpoint.tokenizer
+    span = answerable["input_ids"][answerable["start_positions"] : answerable["end_positions"] + 1]
+    assert tok.decode(span) == "paris"
+    assert (impossible["start_positions"], impossible["end_positions"]) == (0, 0)
+
+
+def test_textcat_features(ckpts):
+    nlp = build_pipeline("textcat", str(ckpts["base"]), labels=["neg", "pos"], device="cpu")
+    doc = nlp.make_doc("great film")
+    doc.cats = {"neg": 0.0, "pos": 1.0}
+    (feature,) = hf_component(nlp).features([doc])
+    assert feature["labels"] == 1
+    doc.cats = {"neg": 1.0}
+    with pytest.raises(ValueError, match=r"doc.cats lacks labels \['pos'\]"):
+        hf_component(nlp).features([doc])
+
+
+# -- fine-tuning -----------------------------------------------------------------------------------
+def test_finetune_saves_a_loadable_pipeline(ner_data, ckpts, tmp_path):
+    out = tmp_path / "model"
+    result = finetune("ner", ner_data.train, ner_data.dev, out, tiny_config(base_model=str(ckpts["base"])),
+                      progress=False)
+    assert result.steps == 4 and result.word_pieces > 0 and result.best_step in (2, 4)
+    assert not (out / "checkpoints").exists()  # removed after a finished run
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    evals = [e for e in log if "eval_ents_f" in e]
+    assert [e["step"] for e in evals] == [2, 4] and any("loss" in e for e in log)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["primary"] == "ents_f" and metrics["dev"]["ents_f"] == max(e["eval_ents_f"] for e in evals)
+    assert metrics["training"]["word_pieces_per_second"] > 0
+    nlp = spacy.load(out)
+    assert nlp.pipe_names == ["ner"] and hf_component(nlp).labels == ["LOC", "PER"]
+    assert nlp.meta["sllm"]["base_model"] == str(ckpts["base"])
+    nlp("Angela Merkel visited Paris .")  # predicts without error
+
+
+class _Interrupt(TrainerCallback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-training
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(str(next((folder / "ner" / "model").glob("*.safetensors"))))
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(ner_data, ckpts, tmp_path):
+    config = tiny_config(base_model=str(ckpts["base"]), max_steps=6)
+    finetune("ner", ner_data.train, ner_data.dev, tmp_path / "straight", config, progress=False)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        finetune("ner", ner_data.train, ner_data.dev, out, config, progress=False, callbacks=[_Interrupt(3)])
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    with pytest.raises(FinetuneError, match="holds an interrupted run .* pass --resume"):
+        finetune("ner", ner_data.train, ner_data.dev, out, config, progress=False)
+    result = finetune("ner", ner_data.train, ner_data.dev, out, config, resume=True, progress=False)
+    assert result.steps == 6
+    straight, resumed = _weights(tmp_path / "straight"), _weights(out)
+    for name in straight:
+        np.testing.assert_allclose(resumed[name], straight[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    steps = [json.loads(line)["step"] for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # entries after the checkpoint were dropped, then logged again once
+
+
+def test_resume_refuses_other_data(ner_data, ckpts, tmp_path):
+    config = tiny_config(base_model=str(ckpts["base"]), max_steps=6)
+    out = tmp_path / "m"
+    with pytest.raises(KeyboardInterrupt):
+        finetune("ner", ner_data.train, ner_data.dev, out, config, progress=False, callbacks=[_Interrupt(3)])
+    other = prepare("ner", ner_data.output / "../train.conll", tmp_path / "other", dev_fraction=0.5, seed=3)
+    with pytest.raises(FinetuneError, match="another train"):
+        finetune("ner", other.train, ner_data.dev, out, config, resume=True, progress=False)
+
+
+def test_finetune_textcat_and_qa(ckpts, tmp_path):
+    rows = "".join(f"{'good great fine' if i % 2 else 'bad awful poor'} {i},{'pos' if i % 2 else 'neg'}\n"
+                   for i in range(20))
+    (tmp_path / "t.csv").write_text("text,label\n" + rows)
+    data = prepare("textcat", tmp_path / "t.csv", tmp_path / "tc")
+    result = finetune("textcat", data.train, data.dev, tmp_path / "tc-model",
+                      tiny_config(base_model=str(ckpts["base"])), progress=False)
+    assert result.primary == "cats_accuracy"
+    assert set(spacy.load(tmp_path / "tc-model")("good").cats) == {"neg", "pos"}
+
+    qas = [{"id": str(i), "question": q, "answers": [{"text": a, "answer_start": s}]}
+           for i, (q, a, s) in enumerate([("Where is the tower?", "Paris", 16), ("What is tall?", "It", 23)])]
+    squad = {"data": [{"title": f"t{k}", "paragraphs": [{"context": "The tower is in Paris. It is tall.", "qas": qas}]}
+                      for k in range(4)]}
+    (tmp_path / "s.json").write_text(json.dumps(squad))
+    data = prepare("qa", tmp_path / "s.json", tmp_path / "qa", dev_fraction=0.25)
+    result = finetune("qa", data.train, data.dev, tmp_path / "qa-model",
+                      tiny_config(base_model=str(ckpts["base"])), progress=False)
+    assert result.primary == "qa_f1" and "qa_exact" in result.dev_metrics
+    from spacy_llm_components import ask
+
+    assert len(ask(spacy.load(tmp_path / "qa-model"), "The tower is in Paris.", "Where?")) == 1
+
+
+def test_finetune_rejects_unprepared_input(ner_data, ckpts, tmp_path):
+    from spacy_llm_components.data import DataError
+
+    with pytest.raises(DataError, match="reads the .spacy files"):
+        finetune("ner", ner_data.output / "../train.conll", ner_data.dev, tmp_path / "m", tiny_config())
+    with pytest.raises(DataError, match="prepared for 'ner', not 'textcat'"):
+        finetune("textcat", ner_data.train, ner_data.dev, tmp_path / "m", tiny_config())
