@@ -168,3 +168,7 @@ def export_hf_command(
     except ValueError as err:
         _fail(err)
     typer.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # torchrun / accelerate launch -m spacy_llm_components.cli ...
+    app()

@@ -9,14 +9,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 from spacy.language import Language
 from spacy.tokens import Doc
 
 from .build import hf_component
 from .components.qa import HFQuestionAnswerer
-from .data.errors import BadRecord, DataError
+from .data.errors import BadRecords, DataError
+from .data.jsonl import json_records
 
 
 def doc_predictions(doc: Doc, nlp: Language) -> Dict[str, Any]:
@@ -61,29 +62,12 @@ def make_input_doc(nlp: Language, record: Dict[str, Any], where: str, path: Unio
     return doc
 
 
-def _records(path: Path, nlp: Language, skipped: List[BadRecord], skip_bad: bool, progress) -> Iterator[Tuple[Doc, Dict]]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            progress(len(raw))
-            where = f"line {number}"
-            try:
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(path, where, f"not UTF-8 (byte 0x{raw[err.start]:02x})") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(path, where, f"not valid JSON: {err.msg} at column {err.colno}") from None
-                if not isinstance(record, dict):
-                    raise DataError(path, where, "expected a JSON object")
-                yield make_input_doc(nlp, record, where, path), record
-            except DataError as err:
-                if not skip_bad:
-                    raise
-                skipped.append(err.record)
+def _docs(path: Path, nlp: Language, bad: BadRecords, progress) -> Iterator[Tuple[Doc, Dict]]:
+    for number, record in json_records(path, bad, on_bytes=progress):
+        try:
+            yield make_input_doc(nlp, record, f"line {number}", path), record
+        except DataError as err:
+            bad.report(err)
 
 
 def predict_file(nlp: Language, input_path: Union[str, Path], output_path: Union[str, Path], *,
@@ -97,14 +81,14 @@ def predict_file(nlp: Language, input_path: Union[str, Path], output_path: Union
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise DataError(input_path, None, "file does not exist")
-    skipped: List[BadRecord] = []
+    bad = BadRecords(skip_bad)
     written = 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", dir=output_path.parent)
     bar = tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, disable=not show_progress, desc="predict")
     try:
         with os.fdopen(fd, "w", encoding="utf8") as out:
-            stream = _records(input_path, nlp, skipped, skip_bad, bar.update)
+            stream = _docs(input_path, nlp, bad, bar.update)
             for doc, record in nlp.pipe(stream, as_tuples=True, batch_size=batch_size):
                 out.write(json.dumps({**record, **doc_predictions(doc, nlp)}, ensure_ascii=False) + "\n")
                 written += 1
@@ -114,4 +98,4 @@ def predict_file(nlp: Language, input_path: Union[str, Path], output_path: Union
         raise
     finally:
         bar.close()
-    return {"written": written, "skipped": [r.to_dict() for r in skipped]}
+    return {"written": written, "skipped": [r.to_dict() for r in bad.records]}

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import spacy
 import torch
 from spacy.tokens import Doc
 from transformers import (
@@ -195,13 +196,16 @@ def finetune(
     checkpoints.mkdir(exist_ok=True)
     (checkpoints / RUN_FILE).write_text(json.dumps(run, indent=2), encoding="utf8")
 
+    vocab_nlp = spacy.blank("en")
+    train_docs = load_docs(task, train, vocab_nlp).docs
+    dev_docs = load_docs(task, dev, vocab_nlp).docs
+    overrides: Dict[str, Any] = {f"components.{task}.max_length": config.max_length} if config.max_length else {}
+    if task == "qa" and any(qa["is_impossible"] for doc in train_docs for qa in doc._.qas):
+        overrides[f"components.{task}.handle_impossible"] = True  # SQuAD 2.0: the model learned to abstain
     set_seed(config.seed)  # the new head's initial weights
-    overrides = {f"components.{task}.max_length": config.max_length} if config.max_length else None
     nlp = build_pipeline(task, config.base_model, labels=labels or None, multi_label=multi_label,
                          device=str(device), overrides=overrides)
     pipe = hf_component(nlp)
-    train_docs = load_docs(task, train, nlp).docs
-    dev_docs = load_docs(task, dev, nlp).docs
     features = pipe.features(train_docs)
     if not features:
         raise DataError(train, None, "no training features (are the docs empty?)")
@@ -272,8 +276,9 @@ def finetune(
         performance={k: v for k, v in dev_metrics.items() if isinstance(v, (int, float))},
     )
     nlp.meta["sllm"] = {**run, "base_model": config.base_model, "best_step": best_step}
-    _save_pipeline(nlp, output)
-    if not keep_checkpoints:
+    if trainer.is_world_process_zero():  # under torchrun, one process writes the pipeline
+        _save_pipeline(nlp, output)
+    if not keep_checkpoints and trainer.is_world_process_zero():
         shutil.rmtree(checkpoints, ignore_errors=True)
     train_seconds = max(train_out.metrics.get("train_runtime", 0.0) - trainer.eval_seconds, 0.0)
     result = FinetuneResult(

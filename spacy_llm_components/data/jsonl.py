@@ -3,31 +3,47 @@ classification records `{"text", "label": "x"}` or `{"text", "labels": ["x", "y"
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from spacy.language import Language
 from spacy.tokens import Doc
 
 from .errors import BadRecords, DataError
-from .text import numbered_lines, read_text
 
 
-def json_records(path: Path, bad: BadRecords) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """(line number, object) per non-blank line; a line that is not a JSON object is a bad record."""
-    for number, line in numbered_lines(read_text(path)):
-        if not line.strip():
-            continue
-        try:
+def json_records(path: Path, bad: BadRecords, on_bytes: Optional[Callable[[int], None]] = None
+                 ) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(line number, object) per non-blank line, streamed (constant memory); a line that is not
+    UTF-8 or not a JSON object is a bad record. `on_bytes` hears how many bytes each line had."""
+    if not path.is_file():
+        raise DataError(path, None, "file does not exist" if not path.exists() else "not a file")
+    seen = False
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if on_bytes is not None:
+                on_bytes(len(raw))
+            where = f"line {number}"
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(path, f"line {number}", f"not valid JSON: {err.msg} at column {err.colno}") from None
-            if not isinstance(record, dict):
-                raise DataError(path, f"line {number}", f"expected a JSON object, got {type(record).__name__}")
-        except DataError as err:
-            bad.report(err)
-            continue
-        yield number, record
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(path, where, f"not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                    f"{err.start + 1}); re-save the file as UTF-8") from None
+                if not line.strip():
+                    continue
+                seen = True
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(path, where, f"not valid JSON: {err.msg} at column {err.colno}") from None
+                if not isinstance(record, dict):
+                    raise DataError(path, where, f"expected a JSON object, got {type(record).__name__}")
+            except DataError as err:
+                bad.report(err)
+                continue
+            yield number, record
+    if not seen:
+        raise DataError(path, None, "file is empty")
 
 
 def record_text(path: Path, where: str, record: Dict[str, Any], field: str) -> str:
