@@ -121,6 +121,21 @@ class _PipelineTrainer(Trainer):
         self.dev_docs = dev_docs
         self.nlp_batch_size = eval_batch_size
         self.eval_seconds = 0.0
+        self.checkpoint_seconds = 0.0  # saving checkpoints and reloading the best: not training throughput
+
+    def _save_checkpoint(self, model, trial):
+        start = time.perf_counter()
+        try:
+            return super()._save_checkpoint(model, trial)
+        finally:
+            self.checkpoint_seconds += time.perf_counter() - start
+
+    def _load_best_model(self):
+        start = time.perf_counter()
+        try:
+            return super()._load_best_model()
+        finally:
+            self.checkpoint_seconds += time.perf_counter() - start
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
         start = time.perf_counter()
@@ -280,7 +295,8 @@ def finetune(
         _save_pipeline(nlp, output)
     if not keep_checkpoints and trainer.is_world_process_zero():
         shutil.rmtree(checkpoints, ignore_errors=True)
-    train_seconds = max(train_out.metrics.get("train_runtime", 0.0) - trainer.eval_seconds, 0.0)
+    overhead = trainer.eval_seconds + trainer.checkpoint_seconds
+    train_seconds = max(train_out.metrics.get("train_runtime", 0.0) - overhead, 0.0)
     result = FinetuneResult(
         output=output, task=task, primary=primary, dev_metrics=dev_metrics, best_step=best_step,
         steps=trainer.state.global_step, wall_seconds=time.perf_counter() - wall_start,
@@ -288,7 +304,8 @@ def finetune(
         precision=precision, log=history,
     )
     speed = {"steps": result.steps, "wall_seconds": round(result.wall_seconds, 2),
-             "train_seconds": round(train_seconds, 2), "word_pieces": result.word_pieces,
+             "train_seconds": round(train_seconds, 2), "eval_seconds": round(trainer.eval_seconds, 2),
+             "checkpoint_seconds": round(trainer.checkpoint_seconds, 2), "word_pieces": result.word_pieces,
              "word_pieces_per_second": round(result.word_pieces_per_second, 1), "device": result.device,
              "precision": precision}
     (output / "metrics.json").write_text(

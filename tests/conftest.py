@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 import spacy  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
@@ -24,6 +25,10 @@ from transformers import (  # noqa: E402
 )
 
 from spacy_llm_components.hf import resolve_source  # noqa: E402
+
+# No per-example deadline: on a loaded 2-core machine a slow example is noise, not a bug.
+settings.register_profile("sllm", deadline=None)
+settings.load_profile("sllm")
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 NER_TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
