@@ -21,7 +21,7 @@ def config_path(task: str) -> Path:
 
 
 def build_pipeline(task: str, model: str, *, labels: Optional[List[str]] = None, multi_label: Optional[bool] = None,
-                   device: str = "auto", overrides: Optional[Dict[str, Any]] = None) -> Language:
+                   device: str = "auto", lang: str = "en", overrides: Optional[Dict[str, Any]] = None) -> Language:
     """The task's shipped pipeline over `model`, with its checkpoint loaded.
 
     `labels` gives a new head's labels (entity types for NER) when `model` is a
@@ -30,6 +30,7 @@ def build_pipeline(task: str, model: str, *, labels: Optional[List[str]] = None,
     name = COMPONENT[task]
     config = Config().from_disk(config_path(task), interpolate=False)
     config["paths"]["model"] = str(model)
+    config["nlp"]["lang"] = lang
     component = config["components"][name]
     component["device"] = device
     if task != "qa":

@@ -19,6 +19,7 @@ import spacy
 from spacy.language import Language
 from spacy.tokens import Doc
 from spacy.training import Example
+from spacy.util import filter_spans
 
 from .build import hf_component, task_of
 from .data import ReadOptions, load_docs, set_cats
@@ -71,7 +72,10 @@ def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Opti
     multi = bool(getattr(pipe, "multi_label", False)) if task == "textcat" else False
     confusion = None
     if task == "ner":
-        scores = score_ner(examples, spans_key=pipe.spans_key)
+        if pipe.spans_key:  # gold data holds doc.ents: score the predicted span group as entities
+            for pred in predictions:
+                pred.ents = filter_spans(pred.spans.get(pipe.spans_key, []))
+        scores = score_ner(examples)
         support = Counter(ent.label_ for ref in references for ent in ref.ents)
         per_label = {label: {**prf, "support": support.get(label, 0)}
                      for label, prf in sorted((scores.pop("ents_per_type", None) or {}).items())}
@@ -83,6 +87,7 @@ def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Opti
         scores, per_label = score_squad(examples, spans_key=pipe.spans_key), {}
     words = sum(len(doc) for doc in predictions)
     metrics = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics.setdefault(primary_metric(task, multi), 0.0)  # undefined (no gold, no predictions) counts as 0
     metrics.update(primary=primary_metric(task, multi), docs=len(predictions), words=words,
                    seconds=round(seconds, 3), words_per_second=round(words / seconds, 1) if seconds else None)
     return Evaluation(task, metrics, per_label, confusion, predictions)

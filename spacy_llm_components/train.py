@@ -29,7 +29,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from .build import build_pipeline, hf_component
 from .components.base import Feature
@@ -111,6 +111,27 @@ class CountingCollator:
         return batch
 
 
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped batches in an order fixed by (seed, epoch).
+
+    The Trainer's own LengthGroupedSampler draws from the global RNG, which a
+    resumed run restores only after the epoch's order was drawn: a run resumed
+    mid-epoch would train other batches than the uninterrupted run.
+    """
+
+    def __init__(self, batch_size: int, lengths: List[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class _PipelineTrainer(Trainer):
     """A Trainer whose evaluation runs the spaCy pipeline (sharing the model being trained) over the
     dev docs and reports the component's scores."""
@@ -122,6 +143,11 @@ class _PipelineTrainer(Trainer):
         self.nlp_batch_size = eval_batch_size
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0  # saving checkpoints and reloading the best: not training throughput
+
+    def _get_train_sampler(self, *args, **kwargs):
+        lengths = [len(feature["input_ids"]) for feature in self.train_dataset]
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return SeededLengthGroupedSampler(batch, lengths, self.args.data_seed or self.args.seed)
 
     def _save_checkpoint(self, model, trial):
         start = time.perf_counter()
@@ -202,16 +228,16 @@ def finetune(
     device = resolve_device(config.device)
     if device.type == "cuda" and device.index:
         torch.cuda.set_device(device)
-    labels, multi_label = _labels(task, train)
+    labels, multi_label, lang = _labels(task, train)
     run = {"task": task, "train_sha256": sha256_file(train), "dev_sha256": sha256_file(dev),
-           "labels": labels, "multi_label": multi_label, "config": asdict(config)}
+           "labels": labels, "multi_label": multi_label, "lang": lang, "config": asdict(config)}
     checkpoints = output / CHECKPOINTS
     last = _check_resume(checkpoints, run, resume)
     output.mkdir(parents=True, exist_ok=True)
     checkpoints.mkdir(exist_ok=True)
     (checkpoints / RUN_FILE).write_text(json.dumps(run, indent=2), encoding="utf8")
 
-    vocab_nlp = spacy.blank("en")
+    vocab_nlp = spacy.blank(lang)
     train_docs = load_docs(task, train, vocab_nlp).docs
     dev_docs = load_docs(task, dev, vocab_nlp).docs
     overrides: Dict[str, Any] = {f"components.{task}.max_length": config.max_length} if config.max_length else {}
@@ -219,14 +245,15 @@ def finetune(
         overrides[f"components.{task}.handle_impossible"] = True  # SQuAD 2.0: the model learned to abstain
     set_seed(config.seed)  # the new head's initial weights
     nlp = build_pipeline(task, config.base_model, labels=labels or None, multi_label=multi_label,
-                         device=str(device), overrides=overrides)
+                         device=str(device), lang=lang, overrides=overrides)
     pipe = hf_component(nlp)
     features = pipe.features(train_docs)
     if not features:
         raise DataError(train, None, "no training features (are the docs empty?)")
 
     primary = primary_metric(task, multi_label)
-    steps_per_epoch = math.ceil(len(features) / (config.batch_size * config.grad_accum))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # processes under torchrun / accelerate launch
+    steps_per_epoch = math.ceil(len(features) / (config.batch_size * config.grad_accum * world_size))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
     eval_steps = max(1, min(config.eval_steps or steps_per_epoch, total_steps))
     precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else (
@@ -253,7 +280,8 @@ def finetune(
         logging_steps=max(1, min(50, eval_steps)),
         seed=config.seed,
         data_seed=config.seed,
-        group_by_length=True,
+        group_by_length=True,  # (with the seeded sampler of _PipelineTrainer)
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience survives a resume
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device.type == "cpu",
@@ -315,18 +343,18 @@ def finetune(
 
 
 def _labels(task: str, train: Path) -> tuple:
-    """Labels (entity types, classes) and multi-label flag, from the labels.json `prepare` writes."""
+    """Labels (entity types, classes), multi-label flag and language, from the labels.json `prepare` writes."""
     info_path = train.parent / "labels.json"
     if not info_path.is_file():
         raise DataError(train, None, f"no labels.json beside it ({info_path}); prepare the data with `sllm prepare`")
     info = json.loads(info_path.read_text(encoding="utf8"))
     if info.get("task") != task:
         raise DataError(info_path, None, f"the data was prepared for {info.get('task')!r}, not {task!r}")
-    return list(info.get("labels") or []), bool(info.get("multi_label", False))
+    return list(info.get("labels") or []), bool(info.get("multi_label", False)), info.get("lang", "en")
 
 
 def _check_resume(checkpoints: Path, run: Dict[str, Any], resume: bool) -> Optional[str]:
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints)
     if last and not resume:
         raise FinetuneError(f"{checkpoints} holds an interrupted run (last checkpoint {Path(last).name}); "
                             "pass --resume to continue it, or delete that folder to start over")
@@ -344,6 +372,16 @@ def _check_resume(checkpoints: Path, run: Dict[str, Any], resume: bool) -> Optio
     if changed:
         logger.warning("resuming with changed settings %s: the result differs from an uninterrupted run", sorted(changed))
     return last
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Optional[str]:
+    """The newest `checkpoint-N` the Trainer finished writing (trainer_state.json is written last);
+    one cut short by a kill during saving is skipped."""
+    if not checkpoints.is_dir():
+        return None
+    done = [p for p in checkpoints.glob("checkpoint-*")
+            if p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[-1]))) if done else None
 
 
 def _truncate_log(log_path: Path, checkpoint: Optional[str]) -> None:

@@ -191,10 +191,17 @@ def test_split_is_a_stratified_partition(strata, seed):
     train, dev = split_indices(len(strata), 0.25, seed, strata=strata)
     assert sorted(train + dev) == list(range(len(strata))) and not set(train) & set(dev)
     assert (train, dev) == split_indices(len(strata), 0.25, seed, strata=strata)
+    assert 1 <= len(dev) <= max(1, round(len(strata) * 0.25))
     for label in set(strata):
         n = strata.count(label)
         in_dev = sum(strata[i] == label for i in dev)
-        assert in_dev == (min(max(round(n * 0.25), 1), n - 1) if n >= 2 else round(n * 0.25))
+        assert in_dev in (int(n * 0.25), int(n * 0.25) + 1) and in_dev <= max(n - 1, 1)  # proportional
+
+
+def test_split_does_not_inflate_dev_with_many_small_strata():
+    strata = [i % 250 for i in range(1000)]  # 250 label combinations of 4 records each
+    train, dev = split_indices(1000, 0.1, 0, strata=strata)
+    assert len(dev) == 100
 
 
 def test_split_keeps_groups_together():

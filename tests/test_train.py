@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from spacy_llm_components.build import build_pipeline, hf_component
 from spacy_llm_components.data import prepare
-from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune
+from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune, last_complete_checkpoint
 
 NER_TRAIN = "".join(
     f"{name} B-PER\n{surname} I-PER\nvisited O\n{city} B-LOC\n. O\n\n"
@@ -117,16 +117,19 @@ def _weights(folder: Path) -> dict:
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(ner_data, ckpts, tmp_path):
-    config = tiny_config(base_model=str(ckpts["base"]), max_steps=6)
+    # 6 sentences, batch 4: 2 steps per epoch; checkpoint-3 lies in the middle of the second epoch
+    config = tiny_config(base_model=str(ckpts["base"]), max_steps=7, eval_steps=3)
     finetune("ner", ner_data.train, ner_data.dev, tmp_path / "straight", config, progress=False)
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        finetune("ner", ner_data.train, ner_data.dev, out, config, progress=False, callbacks=[_Interrupt(3)])
-    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+        finetune("ner", ner_data.train, ner_data.dev, out, config, progress=False, callbacks=[_Interrupt(5)])
+    assert (out / "checkpoints" / "checkpoint-3").is_dir()
+    (out / "checkpoints" / "checkpoint-4").mkdir()  # as if killed while saving: no trainer_state.json
+    assert last_complete_checkpoint(out / "checkpoints").endswith("checkpoint-3")
     with pytest.raises(FinetuneError, match="holds an interrupted run .* pass --resume"):
         finetune("ner", ner_data.train, ner_data.dev, out, config, progress=False)
     result = finetune("ner", ner_data.train, ner_data.dev, out, config, resume=True, progress=False)
-    assert result.steps == 6
+    assert result.steps == 7
     straight, resumed = _weights(tmp_path / "straight"), _weights(out)
     for name in straight:
         np.testing.assert_allclose(resumed[name], straight[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -178,3 +181,19 @@ def test_finetune_rejects_unprepared_input(ner_data, ckpts, tmp_path):
         finetune("ner", ner_data.output / "../train.conll", ner_data.dev, tmp_path / "m", tiny_config())
     with pytest.raises(DataError, match="prepared for 'ner', not 'textcat'"):
         finetune("textcat", ner_data.train, ner_data.dev, tmp_path / "m", tiny_config())
+
+
+def test_length_grouped_order_depends_on_seed_and_epoch_only():
+    import torch
+
+    from spacy_llm_components.train import SeededLengthGroupedSampler
+
+    lengths = [5, 5, 5, 5, 9, 9, 9, 9, 2, 2, 2, 2] * 30
+    sampler = SeededLengthGroupedSampler(4, lengths, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    torch.manual_seed(123)  # a resumed run restores the global RNG at another point: must not matter
+    torch.rand(10)
+    assert list(sampler) == first and sorted(first) == list(range(len(lengths)))
+    sampler.set_epoch(2)
+    assert list(sampler) != first

@@ -1,5 +1,6 @@
 """hf_ner: `AutoModelForTokenClassification` as a spaCy component writing `doc.ents` or `doc.spans`."""
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -32,6 +33,7 @@ from ..hf import CheckpointError
 from .base import IGNORE_INDEX, Feature, HFPipe
 
 AGGREGATIONS = ("first", "mean")
+logger = logging.getLogger("spacy_llm_components")
 
 
 @Language.factory(
@@ -163,7 +165,14 @@ class HFEntityRecognizer(HFPipe):
             word_spans = word_char_spans(words, enc.offsets)
             ents = [(ent.start_char, ent.end_char, ent.label_) for ent in doc.ents]
             ranges = unit_piece_ranges([(s, e) for s, e, _ in ents], word_spans)
-            entities = [(first, last, label) for (first, last), (_, _, label) in zip(ranges, ents) if last > first]
+            entities = []
+            for (first, last), (start, end, label) in zip(ranges, ents):
+                if entities and first < entities[-1][1]:  # two entities inside one tokenizer word
+                    logger.warning("%s: entity %r [%d, %d) shares a tokenizer word with the one before it; the model "
+                                   "tags words, so it is left out of training: %r", self.name, doc.text[start:end],
+                                   start, end, doc.text[:80])
+                elif last > first:
+                    entities.append((first, last, label))
             piece_labels = [IGNORE_INDEX] * len(enc.ids)
             for (first_piece, _), tag in zip(words, entities_to_tags(len(words), entities, self.scheme)):
                 if tag not in tag_ids:

@@ -83,7 +83,7 @@ def prepare(
     summary = {
         **label_info,
         "content_hash": _content_hash(task, train_paths, dev, dev_fraction, seed, lang, options, multi_label, skip_bad),
-        "inputs": {"train": [str(p.resolve()) for p in train_paths], "dev": str(Path(dev).resolve()) if dev else None},
+        "inputs": {"train": [str(p) for p in train_paths], "dev": str(dev) if dev else None},  # as given
         "dev_from": "file" if dev else f"{dev_fraction:g} of train, seed {seed}",
         "splits": {"train": describe(task, train_docs), "dev": describe(task, dev_docs)},
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},

@@ -6,6 +6,7 @@ standard quoting. A multi-label cell lists labels separated by `label_sep`.
 
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -19,6 +20,7 @@ from .text import read_text
 def read_cats_table(path: Path, nlp: Language, bad: BadRecords, text_column: str = "text",
                     label_column: str = "label", label_sep: Optional[str] = None) -> List[Tuple[Doc, List[str], str]]:
     """(doc, labels, where) per row. With `label_sep`, a cell may hold several labels (or none)."""
+    csv.field_size_limit(sys.maxsize)  # long documents are fine: the components window them
     tsv = path.suffix.lower() == ".tsv"
     reader = csv.reader(
         io.StringIO(read_text(path), newline=""),
