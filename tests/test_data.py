@@ -16,14 +16,14 @@ from spacy_llm_components.data.split import split_indices
 
 CONLL_4COL = """-DOCSTART- -X- -X- O
 
-EU NNP B-NP B-ORG
-rejects VBZ B-VP O
-German JJ B-NP B-MISC
-call NN I-NP O
+Acme NNP B-NP B-ORG
+hires VBZ B-VP O
+Danish JJ B-NP B-MISC
+cooks NNS I-NP O
 . . O O
 
-Peter NNP B-NP B-PER
-Blackburn NNP I-NP I-PER
+Mira NNP B-NP B-PER
+Okonkwo NNP I-NP I-PER
 """
 
 
@@ -39,9 +39,9 @@ def ents(doc):
 # -- NER -------------------------------------------------------------------------------------------
 def test_conll_four_columns_with_docstart(tmp_path, nlp):
     docs = load_docs("ner", write(tmp_path / "a.conll", CONLL_4COL), nlp).docs
-    assert [d.text for d in docs] == ["EU rejects German call .", "Peter Blackburn"]
-    assert ents(docs[0]) == [("EU", "ORG"), ("German", "MISC")]
-    assert ents(docs[1]) == [("Peter Blackburn", "PER")]
+    assert [d.text for d in docs] == ["Acme hires Danish cooks .", "Mira Okonkwo"]
+    assert ents(docs[0]) == [("Acme", "ORG"), ("Danish", "MISC")]
+    assert ents(docs[1]) == [("Mira Okonkwo", "PER")]
 
 
 def test_conll_two_tab_columns_iob1(tmp_path, nlp):
@@ -282,6 +282,6 @@ def test_docbin_input_round_trip(tmp_path, nlp):
     result = prepare("ner", write(tmp_path / "train.conll", CONLL_4COL), tmp_path / "out",
                      dev=write(tmp_path / "dev.conll", "Paris B-LOC\n"))
     again = load_docs("ner", result.train, nlp).docs
-    assert [ents(d) for d in again] == [[("EU", "ORG"), ("German", "MISC")], [("Peter Blackburn", "PER")]]
+    assert [ents(d) for d in again] == [[("Acme", "ORG"), ("Danish", "MISC")], [("Mira Okonkwo", "PER")]]
     with pytest.raises(DataError, match="not a readable spaCy DocBin"):
         load_docs("ner", write(tmp_path / "bad.spacy", "nope"), nlp)
