@@ -85,27 +85,21 @@ def test_ner_jsonl_bad_records(tmp_path, nlp, record, problem):
         load_docs("ner", path, nlp)
 
 
-def test_invalid_json_line(tmp_path, nlp):
-    path = write(tmp_path / "a.jsonl", '{"text": "ok", "spans": []}\n{"text": \n')
-    with pytest.raises(DataError, match=r"line 2: not valid JSON"):
-        load_docs("ner", path, nlp)
-
-
-def test_empty_file(tmp_path, nlp):
-    with pytest.raises(DataError, match=r"empty\.conll: file is empty"):
-        load_docs("ner", write(tmp_path / "empty.conll", "\n  \n"), nlp)
-
-
-def test_non_utf8_names_line_and_byte(tmp_path, nlp):
-    path = tmp_path / "latin.conll"
-    path.write_bytes("ok O\n\nMünchen B-LOC\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin\.conll, line 3: not UTF-8 \(byte 0xfc at column 2\)"):
-        load_docs("ner", path, nlp)
-
-
-def test_unknown_extension(tmp_path, nlp):
-    with pytest.raises(DataError, match=r"cannot read \.xlsx for textcat"):
-        load_docs("textcat", write(tmp_path / "a.xlsx", "x"), nlp)
+@pytest.mark.parametrize("name,content,task,message", [
+    ("a.jsonl", b'{"text": "ok", "spans": []}\n{"text": \n', "ner", r"a\.jsonl, line 2: not valid JSON"),
+    ("empty.conll", b"\n  \n", "ner", r"empty\.conll: file is empty"),
+    ("empty.jsonl", b"\n\n", "textcat", r"empty\.jsonl: file is empty"),
+    ("latin.conll", "ok O\n\nM\u00fcnchen B-LOC\n".encode("latin-1"), "ner",
+     r"latin\.conll, line 3: not UTF-8 \(byte 0xfc at column 2\)"),
+    ("latin.jsonl", '{"text": "ok", "label": "a"}\n{"text": "M\u00fcnchen", "label": "b"}\n'.encode("latin-1"),
+     "textcat", r"latin\.jsonl, line 2: not UTF-8 \(byte 0xfc"),
+    ("a.xlsx", b"x", "textcat", r"cannot read \.xlsx for textcat"),
+])
+def test_unreadable_files_name_file_and_line(tmp_path, nlp, name, content, task, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_docs(task, path, nlp)
 
 
 def test_missing_file(tmp_path, nlp):
