@@ -14,35 +14,19 @@ from typing import Any, Dict, Iterator, Optional, Tuple, Union
 from spacy.language import Language
 from spacy.tokens import Doc
 
-from .build import hf_component
-from .components.qa import HFQuestionAnswerer
+from .components.base import HFPipe
 from .data.errors import BadRecords, DataError
 from .data.jsonl import json_records
 
 
 def doc_predictions(doc: Doc, nlp: Language) -> Dict[str, Any]:
     """What the pipeline's hf_* components predicted on a doc, as plain JSON-ready data:
-    `cats`, `ents` (text, start_char, end_char, label, score) and `answers` (question, text,
-    start_char, end_char, score), whichever the pipeline produces."""
+    `cats`, `ents` and/or `answers`, one key per component (see `HFPipe.record`)."""
     out: Dict[str, Any] = {}
-    task = hf_component(nlp).task
-    if task == "text-classification":
-        out["cats"] = {label: round(float(score), 6) for label, score in doc.cats.items()}
-    elif task == "token-classification":
-        pipe = hf_component(nlp)
-        spans = doc.spans.get(pipe.spans_key, []) if pipe.spans_key else doc.ents
-        out["ents"] = [_span(s, label=s.label_) for s in spans]
-    else:
-        pipe = hf_component(nlp)
-        assert isinstance(pipe, HFQuestionAnswerer)
-        out["answers"] = [{"question": s._.question, **_span(s)} for s in doc.spans.get(pipe.spans_key, [])]
+    for _, pipe in nlp.pipeline:
+        if isinstance(pipe, HFPipe):
+            out.update(pipe.record(doc))
     return out
-
-
-def _span(span, **extra: Any) -> Dict[str, Any]:
-    score = span._.score
-    return {"text": span.text, "start_char": span.start_char, "end_char": span.end_char, **extra,
-            "score": None if score is None else round(float(score), 6)}
 
 
 def make_input_doc(nlp: Language, record: Dict[str, Any], where: str, path: Union[str, Path]) -> Doc:

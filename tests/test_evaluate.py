@@ -171,3 +171,14 @@ def test_predict_file_streams_and_reports_bad_lines(ckpts, tmp_path, nlp):
     answer = first["answers"][0]
     assert first["text"][answer["start_char"] : answer["end_char"]] == answer["text"]
     assert second["answers"] == []
+
+
+def test_doc_predictions_from_every_hf_component(ckpts, nlp):
+    from spacy_llm_components.predict import doc_predictions
+
+    nlp.add_pipe("hf_ner", config={"model": str(ckpts["ner"]), "device": "cpu"})
+    nlp.add_pipe("hf_textcat", config={"model": str(ckpts["textcat"]), "device": "cpu"})
+    doc = nlp("Angela Merkel visited Paris")
+    out = doc_predictions(doc, nlp)
+    assert set(out) == {"ents", "cats"} and set(out["cats"]) == {"neg", "pos"}
+    assert [e["text"] for e in out["ents"]] == [e.text for e in doc.ents]

@@ -96,6 +96,13 @@ def _segments(values: Sequence[int], sequence_ids: Sequence[Optional[int]]) -> L
     return parts
 
 
+def span_record(span, **extra: Any) -> Dict[str, Any]:
+    """A span as JSON-ready data: text, character offsets, extra fields, score."""
+    score = span._.score
+    return {"text": span.text, "start_char": span.start_char, "end_char": span.end_char, **extra,
+            "score": None if score is None else round(float(score), 6)}
+
+
 class HFPipe(Pipe):
     """Base of hf_textcat, hf_ner and hf_qa.
 
@@ -266,6 +273,11 @@ class HFPipe(Pipe):
                     n = len(inputs[i].input_ids)
                     results[i] = tuple(a[row, :n] if self.per_token else a[row] for a in arrays)
         return results
+
+    def record(self, doc: Doc) -> Dict[str, Any]:
+        """This component's predictions on an annotated doc as JSON-ready data (for `sllm predict`
+        and model serving)."""
+        raise NotImplementedError
 
     # -- serialization -----------------------------------------------------------
     def to_disk(self, path, *, exclude: Iterable[str] = tuple()) -> None:

@@ -2,7 +2,7 @@
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from spacy.language import Language
@@ -30,7 +30,7 @@ from ..decode import (
     transitions,
 )
 from ..hf import CheckpointError
-from .base import IGNORE_INDEX, Feature, HFPipe
+from .base import IGNORE_INDEX, Feature, HFPipe, span_record
 
 AGGREGATIONS = ("first", "mean")
 logger = logging.getLogger("spacy_llm_components")
@@ -224,6 +224,10 @@ class HFEntityRecognizer(HFPipe):
             out.entities.append((tokens[0], tokens[1], label, score))
         out.entities = resolve_overlaps(out.entities)
         return out
+
+    def record(self, doc: Doc) -> Dict[str, List[Dict[str, Any]]]:
+        spans = doc.spans.get(self.spans_key, []) if self.spans_key else doc.ents
+        return {"ents": [span_record(s, label=s.label_) for s in spans]}
 
     def set_annotations(self, docs: Sequence[Doc], predictions: Sequence[DocEntities]) -> None:
         for doc, pred in zip(docs, predictions):

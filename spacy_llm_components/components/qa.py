@@ -1,14 +1,14 @@
 """hf_qa: `AutoModelForQuestionAnswering` (extractive QA) as a spaCy component writing answer spans."""
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from spacy.language import Language
 from spacy.tokens import Doc, Span, SpanGroup
 
 from ..align import snap_to_tokens, unit_piece_ranges, window_spans
 from ..decode import answer_candidates
-from .base import Feature, HFPipe, ModelInput
+from .base import Feature, HFPipe, ModelInput, span_record
 
 ANSWER_LABEL = "ANSWER"
 
@@ -200,6 +200,9 @@ class HFQuestionAnswerer(HFPipe):
                 answers.extend(Answer(question, s, e, score) for (s, e), score in ranked)
             results.append(answers)
         return results
+
+    def record(self, doc: Doc) -> Dict[str, List[Dict[str, Any]]]:
+        return {"answers": [{"question": s._.question, **span_record(s)} for s in doc.spans.get(self.spans_key, [])]}
 
     def set_annotations(self, docs: Sequence[Doc], predictions: Sequence[List[Answer]]) -> None:
         for doc, answers in zip(docs, predictions):

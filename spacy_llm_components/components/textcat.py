@@ -154,6 +154,9 @@ class HFTextCategorizer(HFPipe):
         for doc, p in zip(docs, probs):
             doc.cats.update({label: float(x) for label, x in zip(labels, p)})  # other components' cats stay
 
+    def record(self, doc: Doc) -> Dict[str, Dict[str, float]]:
+        return {"cats": {label: round(float(doc.cats[label]), 6) for label in self.labels if label in doc.cats}}
+
     def labels_for(self, doc: Doc) -> List[str]:
         """The decision for a scored doc: labels at or over their threshold (multi-label), or the argmax."""
         if not doc.cats:
