@@ -22,7 +22,7 @@ from spacy.training import Example
 from spacy.util import filter_spans
 
 from .build import hf_component, task_of
-from .data import ReadOptions, load_docs, set_cats
+from .data import ReadOptions, load_docs, set_cats, sha256_file
 from .files import write_files
 from .scorers import score_ner, score_squad, score_textcat
 
@@ -48,6 +48,12 @@ class Evaluation:
     @property
     def primary(self) -> str:
         return self.metrics["primary"]
+
+    def label_rows(self) -> List[Dict[str, Any]]:
+        """One row per label (entity type, class) with its scores; for QA, one row per metric."""
+        if self.per_label:
+            return [{"label": label, **scores} for label, scores in self.per_label.items()]
+        return [{"metric": k, "value": v} for k, v in self.metrics.items() if isinstance(v, (int, float))]
 
     def to_json(self) -> Dict[str, Any]:
         return {"task": self.task, "metrics": self.metrics, "per_label": self.per_label, "confusion": self.confusion}
@@ -127,7 +133,9 @@ def evaluate(pipeline: Union[str, Path, Language], test: Union[str, Path], outpu
     result = score_pipeline(nlp, loaded.docs, batch_size=batch_size)
     result.metrics["skipped"] = len(loaded.skipped)
     if output is not None:
+        test_hash = sha256_file(Path(test)) if Path(test).is_file() else None  # what promotion compares on
         files = {"metrics.json": (json.dumps({**result.to_json(), "pipeline": str(pipeline), "test": str(test),
+                                              "test_sha256": test_hash,
                                               "skipped": [r.to_dict() for r in loaded.skipped]},
                                              indent=2) + "\n").encode()}
         if result.confusion is not None:

@@ -16,7 +16,7 @@ from spacy.tokens import Doc
 
 from .components.base import HFPipe
 from .data.errors import BadRecords, DataError
-from .data.jsonl import json_records
+from .data.jsonl import LineRange, json_records
 
 
 def doc_predictions(doc: Doc, nlp: Language) -> Dict[str, Any]:
@@ -46,8 +46,9 @@ def make_input_doc(nlp: Language, record: Dict[str, Any], where: str, path: Unio
     return doc
 
 
-def _docs(path: Path, nlp: Language, bad: BadRecords, progress) -> Iterator[Tuple[Doc, Dict]]:
-    for number, record in json_records(path, bad, on_bytes=progress):
+def _docs(path: Path, nlp: Language, bad: BadRecords, progress, lines: Optional[LineRange]
+          ) -> Iterator[Tuple[Doc, Dict]]:
+    for number, record in json_records(path, bad, on_bytes=progress, lines=lines):
         try:
             yield make_input_doc(nlp, record, f"line {number}", path), record
         except DataError as err:
@@ -55,8 +56,10 @@ def _docs(path: Path, nlp: Language, bad: BadRecords, progress) -> Iterator[Tupl
 
 
 def predict_file(nlp: Language, input_path: Union[str, Path], output_path: Union[str, Path], *,
-                 batch_size: Optional[int] = None, skip_bad: bool = False, show_progress: bool = True) -> Dict[str, Any]:
-    """Annotate every record of `input_path` into `output_path`; returns counts and skipped records.
+                 batch_size: Optional[int] = None, skip_bad: bool = False, show_progress: bool = True,
+                 lines: Optional[LineRange] = None) -> Dict[str, Any]:
+    """Annotate every record of `input_path` (or of its `lines` range: a shard) into `output_path`;
+    returns counts and skipped records.
 
     Each output line is the input record (all its fields) plus the predictions.
     """
@@ -69,10 +72,11 @@ def predict_file(nlp: Language, input_path: Union[str, Path], output_path: Union
     written = 0
     output_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", dir=output_path.parent)
-    bar = tqdm(total=input_path.stat().st_size, unit="B", unit_scale=True, disable=not show_progress, desc="predict")
+    size = lines.end - lines.start if lines else input_path.stat().st_size
+    bar = tqdm(total=size, unit="B", unit_scale=True, disable=not show_progress, desc="predict")
     try:
         with os.fdopen(fd, "w", encoding="utf8") as out:
-            stream = _docs(input_path, nlp, bad, bar.update)
+            stream = _docs(input_path, nlp, bad, bar.update, lines)
             for doc, record in nlp.pipe(stream, as_tuples=True, batch_size=batch_size):
                 out.write(json.dumps({**record, **doc_predictions(doc, nlp)}, ensure_ascii=False) + "\n")
                 written += 1

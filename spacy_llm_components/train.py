@@ -81,6 +81,7 @@ class FinetuneResult:
     device: str
     precision: str
     log: List[Dict[str, Any]] = field(default_factory=list)
+    resumed_from: Optional[int] = None  # the checkpoint step an interrupted run continued from
 
     @property
     def word_pieces_per_second(self) -> float:
@@ -330,12 +331,13 @@ def finetune(
         steps=trainer.state.global_step, wall_seconds=time.perf_counter() - wall_start,
         train_seconds=train_seconds, word_pieces=collator.word_pieces, device=str(device),
         precision=precision, log=history,
+        resumed_from=int(Path(last).name.rsplit("-", 1)[-1]) if last else None,
     )
     speed = {"steps": result.steps, "wall_seconds": round(result.wall_seconds, 2),
              "train_seconds": round(train_seconds, 2), "eval_seconds": round(trainer.eval_seconds, 2),
              "checkpoint_seconds": round(trainer.checkpoint_seconds, 2), "word_pieces": result.word_pieces,
              "word_pieces_per_second": round(result.word_pieces_per_second, 1), "device": result.device,
-             "precision": precision}
+             "precision": precision, "resumed_from": result.resumed_from}
     (output / "metrics.json").write_text(
         json.dumps({"primary": primary, "best_step": best_step, "dev": dev_metrics, "training": speed}, indent=2) + "\n",
         encoding="utf8")

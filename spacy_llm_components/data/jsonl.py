@@ -2,6 +2,7 @@
 classification records `{"text", "label": "x"}` or `{"text", "labels": ["x", "y"]}`."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -11,15 +12,51 @@ from spacy.tokens import Doc
 from .errors import BadRecords, DataError
 
 
-def json_records(path: Path, bad: BadRecords, on_bytes: Optional[Callable[[int], None]] = None
-                 ) -> Iterator[Tuple[int, Dict[str, Any]]]:
+@dataclass(frozen=True)
+class LineRange:
+    """Lines [first_line, first_line + lines) of a file, at bytes [start, end): a shard."""
+
+    index: int
+    start: int
+    end: int
+    first_line: int
+    lines: int
+
+
+def line_ranges(path: Path, lines_per_range: int) -> List[LineRange]:
+    """Cut a file into ranges of `lines_per_range` lines, streaming (one pass, constant memory)."""
+    if lines_per_range < 1:
+        raise ValueError(f"lines per shard must be at least 1, got {lines_per_range}")
+    if not path.is_file():
+        raise DataError(path, None, "file does not exist" if not path.exists() else "not a file")
+    ranges: List[LineRange] = []
+    start = offset = count = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            offset += len(raw)
+            count += 1
+            if count == lines_per_range:
+                ranges.append(LineRange(len(ranges), start, offset, len(ranges) * lines_per_range + 1, count))
+                start, count = offset, 0
+    if count:
+        ranges.append(LineRange(len(ranges), start, offset, len(ranges) * lines_per_range + 1, count))
+    return ranges
+
+
+def json_records(path: Path, bad: BadRecords, on_bytes: Optional[Callable[[int], None]] = None,
+                 lines: Optional[LineRange] = None) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """(line number, object) per non-blank line, streamed (constant memory); a line that is not
-    UTF-8 or not a JSON object is a bad record. `on_bytes` hears how many bytes each line had."""
+    UTF-8 or not a JSON object is a bad record. `on_bytes` hears how many bytes each line had;
+    `lines` restricts reading to one range (line numbers stay those of the whole file)."""
     if not path.is_file():
         raise DataError(path, None, "file does not exist" if not path.exists() else "not a file")
     seen = False
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        f.seek(lines.start if lines else 0)
+        first = lines.first_line if lines else 1
+        for number, raw in enumerate(f, start=first):
+            if lines is not None and number >= first + lines.lines:
+                break
             if on_bytes is not None:
                 on_bytes(len(raw))
             where = f"line {number}"
@@ -42,7 +79,7 @@ def json_records(path: Path, bad: BadRecords, on_bytes: Optional[Callable[[int],
                 bad.report(err)
                 continue
             yield number, record
-    if not seen:
+    if not seen and lines is None:
         raise DataError(path, None, "file is empty")
 
 

@@ -1,0 +1,181 @@
+"""The lifecycle of one model: prepare data -> fine-tune -> evaluate -> register (-> promote).
+
+Each stage is a flow around one cached task that calls the library and records the step in
+MLflow. Task inputs are paths and content hashes, never live objects, so Prefect can cache
+on them: a re-run with the same data, settings and base model skips finished steps, and a
+run killed while fine-tuning continues from its last Trainer checkpoint.
+"""
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from spacy_llm_components import tracking
+from spacy_llm_components.data import ReadOptions, prepare, sha256_file
+from spacy_llm_components.evaluate import evaluate as evaluate_pipeline
+from spacy_llm_components.files import sha256_tree
+from spacy_llm_components.orchestration import is_transient
+from spacy_llm_components.train import FinetuneConfig, finetune as finetune_pipeline
+
+CACHE = INPUTS + TASK_SOURCE  # across runs: same inputs and same code -> same result
+RETRIES = dict(retries=2, retry_delay_seconds=[5, 30],
+               retry_condition_fn=lambda task, run, state: is_transient(state.result(raise_on_failure=False)))
+
+
+def _cached(step, **params) -> Dict[str, Any]:
+    """Run a cached task; when the cache answers with files that no longer exist (a deleted
+    output folder), run it again for real."""
+    result = step(**params)
+    if any(not Path(p).exists() for p in result.get("files", [])):
+        get_run_logger().info("cached %s points at missing files: running it again", step.name)
+        result = step.with_options(refresh_cache=True)(**params)
+    return result
+
+
+def _hashes(paths: List[str]) -> List[str]:
+    return [sha256_file(Path(p)) if Path(p).is_file() else "" for p in paths]  # a missing file fails in the task
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+@task(name="prepare", cache_policy=CACHE, **RETRIES)
+def prepare_task(task_name: str, train: List[str], dev: Optional[str], output: str, options: Dict[str, Any],
+                 input_sha256: List[str]) -> Dict[str, Any]:
+    prepared = prepare(task_name, [Path(p) for p in train], Path(output), dev=Path(dev) if dev else None,
+                       dev_fraction=options["dev_fraction"], seed=options["seed"], lang=options["lang"],
+                       options=ReadOptions(options["text_column"], options["label_column"], options["label_sep"]))
+    out = Path(prepared.output)
+    return {"output": str(out), "train": str(out / "train.spacy"), "dev": str(out / "dev.spacy"),
+            "content_hash": prepared.summary["content_hash"], "summary": prepared.summary,
+            "files": [str(out / "train.spacy"), str(out / "dev.spacy")]}
+
+
+@flow(name="prepare-data")
+def prepare_data(task: str, train: List[str], output: str, dev: Optional[str] = None, dev_fraction: float = 0.1,
+                 seed: int = 0, lang: str = "en", text_column: str = "text", label_column: str = "label",
+                 label_sep: Optional[str] = None) -> Dict[str, Any]:
+    """Read labelled files (CoNLL / CSV / TSV / JSONL / SQuAD) into train.spacy and dev.spacy."""
+    train = [str(Path(p).resolve()) for p in train]
+    dev = str(Path(dev).resolve()) if dev else None
+    options = dict(dev_fraction=dev_fraction, seed=seed, lang=lang, text_column=text_column,
+                   label_column=label_column, label_sep=label_sep)
+    return _cached(prepare_task, task_name=task, train=train, dev=dev, output=str(Path(output).resolve()),
+                   options=options, input_sha256=_hashes(train + ([dev] if dev else [])))
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune
+
+
+@task(name="finetune", cache_policy=CACHE, **RETRIES)
+def finetune_task(task_name: str, train: str, dev: str, output: str, config: Dict[str, Any],
+                  train_sha256: str, dev_sha256: str, data_summary: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    result = finetune_pipeline(task_name, train, dev, output, FinetuneConfig(**config), resume=True)
+    run_id = tracking.log_finetune(output, data_summary=data_summary)
+    get_run_logger().info(result.summary())
+    return {"pipeline": str(Path(output)), "primary": result.primary, "dev": result.dev_metrics,
+            "best_step": result.best_step, "resumed_from": result.resumed_from, "mlflow_run_id": run_id,
+            "files": [str(Path(output) / "meta.json")]}
+
+
+@flow(name="finetune")
+def finetune(task: str, train: str, dev: str, output: str, config: Optional[Dict[str, Any]] = None,
+             data_summary: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Fine-tune on prepared data (resuming an interrupted run) and log the run to MLflow."""
+    config = asdict(FinetuneConfig(**(config or {})))  # defaults filled in: part of the cache key
+    return _cached(finetune_task, task_name=task, train=str(Path(train).resolve()), dev=str(Path(dev).resolve()),
+                   output=str(Path(output).resolve()), config=config, train_sha256=sha256_file(Path(train)),
+                   dev_sha256=sha256_file(Path(dev)), data_summary=data_summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+@task(name="evaluate", cache_policy=CACHE, **RETRIES)
+def evaluate_task(pipeline: str, test: str, output: str, pipeline_sha256: str, test_sha256: str) -> Dict[str, Any]:
+    result = evaluate_pipeline(pipeline, test, output)
+    run_id = tracking.log_evaluation(output)
+    return {"output": output, "metrics_file": str(Path(output) / "metrics.json"), "task": result.task,
+            "metrics": result.metrics, "per_label": result.label_rows(), "mlflow_run_id": run_id,
+            "report": (Path(output) / "report.md").read_text(encoding="utf8"),
+            "files": [str(Path(output) / "metrics.json")]}
+
+
+@flow(name="evaluate")
+def evaluate(pipeline: str, test: str, output: str, name: Optional[str] = None) -> Dict[str, Any]:
+    """Score a pipeline on test data; publish the per-label table and the report as artifacts."""
+    pipeline, test, output = (str(Path(p).resolve()) for p in (pipeline, test, output))
+    result = _cached(evaluate_task, pipeline=pipeline, test=test, output=output,
+                     pipeline_sha256=sha256_tree(Path(pipeline)), test_sha256=sha256_file(Path(test)))
+    key = artifact_key(f"{name or Path(pipeline).name}-{result['task']}")
+    create_table_artifact(result["per_label"], key=f"{key}-metrics",
+                          description=f"{result['task']} evaluation of {pipeline} on {test}")
+    create_markdown_artifact(result["report"], key=f"{key}-report", description=f"evaluation report of {pipeline}")
+    return result
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", text.lower())).strip("-") or "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# register, promote
+
+
+@task(name="register", **RETRIES)
+def register_task(pipeline: str, name: str, metrics_file: Optional[str]) -> Dict[str, Any]:
+    return tracking.register(pipeline, name, metrics=metrics_file).to_json()  # idempotent per pipeline content
+
+
+@flow(name="register")
+def register(pipeline: str, name: str, metrics: Optional[str] = None) -> Dict[str, Any]:
+    """Log the pipeline as a pyfunc model and register it as the `challenger` version of `name`."""
+    return register_task(str(Path(pipeline).resolve()), name, str(Path(metrics).resolve()) if metrics else None)
+
+
+@task(name="promote", **RETRIES)
+def promote_task(name: str, test: Optional[str] = None) -> Dict[str, Any]:
+    return tracking.promote(name, test=test).to_json()
+
+
+@flow(name="promote")
+def promote(name: str, test: Optional[str] = None) -> Dict[str, Any]:
+    """Make the challenger the champion if it beats it on the same evaluation set."""
+    decision = promote_task(name, str(Path(test).resolve()) if test else None)
+    get_run_logger().info("%s: %s (%s)", name, "promoted" if decision["promoted"] else "kept", decision["reason"])
+    return decision
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole pipeline
+
+
+@flow(name="train-pipeline")
+def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = None, test: Optional[str] = None,
+                   workdir: Optional[str] = None, finetune_config: Optional[Dict[str, Any]] = None,
+                   promote_if_better: bool = False, text_column: str = "text", label_column: str = "label",
+                   label_sep: Optional[str] = None) -> Dict[str, Any]:
+    """prepare -> finetune -> evaluate (on `test`, else the dev split) -> register (-> promote).
+    Returns the registered version and its metrics. Outputs go to `workdir` (default
+    `<project>/training/<name>`)."""
+    root = Path(workdir) if workdir else tracking.project_dir() / "training" / name
+    prepared = prepare_data(task, train, str(root / "corpus"), dev=dev, text_column=text_column,
+                            label_column=label_column, label_sep=label_sep)
+    tuned = finetune(task, prepared["train"], prepared["dev"], str(root / "model"), config=finetune_config,
+                     data_summary=prepared["summary"])
+    scored = evaluate(tuned["pipeline"], test or prepared["dev"], str(root / "evaluation"), name=name)
+    version = register(tuned["pipeline"], name, metrics=scored["metrics_file"])
+    result = {"name": name, "version": version["version"], "uri": version["uri"], "task": task,
+              "primary": scored["metrics"]["primary"], "metrics": scored["metrics"], "pipeline": tuned["pipeline"]}
+    if promote_if_better:
+        result["promotion"] = promote(name)
+    return result

@@ -1,0 +1,94 @@
+"""`sllm demo`: the main job end to end on the repository's demo data (demo/, written by hand for
+this project): for each task, the train_pipeline flow (prepare, fine-tune on CPU, evaluate,
+register, promote), then the champion served by `mlflow models serve` and asked one question.
+"""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import requests
+
+from . import tracking
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo"
+# Small data, so more epochs than the defaults; a few minutes on 2 CPU cores in all.
+TASKS = {
+    "textcat": {"files": ("train.csv", "dev.csv", "test.csv"), "config": {"epochs": 8, "lr": 1e-4, "batch_size": 16}},
+    "ner": {"files": ("train.conll", "dev.conll", "test.conll"), "config": {"epochs": 10, "lr": 1e-4, "batch_size": 8}},
+    "qa": {"files": ("train.json", "dev.json", "test.json"), "config": {"epochs": 6, "lr": 1e-4, "batch_size": 8,
+                                                                        "max_length": 256}},
+}
+REQUESTS = {
+    "textcat": {"dataframe_records": [{"text": "Great little hotel, friendly staff and a lovely breakfast."}]},
+    "ner": {"dataframe_records": [{"text": "Lena Hartmann joined Brightwater Foods in Lindenfeld last spring."}]},
+    "qa": {"dataframe_records": [{"text": "The Korvell mill was built in 1887 by Tomas Ekdahl on the river Sarn. "
+                                          "It ground wheat for the town of Ostbrook until 1952.",
+                                  "questions": ["Who built the Korvell mill?", "When was the mill built?"]}]},
+}
+
+
+def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str, dict]:
+    if not DEMO_DATA.is_dir():
+        raise FileNotFoundError(f"{DEMO_DATA}: the demo data is in the repository; run the demo from a clone")
+    from .flows.lifecycle import train_pipeline
+
+    results = {}
+    for task, spec in TASKS.items():
+        train, dev, test = (str(DEMO_DATA / task / name) for name in spec["files"])
+        echo(f"\n=== {task}: prepare, fine-tune, evaluate, register, promote (demo data in {DEMO_DATA / task})")
+        result = train_pipeline(task, [train], f"demo-{task}", dev=dev, test=test, finetune_config=spec["config"],
+                                promote_if_better=True)
+        m = result["metrics"]
+        echo(f"{result['name']} version {result['version']}: test {m['primary']} {100 * m[m['primary']]:.1f}; "
+             f"{result['promotion']['reason']}")
+        results[task] = result
+
+    echo("\n=== serving each champion with `mlflow models serve` and sending one request")
+    servers: List[subprocess.Popen] = []
+    try:
+        urls = {}
+        for i, task in enumerate(TASKS):
+            args = tracking.serve_command(f"demo-{task}", port=port + i)
+            servers.append(subprocess.Popen(args, env=tracking.serve_env(), stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.STDOUT))
+            urls[task] = f"http://127.0.0.1:{port + i}"
+        for server, (task, url) in zip(servers, urls.items()):
+            wait_until_ready(url, server)
+            body = REQUESTS[task]
+            answer = requests.post(f"{url}/invocations", json=body, timeout=60)
+            answer.raise_for_status()
+            echo(f"\n{task}: models:/demo-{task}@champion at {url}/invocations")
+            echo(f"  request:  {json.dumps(body, ensure_ascii=False)}")
+            echo(f"  response: {json.dumps(answer.json(), ensure_ascii=False)}")
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=30)
+
+    echo(f"""
+=== what was recorded
+MLflow runs and registered models: {tracking.tracking_uri()}
+  open the MLflow UI:  .venv/bin/sllm ui mlflow    then http://127.0.0.1:5000
+Prefect flow runs and artifacts: {tracking.project_dir() / '.prefect'}
+  open the Prefect UI: .venv/bin/sllm ui prefect   then http://127.0.0.1:4200
+Serve a champion yourself: .venv/bin/sllm serve demo-ner --port 5000""")
+    return results
+
+
+def wait_until_ready(url: str, server: subprocess.Popen, timeout: float = 180.0) -> None:
+    """Poll `url`/ping until the server answers; fail early if its process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the model server for {url} exited with code {server.returncode}")
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the model server at {url} did not answer within {timeout:.0f} s")
