@@ -8,6 +8,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prefect reads its settings once, at import: a throwaway home (never the user's ~/.prefect), and
+# no user server. The flows' own defaults (ephemeral server, analytics off) come on top of these.
+import tempfile  # noqa: E402
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sllm-test-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_PROFILE", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
 from pathlib import Path  # noqa: E402
 
@@ -81,3 +90,42 @@ def ckpts(tmp_path_factory) -> dict:
 @pytest.fixture
 def nlp():
     return spacy.blank("en")
+
+
+DEMO = Path(__file__).resolve().parents[1] / "demo"  # the repository's hand-written demo data
+DEMO_FILES = {"textcat": ("train.csv", "dev.csv", "test.csv"), "ner": ("train.conll", "dev.conll", "test.conll"),
+              "qa": ("train.json", "dev.json", "test.json")}
+
+
+def demo_files(task: str) -> tuple:
+    return tuple(DEMO / task / name for name in DEMO_FILES[task])
+
+
+@pytest.fixture
+def mlflow_project(tmp_path, monkeypatch) -> Path:
+    """A fresh project folder: its own MLflow SQLite store and artifact root."""
+    monkeypatch.setenv("SLLM_PROJECT_DIR", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(ckpts, tmp_path_factory) -> dict:
+    """Per task: a pipeline fine-tuned (2 steps) from the tiny base on the demo data, and its
+    evaluation on the demo test file ({"pipeline", "evaluation", "test"})."""
+    from spacy_llm_components.data import prepare
+    from spacy_llm_components.evaluate import evaluate
+    from spacy_llm_components.train import FinetuneConfig, finetune
+
+    root = tmp_path_factory.mktemp("tiny-pipelines")
+    out = {}
+    for task in DEMO_FILES:
+        train, dev, test = demo_files(task)
+        prepared = prepare(task, [train], root / task / "corpus", dev=dev)
+        config = FinetuneConfig(base_model=str(ckpts["base"]), max_steps=2, batch_size=8, eval_steps=1)
+        finetune(task, prepared.output / "train.spacy", prepared.output / "dev.spacy", root / task / "model", config,
+                 progress=False)
+        evaluate(root / task / "model", test, root / task / "evaluation")
+        out[task] = {"pipeline": root / task / "model", "evaluation": root / task / "evaluation", "test": test,
+                     "corpus": prepared.output}
+    return out
