@@ -24,9 +24,17 @@ from spacy_llm_components.predict import predict_file
 MANIFEST = "annotate.json"
 
 
-@lru_cache(maxsize=4)
+_LOADING = threading.Lock()  # from_pretrained patches torch globally while it loads: one load at a time
+
+
 def _loaded(model: str):
     """One pipeline per (worker process, model version), and a lock so threads take turns on it."""
+    with _LOADING:
+        return _load(model)
+
+
+@lru_cache(maxsize=4)
+def _load(model: str):
     import spacy
 
     tracking.use_tracking()

@@ -1,0 +1,205 @@
+"""Prefect flows against a real (temporary) Prefect API: caching, retries, resume, artifacts,
+batch annotation on threads and on a local Dask cluster."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import demo_files
+from spacy_llm_components import tracking
+from spacy_llm_components.data import DataError
+from spacy_llm_components.flows import lifecycle
+from spacy_llm_components.flows.annotate import annotate_with, shard_path
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api():
+    """One temporary Prefect server for the whole session (its first start migrates a database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def _runs(step):
+    client = MlflowClient(tracking.use_tracking())
+    return client.search_runs([tracking.experiment_id()], f"tags.`sllm.step` = '{step}'")
+
+
+def _config(ckpts, **kwargs):
+    return {"base_model": str(ckpts["base"]), "max_steps": 4, "batch_size": 8, "eval_steps": 2, **kwargs}
+
+
+def test_train_pipeline_caches_finished_steps(ckpts, mlflow_project):
+    train, dev, test = demo_files("ner")
+    params = dict(task="ner", train=[str(train)], name="flow-ner", dev=str(dev), test=str(test),
+                  finetune_config=_config(ckpts))
+    first = lifecycle.train_pipeline(**params)
+    assert first["version"] == "1" and first["primary"] == "ents_f"
+    model = Path(first["pipeline"])
+    assert model == mlflow_project / "training" / "flow-ner" / "model"
+    mtime = (model / "meta.json").stat().st_mtime_ns
+    counts = {step: len(_runs(step)) for step in ("finetune", "evaluate", "register")}
+    assert counts == {"finetune": 1, "evaluate": 1, "register": 1}
+
+    again = lifecycle.train_pipeline(**params)  # same data, settings, base model: nothing is redone
+    assert again["version"] == "1" and again["metrics"] == first["metrics"]
+    assert (model / "meta.json").stat().st_mtime_ns == mtime
+    assert {step: len(_runs(step)) for step in counts} == counts
+
+    changed = lifecycle.train_pipeline(**{**params, "finetune_config": _config(ckpts, max_steps=6)})
+    assert changed["version"] == "2"  # another config: fine-tuned and registered anew
+    assert len(_runs("finetune")) == 2
+
+    import shutil
+
+    shutil.rmtree(model.parent / "evaluation")  # a deleted output is rebuilt, not trusted from the cache
+    rebuilt = lifecycle.train_pipeline(**{**params, "finetune_config": _config(ckpts, max_steps=6)})
+    assert (model.parent / "evaluation" / "metrics.json").is_file() and rebuilt["version"] == "2"
+
+
+def test_evaluate_publishes_table_and_markdown_artifacts(tiny_pipelines, mlflow_project):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    parts = tiny_pipelines["textcat"]
+    lifecycle.evaluate(str(parts["pipeline"]), str(parts["test"]), str(mlflow_project / "eval"), name="My Model_1")
+    with get_client(sync_client=True) as client:
+        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["my-model-1-textcat-metrics"])))
+        report = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["my-model-1-textcat-report"])))
+    rows = json.loads(table[0].data)
+    assert table[0].type == "table" and {row["label"] for row in rows} == {"negative", "positive"}
+    assert {"p", "r", "f", "support"} <= set(rows[0])
+    assert report[0].type == "markdown" and "cats_accuracy" in report[0].data
+
+
+def test_transient_errors_are_retried_and_bad_input_is_not(tmp_path, mlflow_project):
+    from prefect import flow, task
+
+    attempts = tmp_path / "attempts"
+
+    @task(**{**lifecycle.RETRIES, "retry_delay_seconds": 0})
+    def flaky():
+        attempts.write_text(attempts.read_text() + "x" if attempts.exists() else "x")
+        if len(attempts.read_text()) < 2:
+            raise ConnectionError("tracking server restarting")
+        return "done"
+
+    @flow
+    def uses_flaky():
+        return flaky()
+
+    state = uses_flaky(return_state=True)
+    assert state.is_completed() and attempts.read_text() == "xx"
+    assert [r.run_count for r in _task_runs(state.state_details.flow_run_id)] == [2]
+
+    bad = tmp_path / "bad.conll"
+    bad.write_text("Lena\tB-PER\nHartmann\n")
+    state = lifecycle.prepare_data("ner", [str(bad)], str(tmp_path / "corpus"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataError, match="bad.conll, line 2"):
+        state.result()
+    assert [r.run_count for r in _task_runs(state.state_details.flow_run_id)] == [1]  # no retry on bad input
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_a_killed_finetune_resumes_from_its_checkpoint(ckpts, mlflow_project, tmp_path):
+    """A real kill (SIGKILL of `sllm run` mid-training), then the same run again."""
+    train, dev, _ = demo_files("ner")
+    workdir = tmp_path / "work"
+    args = [sys.executable, "-m", "spacy_llm_components.cli", "run", "ner", "--train", str(train), "--dev", str(dev),
+            "--name", "killed", "--workdir", str(workdir), "--base-model", str(ckpts["base"]), "--max-steps", "300",
+            "--eval-steps", "5", "--batch-size", "4"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)  # the child runs on its own temporary server, as a user would
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoints = workdir / "model" / "checkpoints"
+    deadline = time.monotonic() + 240
+    try:
+        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, "the run ended before a checkpoint was written"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (workdir / "model" / "meta.json").exists()
+
+    result = lifecycle.train_pipeline("ner", [str(train)], "killed", dev=str(dev), workdir=str(workdir),
+                                      finetune_config={"base_model": str(ckpts["base"]), "max_steps": 300,
+                                                       "eval_steps": 5, "batch_size": 4})
+    training = json.loads((workdir / "model" / "metrics.json").read_text())["training"]
+    assert training["resumed_from"] >= 5 and training["steps"] == 300
+    assert result["version"] == "1"
+
+
+def _corpus(path: Path, n: int) -> Path:
+    names = ["Lena Hartmann", "Brightwater Foods", "Lindenfeld", "Tomas Ekdahl"]
+    path.write_text("".join(json.dumps({"id": i, "text": f"{names[i % 4]} visited Ostbrook on day {i}."}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def _lines(folder: Path) -> list:
+    return [json.loads(line) for shard in sorted(folder.glob("shard-*.jsonl")) for line in shard.open()]
+
+
+def test_annotate_shards_a_corpus_and_skips_finished_shards(tiny_pipelines, mlflow_project, tmp_path):
+    parts = tiny_pipelines["ner"]
+    tracking.register(parts["pipeline"], "annotator", metrics=parts["evaluation"] / "metrics.json")
+    tracking.promote("annotator")
+    corpus, out = _corpus(tmp_path / "corpus.jsonl", 25), tmp_path / "out"
+
+    result = annotate_with("threads")("models:/annotator@champion", str(corpus), str(out), lines_per_shard=10)
+    assert (result["shards"], result["done_before"], result["written"]) == (3, 0, 25)
+    assert result["model"] == "models:/annotator/1"  # the alias is pinned for the whole job
+    lines = _lines(out)
+    assert [r["id"] for r in lines] == list(range(25)) and all("ents" in r for r in lines)
+
+    shard_path(out, 1).unlink()
+    again = annotate_with("threads")("models:/annotator@champion", str(corpus), str(out), lines_per_shard=10)
+    assert (again["done_before"], again["written"]) == (2, 10)
+    assert _lines(out) == lines
+
+    with pytest.raises(ValueError, match="different lines_per_shard"):
+        annotate_with("threads")("models:/annotator@champion", str(corpus), str(out), lines_per_shard=5)
+
+
+def test_annotate_on_a_local_dask_cluster(tiny_pipelines, mlflow_project, tmp_path):
+    corpus, out = _corpus(tmp_path / "corpus.jsonl", 12), tmp_path / "out"
+    pipeline = str(tiny_pipelines["ner"]["pipeline"])
+    result = annotate_with("dask", workers=2)(pipeline, str(corpus), str(out), lines_per_shard=4)
+    assert (result["shards"], result["written"]) == (3, 12)
+    threads = annotate_with("threads")(pipeline, str(corpus), str(tmp_path / "threads"), lines_per_shard=4)
+    assert threads["written"] == 12 and _lines(out) == _lines(tmp_path / "threads")
+
+
+def test_annotate_names_the_bad_line(tiny_pipelines, mlflow_project, tmp_path):
+    corpus = _corpus(tmp_path / "corpus.jsonl", 6)
+    with corpus.open("a") as f:
+        f.write('{"text": 5}\n')
+    pipeline = str(tiny_pipelines["ner"]["pipeline"])
+    with pytest.raises(DataError, match=r"corpus.jsonl, line 7: \"text\" must be a string"):
+        annotate_with("threads")(pipeline, str(corpus), str(tmp_path / "out"), lines_per_shard=4)
+    assert not shard_path(tmp_path / "out", 1).exists()  # the failed shard wrote nothing
+    skipped = annotate_with("threads")(pipeline, str(corpus), str(tmp_path / "out2"), lines_per_shard=4,
+                                       skip_bad=True)
+    assert skipped["written"] == 6 and skipped["skipped"][0]["where"] == "line 7"
