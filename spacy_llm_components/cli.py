@@ -357,7 +357,7 @@ def schedule_command(
     from .flows.lifecycle import train_pipeline
 
     train_pipeline.serve(name=f"train-{name}", cron=cron, interval=interval, parameters=params,
-                         entrypoint_type=EntrypointType.MODULE_PATH)
+                         entrypoint_type=EntrypointType.MODULE_PATH, limit=1)  # runs never overlap on one workdir
 
 
 @app.command("annotate")

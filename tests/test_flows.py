@@ -203,3 +203,78 @@ def test_annotate_names_the_bad_line(tiny_pipelines, mlflow_project, tmp_path):
     skipped = annotate_with("threads")(pipeline, str(corpus), str(tmp_path / "out2"), lines_per_shard=4,
                                        skip_bad=True)
     assert skipped["written"] == 6 and skipped["skipped"][0]["where"] == "line 7"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def test_schedule_serves_train_pipeline_on_a_real_prefect_server(ckpts, mlflow_project, tmp_path):
+    """`prefect server start` (schedules need a real server), then `sllm schedule --interval`: the
+    scheduled train_pipeline runs, registers and promotes a model."""
+    import requests
+
+    train, dev, _ = demo_files("ner")
+    port, bin_dir = _free_port(), Path(sys.executable).parent
+    api = f"http://127.0.0.1:{port}/api"
+    base_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    server = subprocess.Popen(
+        [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={**base_env, "PREFECT_HOME": str(tmp_path / "server-home"), "PREFECT_UI_ENABLED": "false",
+             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = None
+
+    def healthy():
+        try:
+            return requests.get(f"{api}/health", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def completed_runs():
+        body = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+        runs = requests.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
+        return [r for r in runs if r.get("deployment_id")]
+
+    try:
+        _wait(healthy, 180, "the Prefect server did not answer")
+        scheduler = subprocess.Popen(
+            [sys.executable, "-m", "spacy_llm_components.cli", "schedule", "ner", "--train", str(train), "--dev",
+             str(dev), "--name", "nightly", "--interval", "5", "--base-model", str(ckpts["base"]), "--max-steps", "2",
+             "--workdir", str(tmp_path / "work")],
+            env={**base_env, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "runner-home"),
+                 "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait(lambda: scheduler.poll() is None and completed_runs(), 300, "no scheduled run completed")
+    finally:
+        for proc in (scheduler, server):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+    client = MlflowClient(tracking.use_tracking())
+    assert str(client.get_model_version_by_alias("nightly", "champion").version) == "1"
+
+
+def test_schedule_without_a_server_says_how_to_start_one(monkeypatch):
+    from typer.testing import CliRunner
+
+    from spacy_llm_components.cli import app
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    train, _, _ = demo_files("ner")
+    result = CliRunner().invoke(app, ["schedule", "ner", "--train", str(train), "--name", "x", "--cron", "0 3 * * *"])
+    assert result.exit_code == 2 and "sllm ui prefect" in result.output
