@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test install bench clean
+.PHONY: test demo install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The main job end to end on the demo data: flows, fine-tuning, MLflow registry, served answers.
+demo: $(STAMP)
+	$(VENV)/bin/sllm demo
 
 bench: $(STAMP)
 	$(PY) bench/bench_inference.py
