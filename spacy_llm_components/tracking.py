@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
@@ -68,12 +69,12 @@ def artifact_root() -> Path:
 
 
 def use_tracking() -> str:
-    """Point MLflow at `tracking_uri()` (registry included) and return it."""
+    """Point MLflow at `tracking_uri()` and return it. The registry follows it, unless the user set
+    MLFLOW_REGISTRY_URI (mlflow.set_registry_uri would export it to every child process)."""
     global _SET_BY_US
     uri = tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     _SET_BY_US = uri
     return uri
 
@@ -191,16 +192,21 @@ def log_finetune(pipeline: Union[str, Path], *, data_summary: Optional[Dict[str,
         mlflow.log_metrics(_numbers(metrics.get("training") or {}, "training."))
         if data_summary:
             mlflow.log_dict(data_summary, "data_summary.json")
-        mlflow.log_artifacts(str(_without_checkpoints(pipeline)), PIPELINE_ARTIFACT)
+        with _without_checkpoints(pipeline) as folder:
+            mlflow.log_artifacts(str(folder), PIPELINE_ARTIFACT)
     return run_id
 
 
-def _without_checkpoints(pipeline: Path) -> Path:
+@contextmanager
+def _without_checkpoints(pipeline: Path) -> Iterator[Path]:
+    """The pipeline folder, or a temporary copy of it without the Trainer checkpoints it may hold."""
     if not (pipeline / "checkpoints").exists():
-        return pipeline
-    copy = Path(tempfile.mkdtemp(prefix="sllm-pipeline-")) / pipeline.name
-    shutil.copytree(pipeline, copy, ignore=lambda d, names: ["checkpoints"] if Path(d) == pipeline else [])
-    return copy
+        yield pipeline
+        return
+    with tempfile.TemporaryDirectory(prefix="sllm-pipeline-") as tmp:
+        copy = Path(tmp) / pipeline.name
+        shutil.copytree(pipeline, copy, ignore=lambda d, names: ["checkpoints"] if Path(d) == pipeline else [])
+        yield copy
 
 
 def log_evaluation(evaluation: Union[str, Path], *, run_name: Optional[str] = None,
@@ -429,14 +435,15 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
                           tags={"sllm.step": "register", **tags, **environment_tags()}) as run:
         if eval_tags:
             mlflow.log_metrics({k[len("metric."):]: float(v) for k, v in eval_tags.items() if k.startswith("metric.")})
-        logged = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=SpacyPipelineModel(),
-            artifacts={PIPELINE_ARTIFACT: str(_without_checkpoints(pipeline))},
-            signature=model_signature(),
-            input_example=pd.DataFrame(INPUT_EXAMPLES[info["task"]]),
-            pip_requirements=requirements(),
-        )
+        with _without_checkpoints(pipeline) as folder:
+            logged = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=SpacyPipelineModel(),
+                artifacts={PIPELINE_ARTIFACT: str(folder)},
+                signature=model_signature(),
+                input_example=pd.DataFrame(INPUT_EXAMPLES[info["task"]]),
+                pip_requirements=requirements(),
+            )
     version = mlflow.register_model(logged.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return ModelVersionInfo(name, str(version.version), run.info.run_id, tags, True)

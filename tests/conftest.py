@@ -16,6 +16,7 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sllm-test-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_REGISTRY_URI", None)
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
 from pathlib import Path  # noqa: E402

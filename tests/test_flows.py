@@ -278,3 +278,17 @@ def test_schedule_without_a_server_says_how_to_start_one(monkeypatch):
     train, _, _ = demo_files("ner")
     result = CliRunner().invoke(app, ["schedule", "ner", "--train", str(train), "--name", "x", "--cron", "0 3 * * *"])
     assert result.exit_code == 2 and "sllm ui prefect" in result.output
+
+
+def test_run_command_reports_bad_input_and_writes_nothing(mlflow_project, tmp_path):
+    from typer.testing import CliRunner
+
+    from spacy_llm_components.cli import app
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\ngood,pos\n,neg\n")
+    result = CliRunner().invoke(app, ["run", "textcat", "--train", str(bad), "--name", "bad",
+                                      "--workdir", str(tmp_path / "work")])
+    assert result.exit_code == 2
+    assert "bad.csv, line 3" in result.output and "empty" in result.output
+    assert not (tmp_path / "work" / "corpus").exists()

@@ -1,5 +1,6 @@
 """`spacy project run all` (weasel) on a copy of project.yml and the demo data."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(project: Path, *args: str) -> str:
+    # as a user would: no tracking settings inherited from other tests, the project folder is the store
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "SLLM_PROJECT_DIR")}
     result = subprocess.run([sys.executable, "-m", "spacy", "project", "run", *args], cwd=project,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
