@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -183,7 +184,8 @@ def log_finetune(pipeline: Union[str, Path], *, data_summary: Optional[Dict[str,
             from mlflow.entities import Metric
 
             entries = [json.loads(line) for line in log_path.read_text(encoding="utf8").splitlines() if line.strip()]
-            stepped = [Metric(_metric_key(k), float(v), 0, int(e.get("step", 0)))
+            now = int(time.time() * 1000)
+            stepped = [Metric(_metric_key(k), float(v), now, int(e.get("step", 0)))
                        for e in entries for k, v in e.items()
                        if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)]
             for start in range(0, len(stepped), 900):  # log_batch takes at most 1000 metrics
