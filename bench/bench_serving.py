@@ -12,6 +12,7 @@ with a comma-joined string of labels and no offsets, so its answers cannot be sc
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -45,16 +46,22 @@ def serve(args, env) -> tuple:
     return proc, url
 
 
-def measure(url: str, batches) -> tuple:
-    requests.post(f"{url}/invocations", json={"dataframe_records": batches[0]}, timeout=600)  # warm-up
-    latencies, answers = [], []
-    for batch in batches:
+def measure(url: str, bodies) -> tuple:
+    """Latency of every request, the answers (None for a failed request) and the error of the first failure."""
+    requests.post(f"{url}/invocations", json=bodies[0], timeout=600)  # warm-up
+    latencies, answers, first_error = [], [], None
+    for body in bodies:
         start = time.perf_counter()
-        response = requests.post(f"{url}/invocations", json={"dataframe_records": batch}, timeout=600)
+        response = requests.post(f"{url}/invocations", json=body, timeout=600)
         latencies.append(time.perf_counter() - start)
-        response.raise_for_status()
-        answers.extend(response.json()["predictions"])
-    return latencies, answers
+        if response.status_code == 200:
+            answers.append(response.json()["predictions"])
+        else:
+            answers.append(None)
+            if first_error is None:
+                trace = response.json().get("stack_trace", response.text).strip().splitlines()
+                first_error = f"{response.status_code}: {trace[-1][:120]}"
+    return latencies, answers, first_error
 
 
 def entity_f1(answers, gold_docs) -> float:
@@ -90,31 +97,44 @@ def main() -> None:
 
         hf_dir = export_hf(nlp, "ner", Path(tmp) / "hf")
         peer = transformers.pipeline("token-classification", model=str(hf_dir), aggregation_strategy="simple")
-        mlflow.transformers.save_model(peer, f"{tmp}/peer")
+        import torch
+
+        mlflow.transformers.save_model(peer, f"{tmp}/peer", pip_requirements=[  # (its defaults want torchvision)
+            f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"])
         peer_cmd = [ours_cmd[0], "models", "serve", "-m", f"{tmp}/peer", "--env-manager", "local", "-h", "127.0.0.1"]
 
         results = {}
-        for name, command in (("sllm pyfunc (hf_ner)", ours_cmd), ("mlflow transformers flavor", peer_cmd)):
+        ours_bodies = [{"dataframe_records": batch} for batch in batches]
+        peer_bodies = [{"inputs": [row["text"] for row in batch]} for batch in batches]  # its signature: strings
+        for name, command, bodies in (("sllm pyfunc (hf_ner)", ours_cmd, ours_bodies),
+                                      ("mlflow transformers flavor", peer_cmd, peer_bodies)):
             proc, url = serve(command, tracking.serve_env())
             try:
-                results[name] = measure(url, batches)
+                results[name] = measure(url, bodies)
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)
 
     print(f"\n{len(rows)} CoNLL-2003 dev sentences in requests of {args.batch}, one client, "
           f"model {args.pipeline} (registered as version {version.version})\n")
-    print("| server | p50 latency (s) | p95 latency (s) | sentences/s | entity F1 of served answers | offsets |")
-    print("|---|---|---|---|---|---|")
-    speeds = {}
-    for name, (latencies, answers) in results.items():
+    print("| server | failed requests | p50 latency (s) | p95 latency (s) | sentences/s | entity F1 of served answers "
+          "| answer looks like |")
+    print("|---|---|---|---|---|---|---|")
+    speeds, errors = {}, {}
+    for name, (latencies, answers, first_error) in results.items():
         speeds[name] = len(rows) / sum(latencies)
         p95 = statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else latencies[0]
-        scorable = bool(answers) and isinstance(answers[0], dict) and "ents" in answers[0]
-        f1 = f"{100 * entity_f1(answers, gold):.2f}" if scorable else "n/a"
-        example = answers[0] if answers else None
-        print(f"| {name} | {statistics.median(latencies):.3f} | {p95:.3f} | {speeds[name]:.1f} | {f1} | "
-              f"{'yes' if scorable else 'no: ' + repr(example)[:60]} |")
+        failed = sum(a is None for a in answers)
+        flat = [row for batch in answers if batch is not None for row in batch]
+        scorable = not failed and isinstance(flat[0], dict) and "ents" in flat[0]
+        f1 = f"{100 * entity_f1(flat, gold):.2f}" if scorable else "n/a"
+        example = json.dumps(flat[0])[:70] if flat else "-"
+        print(f"| {name} | {failed} of {len(answers)} | {statistics.median(latencies):.3f} | {p95:.3f} | "
+              f"{speeds[name]:.1f} | {f1} | `{example}` |")
+        if first_error:
+            errors[name] = first_error
+    for name, error in errors.items():
+        print(f"\n{name}, first failure: {error}")
     names = list(speeds)
     print(f"\nthroughput ratio {names[0]} / {names[1]}: {speeds[names[0]] / speeds[names[1]]:.2f}x")
 
