@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from spacy_llm_components import tracking
-from spacy_llm_components.data import sha256_file
+from spacy_llm_components.data import DataError, sha256_file
+from spacy_llm_components.files import sha256_tree
 from spacy_llm_components.data.jsonl import LineRange, line_ranges
 from spacy_llm_components.orchestration import is_transient
 from spacy_llm_components.predict import predict_file
@@ -69,11 +70,16 @@ def annotate(model: str, corpus: str, output: str, lines_per_shard: int = 10_000
     logger = get_run_logger()
     corpus_path, out = Path(corpus).resolve(), Path(output).resolve()
     tracking.use_tracking()
+    shards = line_ranges(corpus_path, lines_per_shard)  # checks the corpus and shard size first
+    if not shards:
+        raise DataError(corpus_path, None, "file is empty")
     pinned = tracking.pin_model(model)
     manifest = {"corpus": str(corpus_path), "corpus_sha256": sha256_file(corpus_path), "model": pinned,
+                # a pipeline folder retrained in place is another model
+                "model_sha256": None if pinned.startswith("models:/") else sha256_tree(Path(pinned)),
                 "lines_per_shard": lines_per_shard}
     previous = out / MANIFEST
-    if previous.is_file():
+    if previous.is_file() and any(out.glob("shard-*.jsonl")):
         before = json.loads(previous.read_text(encoding="utf8"))
         if before != manifest:
             changed = sorted(k for k in manifest if before.get(k) != manifest[k])
@@ -81,7 +87,6 @@ def annotate(model: str, corpus: str, output: str, lines_per_shard: int = 10_000
                              f"choose another output folder or delete it")
     out.mkdir(parents=True, exist_ok=True)
     previous.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf8")
-    shards = line_ranges(corpus_path, lines_per_shard)
     logger.info("%s: %d lines in %d shards, model %s", corpus_path, sum(s.lines for s in shards), len(shards), pinned)
     futures = [annotate_shard.submit(pinned, str(corpus_path), vars(s), str(out), batch_size, skip_bad)
                for s in shards]
@@ -96,8 +101,9 @@ def annotate(model: str, corpus: str, output: str, lines_per_shard: int = 10_000
 
 
 def annotate_with(task_runner: str = "threads", address: Optional[str] = None, workers: Optional[int] = None):
-    """The annotate flow on a task runner: `threads` (this machine), or `dask` through prefect-dask:
-    an existing scheduler at `address`, else a local cluster of `workers` processes."""
+    """The annotate flow on a task runner: `threads` (this machine: threads share one model and take
+    turns on it, torch already uses every core), or `dask` through prefect-dask: an existing
+    scheduler at `address`, else a local cluster of `workers` processes (one model each)."""
     if task_runner == "threads":
         return annotate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers or 2))
     if task_runner == "dask":

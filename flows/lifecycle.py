@@ -16,29 +16,58 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from spacy_llm_components import tracking
-from spacy_llm_components.data import ReadOptions, prepare, sha256_file
+from spacy_llm_components.data import DataError, ReadOptions, prepare, sha256_file
 from spacy_llm_components.evaluate import evaluate as evaluate_pipeline
 from spacy_llm_components.files import sha256_tree
 from spacy_llm_components.orchestration import is_transient
 from spacy_llm_components.train import FinetuneConfig, finetune as finetune_pipeline
 
-CACHE = INPUTS + TASK_SOURCE  # across runs: same inputs and same code -> same result
+CACHE = INPUTS + TASK_SOURCE  # across runs: same inputs and same code -> same result (code: see _code_version)
 RETRIES = dict(retries=2, retry_delay_seconds=[5, 30],
                retry_condition_fn=lambda task, run, state: is_transient(state.result(raise_on_failure=False)))
 
 
 def _cached(step, **params) -> Dict[str, Any]:
-    """Run a cached task; when the cache answers with files that no longer exist (a deleted
-    output folder), run it again for real."""
+    """Run a cached task with this package's version as part of its inputs; when the cache answers
+    with output files that are gone or were since overwritten (another run in the same folder),
+    run it again for real."""
+    params["code_version"] = _code_version()
     result = step(**params)
-    if any(not Path(p).exists() for p in result.get("files", [])):
-        get_run_logger().info("cached %s points at missing files: running it again", step.name)
+    if not _outputs_intact(result.get("files", {})):
+        get_run_logger().info("cached %s points at missing or changed files: running it again", step.name)
         result = step.with_options(refresh_cache=True)(**params)
     return result
 
 
-def _hashes(paths: List[str]) -> List[str]:
-    return [sha256_file(Path(p)) if Path(p).is_file() else "" for p in paths]  # a missing file fails in the task
+def _outputs(*paths: Path) -> Dict[str, str]:
+    return {str(p): sha256_file(p) for p in paths}
+
+
+def _outputs_intact(files: Dict[str, str]) -> bool:
+    return all(Path(p).is_file() and sha256_file(Path(p)) == digest for p, digest in files.items())
+
+
+def _code_version() -> str:
+    """The package version and git commit: library code the task bodies call (TASK_SOURCE sees
+    only the bodies) is part of what a cached result depends on."""
+    tags = tracking.environment_tags()
+    return f"{tags.get('version.spacy-llm-components')}+{tags.get('git.commit', '')}"
+
+
+def _existing(path: Optional[str]) -> Optional[str]:
+    """An input file's absolute path, checked before any step runs."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        raise DataError(resolved, None, "file does not exist" if not resolved.exists() else "not a file")
+    return str(resolved)
+
+
+def _base_model_fingerprint(base_model: str) -> str:
+    """A local checkpoint folder by content (retrained in place, it is another model), a hub name as is."""
+    path = Path(base_model)
+    return sha256_tree(path) if path.is_dir() else base_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,14 +76,14 @@ def _hashes(paths: List[str]) -> List[str]:
 
 @task(name="prepare", cache_policy=CACHE, **RETRIES)
 def prepare_task(task_name: str, train: List[str], dev: Optional[str], output: str, options: Dict[str, Any],
-                 input_sha256: List[str]) -> Dict[str, Any]:
+                 input_sha256: List[str], code_version: str) -> Dict[str, Any]:
     prepared = prepare(task_name, [Path(p) for p in train], Path(output), dev=Path(dev) if dev else None,
                        dev_fraction=options["dev_fraction"], seed=options["seed"], lang=options["lang"],
                        options=ReadOptions(options["text_column"], options["label_column"], options["label_sep"]))
     out = Path(prepared.output)
     return {"output": str(out), "train": str(out / "train.spacy"), "dev": str(out / "dev.spacy"),
             "content_hash": prepared.summary["content_hash"], "summary": prepared.summary,
-            "files": [str(out / "train.spacy"), str(out / "dev.spacy")]}
+            "files": _outputs(out / "train.spacy", out / "dev.spacy")}
 
 
 @flow(name="prepare-data")
@@ -62,12 +91,12 @@ def prepare_data(task: str, train: List[str], output: str, dev: Optional[str] = 
                  seed: int = 0, lang: str = "en", text_column: str = "text", label_column: str = "label",
                  label_sep: Optional[str] = None) -> Dict[str, Any]:
     """Read labelled files (CoNLL / CSV / TSV / JSONL / SQuAD) into train.spacy and dev.spacy."""
-    train = [str(Path(p).resolve()) for p in train]
-    dev = str(Path(dev).resolve()) if dev else None
+    train = [_existing(p) for p in train]
+    dev = _existing(dev)
     options = dict(dev_fraction=dev_fraction, seed=seed, lang=lang, text_column=text_column,
                    label_column=label_column, label_sep=label_sep)
     return _cached(prepare_task, task_name=task, train=train, dev=dev, output=str(Path(output).resolve()),
-                   options=options, input_sha256=_hashes(train + ([dev] if dev else [])))
+                   options=options, input_sha256=[sha256_file(Path(p)) for p in train + ([dev] if dev else [])])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,13 +105,14 @@ def prepare_data(task: str, train: List[str], output: str, dev: Optional[str] = 
 
 @task(name="finetune", cache_policy=CACHE, **RETRIES)
 def finetune_task(task_name: str, train: str, dev: str, output: str, config: Dict[str, Any],
-                  train_sha256: str, dev_sha256: str, data_summary: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                  train_sha256: str, dev_sha256: str, base_model_sha256: str, code_version: str,
+                  data_summary: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     result = finetune_pipeline(task_name, train, dev, output, FinetuneConfig(**config), resume=True)
     run_id = tracking.log_finetune(output, data_summary=data_summary)
     get_run_logger().info(result.summary())
     return {"pipeline": str(Path(output)), "primary": result.primary, "dev": result.dev_metrics,
             "best_step": result.best_step, "resumed_from": result.resumed_from, "mlflow_run_id": run_id,
-            "files": [str(Path(output) / "meta.json")]}
+            "files": _outputs(Path(output) / "meta.json", Path(output) / "metrics.json")}
 
 
 @flow(name="finetune")
@@ -90,9 +120,12 @@ def finetune(task: str, train: str, dev: str, output: str, config: Optional[Dict
              data_summary: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Fine-tune on prepared data (resuming an interrupted run) and log the run to MLflow."""
     config = asdict(FinetuneConfig(**(config or {})))  # defaults filled in: part of the cache key
-    return _cached(finetune_task, task_name=task, train=str(Path(train).resolve()), dev=str(Path(dev).resolve()),
-                   output=str(Path(output).resolve()), config=config, train_sha256=sha256_file(Path(train)),
-                   dev_sha256=sha256_file(Path(dev)), data_summary=data_summary)
+    if Path(config["base_model"]).is_dir():
+        config["base_model"] = str(Path(config["base_model"]).resolve())
+    train, dev = _existing(train), _existing(dev)
+    return _cached(finetune_task, task_name=task, train=train, dev=dev, output=str(Path(output).resolve()),
+                   config=config, train_sha256=sha256_file(Path(train)), dev_sha256=sha256_file(Path(dev)),
+                   base_model_sha256=_base_model_fingerprint(config["base_model"]), data_summary=data_summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,19 +133,20 @@ def finetune(task: str, train: str, dev: str, output: str, config: Optional[Dict
 
 
 @task(name="evaluate", cache_policy=CACHE, **RETRIES)
-def evaluate_task(pipeline: str, test: str, output: str, pipeline_sha256: str, test_sha256: str) -> Dict[str, Any]:
+def evaluate_task(pipeline: str, test: str, output: str, pipeline_sha256: str, test_sha256: str,
+                  code_version: str) -> Dict[str, Any]:
     result = evaluate_pipeline(pipeline, test, output)
     run_id = tracking.log_evaluation(output)
     return {"output": output, "metrics_file": str(Path(output) / "metrics.json"), "task": result.task,
             "metrics": result.metrics, "per_label": result.label_rows(), "mlflow_run_id": run_id,
             "report": (Path(output) / "report.md").read_text(encoding="utf8"),
-            "files": [str(Path(output) / "metrics.json")]}
+            "files": _outputs(Path(output) / "metrics.json")}
 
 
 @flow(name="evaluate")
 def evaluate(pipeline: str, test: str, output: str, name: Optional[str] = None) -> Dict[str, Any]:
     """Score a pipeline on test data; publish the per-label table and the report as artifacts."""
-    pipeline, test, output = (str(Path(p).resolve()) for p in (pipeline, test, output))
+    pipeline, test, output = str(Path(pipeline).resolve()), _existing(test), str(Path(output).resolve())
     result = _cached(evaluate_task, pipeline=pipeline, test=test, output=output,
                      pipeline_sha256=sha256_tree(Path(pipeline)), test_sha256=sha256_file(Path(test)))
     key = artifact_key(f"{name or Path(pipeline).name}-{result['task']}")
@@ -167,6 +201,8 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
     """prepare -> finetune -> evaluate (on `test`, else the dev split) -> register (-> promote).
     Returns the registered version and its metrics. Outputs go to `workdir` (default
     `<project>/training/<name>`)."""
+    for path in [*train, dev, test]:
+        _existing(path)  # a missing test file fails now, not after fine-tuning
     root = Path(workdir) if workdir else tracking.project_dir() / "training" / name
     prepared = prepare_data(task, train, str(root / "corpus"), dev=dev, text_column=text_column,
                             label_column=label_column, label_sep=label_sep)
@@ -176,6 +212,6 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
     version = register(tuned["pipeline"], name, metrics=scored["metrics_file"])
     result = {"name": name, "version": version["version"], "uri": version["uri"], "task": task,
               "primary": scored["metrics"]["primary"], "metrics": scored["metrics"], "pipeline": tuned["pipeline"]}
-    if promote_if_better:
-        result["promotion"] = promote(name)
+    if promote_if_better:  # with a test file, both versions are scored on it now: comparable whatever changed
+        result["promotion"] = promote(name, test=test)
     return result

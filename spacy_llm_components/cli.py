@@ -306,7 +306,7 @@ def run_command(
 
     try:
         result = train_pipeline(**params)
-    except (DataError, ValueError) as err:
+    except (DataError, ValueError, OSError) as err:
         _fail(err)
     m = result["metrics"]
     typer.echo(f"{name} version {result['version']}: {m['primary']} {100 * m[m['primary']]:.2f}")
@@ -345,6 +345,9 @@ def schedule_command(
     _check_task(task)
     if (cron is None) == (interval is None):
         _fail(ValueError("give exactly one of --cron and --interval"))
+    if promote and test is None:
+        _fail(ValueError("scheduled promotion compares models on a fixed test file: pass --test FILE "
+                         "(or --no-promote)"))
     if not os.environ.get("PREFECT_API_URL"):
         _fail(ValueError("schedules need a Prefect server: start one with `sllm ui prefect` and set "
                          "PREFECT_API_URL=http://127.0.0.1:4200/api"))
@@ -381,7 +384,7 @@ def annotate_command(
         flow = annotate_with(task_runner, dask_address, workers)
         result = flow(model, str(corpus), str(output), lines_per_shard=lines_per_shard, batch_size=batch_size,
                       skip_bad=skip_bad)
-    except (DataError, RegistryError, ValueError) as err:
+    except (DataError, RegistryError, ValueError, OSError) as err:
         _fail(err)
     typer.echo(f"{result['shards']} shards in {result['output']} ({result['done_before']} done before, "
                f"{result['written']:,} records annotated now, {len(result['skipped'])} skipped)")

@@ -36,7 +36,8 @@ PIPELINE_ARTIFACT = "pipeline"  # the pipeline folder inside the logged model's 
 # body first and has no byte limit of its own: put a proxy in front for that.
 MAX_ROWS = int(os.environ.get("SLLM_MAX_ROWS", 1_000))
 MAX_TEXT_CHARS = int(os.environ.get("SLLM_MAX_TEXT_CHARS", 100_000))
-MAX_REQUEST_CHARS = int(os.environ.get("SLLM_MAX_REQUEST_CHARS", 1_000_000))
+MAX_REQUEST_CHARS = int(os.environ.get("SLLM_MAX_REQUEST_CHARS", 1_000_000))  # texts and questions
+MAX_QUESTIONS = int(os.environ.get("SLLM_MAX_QUESTIONS", 64))  # per row
 
 
 class RegistryError(ValueError):
@@ -76,7 +77,8 @@ def use_tracking() -> str:
     uri = tracking_uri()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
-    _SET_BY_US = uri
+    if uri == default_tracking_uri():  # a user's own MLFLOW_TRACKING_URI stays theirs on every later call
+        _SET_BY_US = uri
     return uri
 
 
@@ -256,8 +258,9 @@ class SpacyPipelineModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
         from .predict import doc_predictions
 
-        docs = list(request_docs(self.nlp, model_input))
-        with self.lock:
+        records = request_records(model_input)  # checked before waiting for the model
+        with self.lock:  # make_doc touches the shared vocab too
+            docs = list(request_docs(self.nlp, records))
             return [doc_predictions(doc, self.nlp) for doc in self.nlp.pipe(docs)]
 
 
@@ -280,9 +283,6 @@ def request_records(model_input: Any) -> List[Dict[str, Any]]:
         records = _columns_to_rows(records[0])  # {"inputs": {"text": [...], ...}} arrives as one row of columns
     if len(records) > MAX_ROWS:
         raise _bad_request(f"{len(records)} rows in one request; send at most {MAX_ROWS}")
-    total = sum(len(r["text"]) for r in records if isinstance(r, dict) and isinstance(r.get("text"), str))
-    if total > MAX_REQUEST_CHARS:
-        raise _bad_request(f"the request holds {total:,} characters of text; the limit is {MAX_REQUEST_CHARS:,}")
     for number, record in enumerate(records):
         if not isinstance(record, dict) or "text" not in record:
             raise _bad_request(f"row {number}: no 'text' column")
@@ -301,7 +301,12 @@ def request_records(model_input: Any) -> List[Dict[str, Any]]:
             questions = [questions]
         if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
             raise _bad_request(f"row {number}: 'questions' must be a string or a list of strings")
+        if len(questions) > MAX_QUESTIONS:
+            raise _bad_request(f"row {number}: {len(questions)} questions; the limit is {MAX_QUESTIONS}")
         record["questions"] = questions
+    total = sum(len(r["text"]) + sum(map(len, r.get("questions", []))) for r in records)
+    if total > MAX_REQUEST_CHARS:
+        raise _bad_request(f"the request holds {total:,} characters of text; the limit is {MAX_REQUEST_CHARS:,}")
     return records
 
 
@@ -318,12 +323,12 @@ def _columns_to_rows(columns: Dict[str, Any]) -> List[Dict[str, Any]]:
     return [{k: v[i] for k, v in lists.items()} for i in range(n)]
 
 
-def request_docs(nlp, model_input: Any) -> Iterator:
-    """Input docs for the rows of a request (see `request_records`)."""
+def request_docs(nlp, records: List[Dict[str, Any]]) -> Iterator:
+    """Input docs for the checked rows of a request (see `request_records`)."""
     from .data import DataError
     from .predict import make_input_doc
 
-    for number, record in enumerate(request_records(model_input)):
+    for number, record in enumerate(records):
         try:
             yield make_input_doc(nlp, record, f"row {number}", "request")
         except DataError as err:
@@ -388,13 +393,15 @@ class ModelVersionInfo:
         return {**asdict(self), "uri": self.uri}
 
 
-def evaluation_tags(metrics: Dict[str, Any]) -> Dict[str, str]:
+def evaluation_tags(metrics: Any, task: str) -> Dict[str, str]:
     """Registry tags from an evaluation's metrics.json: the primary metric, its value, the test
     set's hash (what promotion compares on) and the headline numbers."""
-    flat = metrics.get("metrics") or {}
-    primary = flat.get("primary")
-    if primary is None or primary not in flat:
+    flat = metrics.get("metrics") if isinstance(metrics, dict) else None
+    primary = flat.get("primary") if isinstance(flat, dict) else None
+    if not isinstance(primary, str) or not isinstance(flat.get(primary), (int, float)):
         raise RegistryError("the metrics JSON has no primary metric: pass the metrics.json `sllm evaluate -o` writes")
+    if metrics.get("task") not in (None, task):
+        raise RegistryError(f"the metrics are of a {metrics['task']} evaluation, the pipeline is {task}")
     tags = {"primary_metric": primary, "primary_value": repr(float(flat[primary])),
             "eval_sha256": str(metrics.get("test_sha256") or ""), "eval_docs": str(flat.get("docs", ""))}
     for key, value in flat.items():
@@ -410,6 +417,8 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
     version gets the alias `challenger`. The same pipeline registered again returns its existing
     version (its metric tags refreshed) instead of a duplicate."""
     pipeline = Path(pipeline).resolve()
+    if not name or any(c in name for c in "'\"\\/@"):
+        raise RegistryError(f"{name!r}: a registered model name cannot be empty or hold quotes, slashes or @")
     info = pipeline_info(pipeline)
     if isinstance(metrics, (str, Path)):
         path = Path(metrics)
@@ -419,7 +428,7 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
             metrics = json.loads(path.read_text(encoding="utf8"))
         except json.JSONDecodeError as err:
             raise RegistryError(f"{path}: not JSON ({err})") from None
-    eval_tags = evaluation_tags(metrics) if metrics else {}
+    eval_tags = evaluation_tags(metrics, info["task"]) if metrics else {}
     fingerprint = sha256_tree(pipeline)
     tags = {"task": info["task"], "base_model": str(info.get("base_model", "")),
             "train_sha256": str(info.get("train_sha256", "")), "dev_sha256": str(info.get("dev_sha256", "")),

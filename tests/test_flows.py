@@ -75,6 +75,22 @@ def test_train_pipeline_caches_finished_steps(ckpts, mlflow_project):
     assert (model.parent / "evaluation" / "metrics.json").is_file() and rebuilt["version"] == "2"
 
 
+def test_a_cache_hit_on_overwritten_outputs_runs_again(mlflow_project, tmp_path):
+    """A, then B, then A again into one folder: the third run must not trust A's cache entry,
+    whose files now hold B."""
+    rows = {"a": "text,label\nfine day,pos\nbad day,neg\ngood one,pos\nawful one,neg\n",
+            "b": "text,label\nlovely,pos\nterrible,neg\nsplendid,pos\ndreadful,neg\n"}
+    files = {}
+    for key, text in rows.items():
+        files[key] = tmp_path / f"{key}.csv"
+        files[key].write_text(text)
+    out = str(tmp_path / "corpus")
+    runs = [lifecycle.prepare_data("textcat", [str(files[k])], out, dev_fraction=0.5) for k in "aba"]
+    assert runs[0]["content_hash"] == runs[2]["content_hash"] != runs[1]["content_hash"]
+    summary = json.loads((tmp_path / "corpus" / "summary.json").read_text())
+    assert summary["content_hash"] == runs[0]["content_hash"]  # the files on disk are A's again
+
+
 def test_evaluate_publishes_table_and_markdown_artifacts(tiny_pipelines, mlflow_project):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -227,7 +243,7 @@ def test_schedule_serves_train_pipeline_on_a_real_prefect_server(ckpts, mlflow_p
     scheduled train_pipeline runs, registers and promotes a model."""
     import requests
 
-    train, dev, _ = demo_files("ner")
+    train, dev, test = demo_files("ner")
     port, bin_dir = _free_port(), Path(sys.executable).parent
     api = f"http://127.0.0.1:{port}/api"
     base_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -254,7 +270,7 @@ def test_schedule_serves_train_pipeline_on_a_real_prefect_server(ckpts, mlflow_p
         _wait(healthy, 180, "the Prefect server did not answer")
         scheduler = subprocess.Popen(
             [sys.executable, "-m", "spacy_llm_components.cli", "schedule", "ner", "--train", str(train), "--dev",
-             str(dev), "--name", "nightly", "--interval", "5", "--base-model", str(ckpts["base"]), "--max-steps", "2",
+             str(dev), "--test", str(test), "--name", "nightly", "--interval", "5", "--base-model", str(ckpts["base"]), "--max-steps", "2",
              "--workdir", str(tmp_path / "work")],
             env={**base_env, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "runner-home"),
                  "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
@@ -276,7 +292,8 @@ def test_schedule_without_a_server_says_how_to_start_one(monkeypatch):
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     train, _, _ = demo_files("ner")
-    result = CliRunner().invoke(app, ["schedule", "ner", "--train", str(train), "--name", "x", "--cron", "0 3 * * *"])
+    result = CliRunner().invoke(app, ["schedule", "ner", "--train", str(train), "--name", "x", "--cron", "0 3 * * *",
+                                      "--no-promote"])
     assert result.exit_code == 2 and "sllm ui prefect" in result.output
 
 

@@ -35,6 +35,7 @@ def test_request_records_accepts_rows_columns_and_questions():
     ([{"text": "a", "questions": [1, 2]}], "'questions' must be a string or a list of strings"),
     ([{"text": "x" * (tracking.MAX_TEXT_CHARS + 1)}], "the limit is"),
     ([{"text": "x"}] * (tracking.MAX_ROWS + 1), "send at most"),
+    ([{"text": "x", "questions": ["q?"] * (tracking.MAX_QUESTIONS + 1)}], "questions; the limit is"),
 ])
 def test_bad_requests_are_invalid_parameter_errors(rows, problem):
     with pytest.raises(MlflowException) as err:
@@ -58,6 +59,9 @@ def test_default_store_is_absolute_and_under_the_project(tmp_path, monkeypatch):
     assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'other').resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     assert tracking.tracking_uri() == "http://tracking.example:5000"
+    for _ in range(2):  # the user's server stays the store on every later call
+        assert tracking.use_tracking() == "http://tracking.example:5000"
+    assert tracking.serve_env()["MLFLOW_TRACKING_URI"] == "http://tracking.example:5000"
 
 
 def test_finetune_run_logs_params_steps_hashes_versions_and_pipeline(tiny_pipelines, mlflow_project):
@@ -163,6 +167,13 @@ def test_register_rejects_bad_input(tiny_pipelines, mlflow_project, tmp_path):
         tracking.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=bad)
     with pytest.raises(RegistryError, match="no primary metric"):
         tracking.register(tiny_pipelines["ner"]["pipeline"], "x", metrics={"metrics": {}})
+    with pytest.raises(RegistryError, match="no primary metric"):
+        tracking.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=[1, 2])
+    textcat_metrics = tiny_pipelines["textcat"]["evaluation"] / "metrics.json"
+    with pytest.raises(RegistryError, match="textcat evaluation, the pipeline is ner"):
+        tracking.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=textcat_metrics)
+    with pytest.raises(RegistryError, match="cannot be empty or hold quotes"):
+        tracking.register(tiny_pipelines["ner"]["pipeline"], "it's")
 
 
 def test_promotion_is_gated_on_the_same_evaluation_set(tiny_pipelines, mlflow_project, tmp_path):
