@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -qq --upgrade pip
 	# torch first and pinned: 2.13.0 is the CPU build here; an open range would pull GBs of CUDA wheels.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -qq torch==2.13.0
+	# (-qq and no warnings: errors still show; setuptools' notes about editable installs do not)
+	PYTHONWARNINGS=ignore $(PY) -m pip install -qq -e ".[test,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,7 +6,6 @@ written. `annotate.json` in the output folder records the input and model versio
 belong to: a re-run with another input or model is refused rather than mixed in.
 """
 
-import json
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -15,12 +14,12 @@ from typing import Any, Dict, Optional
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from spacy_llm_components import tracking
-from spacy_llm_components.data import DataError, sha256_file
-from spacy_llm_components.files import sha256_tree
+from spacy_llm_components.artifacts import read_json, sha256_file, sha256_tree, write_json
+from spacy_llm_components.data import DataError
 from spacy_llm_components.data.jsonl import LineRange, line_ranges
 from spacy_llm_components.orchestration import is_transient
 from spacy_llm_components.predict import predict_file
+from spacy_llm_components.registry import is_model_uri, local_pipeline, pin_model
 
 MANIFEST = "annotate.json"
 
@@ -38,8 +37,7 @@ def _loaded(model: str):
 def _load(model: str):
     import spacy
 
-    tracking.use_tracking()
-    return spacy.load(tracking.model_pipeline(model)), threading.Lock()
+    return spacy.load(local_pipeline(model)), threading.Lock()
 
 
 def shard_path(output: Path, index: int) -> Path:
@@ -69,24 +67,23 @@ def annotate(model: str, corpus: str, output: str, lines_per_shard: int = 10_000
     `corpus` (JSONL, {"text": ..., "questions": [...]}) into `output/shard-NNNNN.jsonl`."""
     logger = get_run_logger()
     corpus_path, out = Path(corpus).resolve(), Path(output).resolve()
-    tracking.use_tracking()
     shards = line_ranges(corpus_path, lines_per_shard)  # checks the corpus and shard size first
     if not shards:
         raise DataError(corpus_path, None, "file is empty")
-    pinned = tracking.pin_model(model)
+    pinned = pin_model(model)
     manifest = {"corpus": str(corpus_path), "corpus_sha256": sha256_file(corpus_path), "model": pinned,
                 # a pipeline folder retrained in place is another model
-                "model_sha256": None if pinned.startswith("models:/") else sha256_tree(Path(pinned)),
+                "model_sha256": None if is_model_uri(pinned) else sha256_tree(pinned),
                 "lines_per_shard": lines_per_shard}
     previous = out / MANIFEST
     if previous.is_file() and any(out.glob("shard-*.jsonl")):
-        before = json.loads(previous.read_text(encoding="utf8"))
+        before = read_json(previous)
         if before != manifest:
             changed = sorted(k for k in manifest if before.get(k) != manifest[k])
             raise ValueError(f"{out} holds shards of another annotation (different {', '.join(changed)}); "
                              f"choose another output folder or delete it")
     out.mkdir(parents=True, exist_ok=True)
-    previous.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf8")
+    write_json(previous, manifest)
     logger.info("%s: %d lines in %d shards, model %s", corpus_path, sum(s.lines for s in shards), len(shards), pinned)
     futures = [annotate_shard.submit(pinned, str(corpus_path), vars(s), str(out), batch_size, skip_bad)
                for s in shards]

@@ -15,14 +15,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from spacy_llm_components import tracking
-from spacy_llm_components.data import DataError, ReadOptions, prepare, sha256_file
+from spacy_llm_components import registry, runs
+from spacy_llm_components.artifacts import METRICS, sha256_file, sha256_tree
+from spacy_llm_components.data import DataError, ReadOptions, prepare
 from spacy_llm_components.evaluate import evaluate as evaluate_pipeline
-from spacy_llm_components.files import sha256_tree
 from spacy_llm_components.orchestration import is_transient
+from spacy_llm_components.project import code_version, project_dir
 from spacy_llm_components.train import FinetuneConfig, finetune as finetune_pipeline
 
-CACHE = INPUTS + TASK_SOURCE  # across runs: same inputs and same code -> same result (code: see _code_version)
+# across runs: same inputs and same code -> same result (code: see project.code_version); whether a
+# progress bar was shown is no part of a result
+CACHE = (INPUTS - "progress") + TASK_SOURCE
 RETRIES = dict(retries=2, retry_delay_seconds=[5, 30],
                retry_condition_fn=lambda task, run, state: is_transient(state.result(raise_on_failure=False)))
 
@@ -31,7 +34,7 @@ def _cached(step, **params) -> Dict[str, Any]:
     """Run a cached task with this package's version as part of its inputs; when the cache answers
     with output files that are gone or were since overwritten (another run in the same folder),
     run it again for real."""
-    params["code_version"] = _code_version()
+    params["code_version"] = code_version()
     result = step(**params)
     if not _outputs_intact(result.get("files", {})):
         get_run_logger().info("cached %s points at missing or changed files: running it again", step.name)
@@ -45,13 +48,6 @@ def _outputs(*paths: Path) -> Dict[str, str]:
 
 def _outputs_intact(files: Dict[str, str]) -> bool:
     return all(Path(p).is_file() and sha256_file(Path(p)) == digest for p, digest in files.items())
-
-
-def _code_version() -> str:
-    """The package version and git commit: library code the task bodies call (TASK_SOURCE sees
-    only the bodies) is part of what a cached result depends on."""
-    tags = tracking.environment_tags()
-    return f"{tags.get('version.spacy-llm-components')}+{tags.get('git.commit', '')}"
 
 
 def _existing(path: Optional[str]) -> Optional[str]:
@@ -106,18 +102,18 @@ def prepare_data(task: str, train: List[str], output: str, dev: Optional[str] = 
 @task(name="finetune", cache_policy=CACHE, **RETRIES)
 def finetune_task(task_name: str, train: str, dev: str, output: str, config: Dict[str, Any],
                   train_sha256: str, dev_sha256: str, base_model_sha256: str, code_version: str,
-                  data_summary: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    result = finetune_pipeline(task_name, train, dev, output, FinetuneConfig(**config), resume=True)
-    run_id = tracking.log_finetune(output, data_summary=data_summary)
+                  data_summary: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
+    result = finetune_pipeline(task_name, train, dev, output, FinetuneConfig(**config), resume=True, progress=progress)
+    run_id = runs.log_finetune(output, data_summary=data_summary)
     get_run_logger().info(result.summary())
     return {"pipeline": str(Path(output)), "primary": result.primary, "dev": result.dev_metrics,
             "best_step": result.best_step, "resumed_from": result.resumed_from, "mlflow_run_id": run_id,
-            "files": _outputs(Path(output) / "meta.json", Path(output) / "metrics.json")}
+            "files": _outputs(Path(output) / "meta.json", Path(output) / METRICS)}
 
 
 @flow(name="finetune")
 def finetune(task: str, train: str, dev: str, output: str, config: Optional[Dict[str, Any]] = None,
-             data_summary: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+             data_summary: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
     """Fine-tune on prepared data (resuming an interrupted run) and log the run to MLflow."""
     config = asdict(FinetuneConfig(**(config or {})))  # defaults filled in: part of the cache key
     if Path(config["base_model"]).is_dir():
@@ -125,7 +121,8 @@ def finetune(task: str, train: str, dev: str, output: str, config: Optional[Dict
     train, dev = _existing(train), _existing(dev)
     return _cached(finetune_task, task_name=task, train=train, dev=dev, output=str(Path(output).resolve()),
                    config=config, train_sha256=sha256_file(Path(train)), dev_sha256=sha256_file(Path(dev)),
-                   base_model_sha256=_base_model_fingerprint(config["base_model"]), data_summary=data_summary)
+                   base_model_sha256=_base_model_fingerprint(config["base_model"]), data_summary=data_summary,
+                   progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,11 +133,12 @@ def finetune(task: str, train: str, dev: str, output: str, config: Optional[Dict
 def evaluate_task(pipeline: str, test: str, output: str, pipeline_sha256: str, test_sha256: str,
                   code_version: str) -> Dict[str, Any]:
     result = evaluate_pipeline(pipeline, test, output)
-    run_id = tracking.log_evaluation(output)
-    return {"output": output, "metrics_file": str(Path(output) / "metrics.json"), "task": result.task,
-            "metrics": result.metrics, "per_label": result.label_rows(), "mlflow_run_id": run_id,
+    run_id = runs.log_evaluation(output)
+    return {"output": output, "metrics_file": str(Path(output) / METRICS), "task": result.task,
+            "primary": result.primary, "score": result.primary_score, "scores": result.scores,
+            "statistics": result.statistics, "per_label": result.label_rows(), "mlflow_run_id": run_id,
             "report": (Path(output) / "report.md").read_text(encoding="utf8"),
-            "files": _outputs(Path(output) / "metrics.json")}
+            "files": _outputs(Path(output) / METRICS)}
 
 
 @flow(name="evaluate")
@@ -167,7 +165,7 @@ def artifact_key(text: str) -> str:
 
 @task(name="register", **RETRIES)
 def register_task(pipeline: str, name: str, metrics_file: Optional[str]) -> Dict[str, Any]:
-    return tracking.register(pipeline, name, metrics=metrics_file).to_json()  # idempotent per pipeline content
+    return registry.register(pipeline, name, metrics=metrics_file).to_json()  # idempotent per pipeline content
 
 
 @flow(name="register")
@@ -178,7 +176,7 @@ def register(pipeline: str, name: str, metrics: Optional[str] = None) -> Dict[st
 
 @task(name="promote", **RETRIES)
 def promote_task(name: str, test: Optional[str] = None) -> Dict[str, Any]:
-    return tracking.promote(name, test=test).to_json()
+    return registry.promote(name, test=test).to_json()
 
 
 @flow(name="promote")
@@ -197,21 +195,22 @@ def promote(name: str, test: Optional[str] = None) -> Dict[str, Any]:
 def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = None, test: Optional[str] = None,
                    workdir: Optional[str] = None, finetune_config: Optional[Dict[str, Any]] = None,
                    promote_if_better: bool = False, text_column: str = "text", label_column: str = "label",
-                   label_sep: Optional[str] = None) -> Dict[str, Any]:
+                   label_sep: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
     """prepare -> finetune -> evaluate (on `test`, else the dev split) -> register (-> promote).
     Returns the registered version and its metrics. Outputs go to `workdir` (default
     `<project>/training/<name>`)."""
     for path in [*train, dev, test]:
         _existing(path)  # a missing test file fails now, not after fine-tuning
-    root = Path(workdir) if workdir else tracking.project_dir() / "training" / name
+    root = Path(workdir) if workdir else project_dir() / "training" / name
     prepared = prepare_data(task, train, str(root / "corpus"), dev=dev, text_column=text_column,
                             label_column=label_column, label_sep=label_sep)
     tuned = finetune(task, prepared["train"], prepared["dev"], str(root / "model"), config=finetune_config,
-                     data_summary=prepared["summary"])
+                     data_summary=prepared["summary"], progress=progress)
     scored = evaluate(tuned["pipeline"], test or prepared["dev"], str(root / "evaluation"), name=name)
     version = register(tuned["pipeline"], name, metrics=scored["metrics_file"])
     result = {"name": name, "version": version["version"], "uri": version["uri"], "task": task,
-              "primary": scored["metrics"]["primary"], "metrics": scored["metrics"], "pipeline": tuned["pipeline"]}
+              "primary": scored["primary"], "score": scored["score"], "scores": scored["scores"],
+              "statistics": scored["statistics"], "pipeline": tuned["pipeline"]}
     if promote_if_better:  # with a test file, both versions are scored on it now: comparable whatever changed
         result["promotion"] = promote(name, test=test)
     return result

@@ -2,47 +2,34 @@
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import spacy
 from spacy.language import Language
 from thinc.api import Config
 
 from .components.base import HFPipe
-
-# task -> the name of its hf_* component in the shipped config
-COMPONENT = {"ner": "ner", "textcat": "textcat", "qa": "qa"}
+from .tasks import TaskSpec, task_spec
 
 
 def config_path(task: str) -> Path:
-    if task not in COMPONENT:
-        raise ValueError(f"unknown task {task!r}; use one of {', '.join(COMPONENT)}")
-    return Path(str(files("spacy_llm_components.pipelines") / f"{task}.cfg"))
+    return Path(str(files("spacy_llm_components.pipelines") / f"{task_spec(task).name}.cfg"))
 
 
-def build_pipeline(task: str, model: str, *, labels: Optional[List[str]] = None, multi_label: Optional[bool] = None,
-                   device: str = "auto", lang: str = "en", overrides: Optional[Dict[str, Any]] = None) -> Language:
-    """The task's shipped pipeline over `model`, with its checkpoint loaded.
+def build_pipeline(task: str, model: str, *, settings: Optional[Dict[str, Any]] = None, lang: str = "en") -> Language:
+    """The task's shipped pipeline over `model`, its component configured with `settings` (device,
+    max_length, a new head's labels...), with its checkpoint loaded.
 
-    `labels` gives a new head's labels (entity types for NER) when `model` is a
-    bare encoder; for a checkpoint with a head, leave it None.
-    """
-    name = COMPONENT[task]
-    config = Config().from_disk(config_path(task), interpolate=False)
+    A bare encoder needs `labels` (entity types for NER) for its new head; a checkpoint with a
+    head brings its own (the shipped default labels are dropped unless given)."""
+    spec = task_spec(task)
+    config = Config().from_disk(config_path(spec.name), interpolate=False)
     config["paths"]["model"] = str(model)
     config["nlp"]["lang"] = lang
-    component = config["components"][name]
-    component["device"] = device
-    if task != "qa":
-        component["labels"] = list(labels) if labels else None
-    if task == "textcat":
-        component["multi_label"] = multi_label
-    for dotted, value in (overrides or {}).items():
-        section = config
-        *parents, key = dotted.split(".")
-        for parent in parents:
-            section = section[parent]
-        section[key] = value
+    component = config["components"][spec.component]
+    if spec.has_labels:
+        component["labels"] = None
+    component.update(settings or {})
     nlp = spacy.util.load_model_from_config(config, auto_fill=True, validate=True)
     nlp.initialize()
     return nlp
@@ -56,7 +43,6 @@ def hf_component(nlp: Language) -> HFPipe:
     raise ValueError(f"the pipeline has no hf_textcat, hf_ner or hf_qa component (it has {nlp.pipe_names})")
 
 
-def task_of(nlp: Language) -> str:
-    """'textcat', 'ner' or 'qa', from the pipeline's hf_* component."""
-    task = {"text-classification": "textcat", "token-classification": "ner", "question-answering": "qa"}
-    return task[hf_component(nlp).task]
+def task_of(nlp: Language) -> TaskSpec:
+    """The task of the pipeline's hf_* component."""
+    return hf_component(nlp).spec

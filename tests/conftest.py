@@ -34,13 +34,13 @@ from transformers import (  # noqa: E402
     BertTokenizerFast,
 )
 
-from spacy_llm_components.hf import resolve_source  # noqa: E402
+from spacy_llm_components.hf import DEFAULT_MODEL, resolve_source  # noqa: E402
 
 # No per-example deadline: on a loaded 2-core machine a slow example is noise, not a bug.
 settings.register_profile("sllm", deadline=None)
 settings.load_profile("sllm")
 
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM = DEFAULT_MODEL
 NER_TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
 
 

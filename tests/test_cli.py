@@ -33,7 +33,7 @@ def test_prepare_finetune_evaluate_predict(ckpts, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.startswith("ents_f: ")
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
-    assert metrics["metrics"]["docs"] == 12 and set(metrics["per_label"]) == {"LOC", "PER"}
+    assert metrics["statistics"]["docs"] == 12 and set(metrics["per_label"]) == {"LOC", "PER"}
 
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"Angela Merkel visited Paris {i}"}) + "\n"
                                                for i in range(5)))

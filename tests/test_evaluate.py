@@ -11,9 +11,9 @@ from spacy.tokens import Doc, Span
 from spacy.training import Example
 
 from spacy_llm_components.data import DataError
-from spacy_llm_components.evaluate import _textcat_scores, evaluate, score_pipeline
+from spacy_llm_components.evaluate import evaluate, score_pipeline
 from spacy_llm_components.predict import predict_file
-from spacy_llm_components.scorers import score_ner, score_squad
+from spacy_llm_components.scorers import score_ner, score_squad, score_textcat
 
 
 def cats_example(nlp, gold: str, predicted: dict) -> Example:
@@ -29,7 +29,9 @@ def test_textcat_metrics_by_hand(nlp):
     # gold a a a b b c ; predicted a a b b c c
     pairs = [("a", "a"), ("a", "a"), ("a", "b"), ("b", "b"), ("b", "c"), ("c", "c")]
     examples = [cats_example(nlp, g, {l: (0.6 if l == p else 0.2) for l in "abc"}) for g, p in pairs]
-    scores, per_label, confusion = _textcat_scores(examples, ["a", "b", "c"], False, 0.5)
+    scores = score_textcat(examples, labels=["a", "b", "c"], multi_label=False, details=True)
+    per_label, confusion = scores["cats_f_per_type"], scores["cats_confusion"]
+    per_label = {k: {**v, "support": scores["cats_support_per_type"][k]} for k, v in per_label.items()}
     assert scores["cats_accuracy"] == pytest.approx(4 / 6)
     assert confusion == {"labels": ["a", "b", "c"], "matrix": [[2, 1, 0], [0, 1, 1], [0, 0, 1]]}
     # a: P 2/2, R 2/3 ; b: P 1/2, R 1/2 ; c: P 1/2, R 1/1
@@ -49,8 +51,8 @@ def test_multilabel_accuracy_is_exact_set_match(nlp):
         return Example(p, ref)
 
     examples = [ex({"a": 1.0, "b": 1.0}, {"a": 0.9, "b": 0.7}), ex({"a": 1.0, "b": 0.0}, {"a": 0.9, "b": 0.7})]
-    scores, _, confusion = _textcat_scores(examples, ["a", "b"], True, 0.5)
-    assert scores["cats_accuracy"] == 0.5 and confusion is None
+    scores = score_textcat(examples, labels=["a", "b"], multi_label=True, details=True)
+    assert scores["cats_accuracy"] == 0.5 and "cats_confusion" not in scores
 
 
 def _tags_to_doc(nlp, words, tags) -> Doc:
@@ -129,11 +131,11 @@ def test_evaluate_writes_metrics_report_and_plot(textcat_pipeline, tmp_path):
     test.write_text("text,label\n" + "".join(f"text number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(12)))
     result = evaluate(textcat_pipeline, test, tmp_path / "eval")
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
-    assert metrics["metrics"]["primary"] == "cats_accuracy" and metrics["metrics"]["docs"] == 12
-    assert metrics["metrics"]["words_per_second"] > 0
+    assert metrics["primary"] == "cats_score" and metrics["statistics"]["docs"] == 12
+    assert metrics["statistics"]["words_per_second"] > 0
     # the reported accuracy is that of the predictions the run made
     correct = sum(max(d.cats, key=d.cats.get) == ("pos" if i % 2 else "neg") for i, d in enumerate(result.predictions))
-    assert metrics["metrics"]["cats_accuracy"] == pytest.approx(correct / 12)
+    assert metrics["scores"]["cats_accuracy"] == pytest.approx(correct / 12) == metrics["scores"]["cats_score"]
     assert sum(map(sum, metrics["confusion"]["matrix"])) == 12
     assert (tmp_path / "eval/confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "cats_accuracy" in (tmp_path / "eval/report.md").read_text()
@@ -152,7 +154,7 @@ def test_score_pipeline_ner_uses_nlp_pipe(ckpts, nlp):
     ref = nlp.make_doc("Angela Merkel visited Paris")
     ref.ents = [ref.char_span(0, 13, "PER")]
     result = score_pipeline(nlp, [ref])
-    assert result.metrics["primary"] == "ents_f" and result.per_label["PER"]["support"] == 1
+    assert result.primary == "ents_f" and result.per_label["PER"]["support"] == 1
     assert [e.text for e in result.predictions[0].ents] == [e.text for e in nlp(ref.text).ents]
 
 

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import demo_files
-from spacy_llm_components import tracking
+from spacy_llm_components import project, registry
 from spacy_llm_components.data import DataError
 from spacy_llm_components.flows import lifecycle
 from spacy_llm_components.flows.annotate import annotate_with, shard_path
@@ -39,8 +39,8 @@ def _task_runs(flow_run_id):
 
 
 def _runs(step):
-    client = MlflowClient(tracking.use_tracking())
-    return client.search_runs([tracking.experiment_id()], f"tags.`sllm.step` = '{step}'")
+    client = MlflowClient(project.use_tracking())
+    return client.search_runs([project.experiment_id()], f"tags.`sllm.step` = '{step}'")
 
 
 def _config(ckpts, **kwargs):
@@ -60,7 +60,7 @@ def test_train_pipeline_caches_finished_steps(ckpts, mlflow_project):
     assert counts == {"finetune": 1, "evaluate": 1, "register": 1}
 
     again = lifecycle.train_pipeline(**params)  # same data, settings, base model: nothing is redone
-    assert again["version"] == "1" and again["metrics"] == first["metrics"]
+    assert again["version"] == "1" and again["scores"] == first["scores"]
     assert (model / "meta.json").stat().st_mtime_ns == mtime
     assert {step: len(_runs(step)) for step in counts} == counts
 
@@ -180,8 +180,8 @@ def _lines(folder: Path) -> list:
 
 def test_annotate_shards_a_corpus_and_skips_finished_shards(tiny_pipelines, mlflow_project, tmp_path):
     parts = tiny_pipelines["ner"]
-    tracking.register(parts["pipeline"], "annotator", metrics=parts["evaluation"] / "metrics.json")
-    tracking.promote("annotator")
+    registry.register(parts["pipeline"], "annotator", metrics=parts["evaluation"] / "metrics.json")
+    registry.promote("annotator")
     corpus, out = _corpus(tmp_path / "corpus.jsonl", 25), tmp_path / "out"
 
     result = annotate_with("threads")("models:/annotator@champion", str(corpus), str(out), lines_per_shard=10)
@@ -281,7 +281,7 @@ def test_schedule_serves_train_pipeline_on_a_real_prefect_server(ckpts, mlflow_p
             if proc is not None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
-    client = MlflowClient(tracking.use_tracking())
+    client = MlflowClient(project.use_tracking())
     assert str(client.get_model_version_by_alias("nightly", "champion").version) == "1"
 
 

@@ -5,7 +5,7 @@ import spacy
 from spacy.training import Example
 
 from spacy_llm_components import ask
-from spacy_llm_components.scorers import exact_match, normalize_answer, squad_scores, token_f1
+from spacy_llm_components.metrics import exact_match, normalize_answer, squad_scores, token_f1
 
 CONTEXT = "The Eiffel Tower is in Paris. It was finished in 1889 by Gustave Eiffel's company."
 

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import requests
 
-from spacy_llm_components import tracking
+from spacy_llm_components import registry, serving
 from spacy_llm_components.demo import wait_until_ready
 
 pytestmark = pytest.mark.slow
@@ -31,15 +31,15 @@ def servers(tiny_pipelines, tmp_path_factory):
         mp.setenv("SLLM_PROJECT_DIR", str(root))
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         for task, parts in tiny_pipelines.items():
-            tracking.register(parts["pipeline"], f"serve-{task}", metrics=parts["evaluation"] / "metrics.json")
-            tracking.promote(f"serve-{task}")
+            registry.register(parts["pipeline"], f"serve-{task}", metrics=parts["evaluation"] / "metrics.json")
+            registry.promote(f"serve-{task}")
         procs, urls = [], {}
         try:
             for task in tiny_pipelines:
                 port = _free_port()
-                args = tracking.serve_command(f"serve-{task}", port=port)
+                args = serving.serve_command(f"models:/serve-{task}@champion", port=port)
                 log = open(root / f"{task}.log", "wb")
-                procs.append(subprocess.Popen(args, env=tracking.serve_env({"SLLM_MAX_REQUEST_CHARS": str(LIMIT_CHARS)}),
+                procs.append(subprocess.Popen(args, env=serving.serve_env({"SLLM_MAX_REQUEST_CHARS": str(LIMIT_CHARS)}),
                                               stdout=log, stderr=subprocess.STDOUT))
                 urls[task] = f"http://127.0.0.1:{port}"
             for proc, url in zip(procs, urls.values()):

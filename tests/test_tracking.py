@@ -10,8 +10,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from spacy_llm_components import tracking
-from spacy_llm_components.tracking import RegistryError
+from spacy_llm_components import project, registry, runs, serving
+from spacy_llm_components.registry import RegistryError
 
 
 # --------------------------------------------------------------------------------------------
@@ -20,12 +20,12 @@ from spacy_llm_components.tracking import RegistryError
 
 def test_request_records_accepts_rows_columns_and_questions():
     df = pd.DataFrame({"text": ["a b", "c"], "questions": [["q1?", "q2?"], None]})
-    assert tracking.request_records(df) == [{"text": "a b", "questions": ["q1?", "q2?"]}, {"text": "c"}]
+    assert serving.request_records(df) == [{"text": "a b", "questions": ["q1?", "q2?"]}, {"text": "c"}]
     # {"inputs": {"text": [...]}} reaches predict as one row holding whole columns
     one_row = pd.DataFrame([{"text": np.array(["x", "y"]), "questions": np.array([np.array(["q?"]), None],
                                                                                   dtype=object)}])
-    assert tracking.request_records(one_row) == [{"text": "x", "questions": ["q?"]}, {"text": "y"}]
-    assert tracking.request_records([{"text": "t", "questions": "one?"}]) == [{"text": "t", "questions": ["one?"]}]
+    assert serving.request_records(one_row) == [{"text": "x", "questions": ["q?"]}, {"text": "y"}]
+    assert serving.request_records([{"text": "t", "questions": "one?"}]) == [{"text": "t", "questions": ["one?"]}]
 
 
 @pytest.mark.parametrize("rows, problem", [
@@ -33,13 +33,13 @@ def test_request_records_accepts_rows_columns_and_questions():
     ([{"text": "a"}, {"text": 3}], "row 1: 'text' must be a string, got int"),
     ([{"text": None}], "'text' must be a string"),
     ([{"text": "a", "questions": [1, 2]}], "'questions' must be a string or a list of strings"),
-    ([{"text": "x" * (tracking.MAX_TEXT_CHARS + 1)}], "the limit is"),
-    ([{"text": "x"}] * (tracking.MAX_ROWS + 1), "send at most"),
-    ([{"text": "x", "questions": ["q?"] * (tracking.MAX_QUESTIONS + 1)}], "questions; the limit is"),
+    ([{"text": "x" * (serving.MAX_TEXT_CHARS + 1)}], "the limit is"),
+    ([{"text": "x"}] * (serving.MAX_ROWS + 1), "send at most"),
+    ([{"text": "x", "questions": ["q?"] * (serving.MAX_QUESTIONS + 1)}], "questions; the limit is"),
 ])
 def test_bad_requests_are_invalid_parameter_errors(rows, problem):
     with pytest.raises(MlflowException) as err:
-        tracking.request_records(rows)
+        serving.request_records(rows)
     assert problem in err.value.message
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"  # the scoring server answers 400
 
@@ -51,24 +51,24 @@ def test_bad_requests_are_invalid_parameter_errors(rows, problem):
 def test_default_store_is_absolute_and_under_the_project(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("SLLM_PROJECT_DIR", str(tmp_path))
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    experiment = MlflowClient(tracking.use_tracking()).get_experiment(tracking.experiment_id())
-    assert experiment.artifact_location == (tmp_path.resolve() / "mlartifacts" / tracking.DEFAULT_EXPERIMENT).as_uri()
+    assert project.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    experiment = MlflowClient(project.use_tracking()).get_experiment(project.experiment_id())
+    assert experiment.artifact_location == (tmp_path.resolve() / "mlartifacts" / project.DEFAULT_EXPERIMENT).as_uri()
     # mlflow.set_tracking_uri exported our default: it must not pass for a user's override later
     monkeypatch.setenv("SLLM_PROJECT_DIR", str(tmp_path / "other"))
-    assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'other').resolve()}/mlflow.db"
+    assert project.tracking_uri() == f"sqlite:///{(tmp_path / 'other').resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
-    assert tracking.tracking_uri() == "http://tracking.example:5000"
+    assert project.tracking_uri() == "http://tracking.example:5000"
     for _ in range(2):  # the user's server stays the store on every later call
-        assert tracking.use_tracking() == "http://tracking.example:5000"
-    assert tracking.serve_env()["MLFLOW_TRACKING_URI"] == "http://tracking.example:5000"
+        assert project.use_tracking() == "http://tracking.example:5000"
+    assert serving.serve_env()["MLFLOW_TRACKING_URI"] == "http://tracking.example:5000"
 
 
 def test_finetune_run_logs_params_steps_hashes_versions_and_pipeline(tiny_pipelines, mlflow_project):
     pipeline = tiny_pipelines["ner"]["pipeline"]
     summary = json.loads((tiny_pipelines["ner"]["corpus"] / "summary.json").read_text())
-    run_id = tracking.log_finetune(pipeline, data_summary=summary)
-    client = MlflowClient(tracking.use_tracking())
+    run_id = runs.log_finetune(pipeline, data_summary=summary)
+    client = MlflowClient(project.use_tracking())
     run = client.get_run(run_id)
     meta = json.loads((pipeline / "meta.json").read_text())["sllm"]
     assert run.data.params["max_steps"] == "2" and run.data.params["base_model"] == meta["config"]["base_model"]
@@ -84,8 +84,8 @@ def test_finetune_run_logs_params_steps_hashes_versions_and_pipeline(tiny_pipeli
 
 
 def test_evaluation_run_logs_metrics_per_label_and_report(tiny_pipelines, mlflow_project):
-    run_id = tracking.log_evaluation(tiny_pipelines["textcat"]["evaluation"])
-    client = MlflowClient(tracking.use_tracking())
+    run_id = runs.log_evaluation(tiny_pipelines["textcat"]["evaluation"])
+    client = MlflowClient(project.use_tracking())
     run = client.get_run(run_id)
     assert "cats_accuracy" in run.data.metrics and "per_label.positive.f" in run.data.metrics
     assert run.data.tags["test_sha256"]
@@ -103,9 +103,9 @@ def test_pyfunc_model_predicts_like_the_pipeline(tiny_pipelines, mlflow_project,
 
     from spacy_llm_components.predict import doc_predictions, make_input_doc
 
-    version = tracking.register(tiny_pipelines[task]["pipeline"], f"m-{task}")
+    version = registry.register(tiny_pipelines[task]["pipeline"], f"m-{task}")
     model = mlflow.pyfunc.load_model(version.uri)
-    example = tracking.INPUT_EXAMPLES[task]
+    example = serving.INPUT_EXAMPLES[task]
     got = model.predict(pd.DataFrame(example))
     nlp = spacy.load(tiny_pipelines[task]["pipeline"])
     record = {k: v[0] for k, v in example.items()}
@@ -126,7 +126,7 @@ def test_pyfunc_model_predicts_like_the_pipeline(tiny_pipelines, mlflow_project,
 def _metrics(evaluation, value=None, test_sha256=None):
     data = json.loads((evaluation / "metrics.json").read_text())
     if value is not None:
-        data["metrics"][data["metrics"]["primary"]] = value
+        data["scores"][data["primary"]] = value
     if test_sha256 is not None:
         data["test_sha256"] = test_sha256
     return data
@@ -144,64 +144,64 @@ def _copy(pipeline, tmp_path, name):
 
 def test_register_tags_aliases_and_is_idempotent(tiny_pipelines, mlflow_project):
     ner = tiny_pipelines["ner"]
-    first = tracking.register(ner["pipeline"], "ner-model", metrics=ner["evaluation"] / "metrics.json")
+    first = registry.register(ner["pipeline"], "ner-model", metrics=ner["evaluation"] / "metrics.json")
     assert first.created and first.version == "1"
-    client = MlflowClient(tracking.use_tracking())
+    client = MlflowClient(project.use_tracking())
     version = client.get_model_version("ner-model", "1")
     meta = json.loads((ner["pipeline"] / "meta.json").read_text())["sllm"]
     assert version.tags["task"] == "ner" and version.tags["train_sha256"] == meta["train_sha256"]
     assert version.tags["primary_metric"] == "ents_f" and version.tags["eval_sha256"]
     assert "metric.ents_p" in version.tags
     assert str(client.get_model_version_by_alias("ner-model", "challenger").version) == "1"
-    again = tracking.register(ner["pipeline"], "ner-model")
+    again = registry.register(ner["pipeline"], "ner-model")
     assert (again.version, again.created) == ("1", False)
     assert len(client.search_model_versions("name = 'ner-model'")) == 1
 
 
 def test_register_rejects_bad_input(tiny_pipelines, mlflow_project, tmp_path):
-    with pytest.raises(RegistryError, match="not a spaCy pipeline folder"):
-        tracking.register(tmp_path, "x")
+    with pytest.raises(ValueError, match="not a spaCy pipeline folder"):
+        registry.register(tmp_path, "x")
     bad = tmp_path / "m.json"
     bad.write_text("{not json")
-    with pytest.raises(RegistryError, match="m.json: not JSON"):
-        tracking.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=bad)
+    with pytest.raises(ValueError, match="m.json: not JSON"):
+        registry.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=bad)
     with pytest.raises(RegistryError, match="no primary metric"):
-        tracking.register(tiny_pipelines["ner"]["pipeline"], "x", metrics={"metrics": {}})
+        registry.register(tiny_pipelines["ner"]["pipeline"], "x", metrics={"scores": {}})
     with pytest.raises(RegistryError, match="no primary metric"):
-        tracking.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=[1, 2])
+        registry.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=[1, 2])
     textcat_metrics = tiny_pipelines["textcat"]["evaluation"] / "metrics.json"
     with pytest.raises(RegistryError, match="textcat evaluation, the pipeline is ner"):
-        tracking.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=textcat_metrics)
+        registry.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=textcat_metrics)
     with pytest.raises(RegistryError, match="cannot be empty or hold quotes"):
-        tracking.register(tiny_pipelines["ner"]["pipeline"], "it's")
+        registry.register(tiny_pipelines["ner"]["pipeline"], "it's")
 
 
 def test_promotion_is_gated_on_the_same_evaluation_set(tiny_pipelines, mlflow_project, tmp_path):
     ner = tiny_pipelines["ner"]
-    client = MlflowClient(tracking.use_tracking())
+    client = MlflowClient(project.use_tracking())
     with pytest.raises(RegistryError, match="no 'challenger' version"):
-        tracking.promote("gated")
+        registry.promote("gated")
 
-    tracking.register(ner["pipeline"], "gated", metrics=_metrics(ner["evaluation"], 0.50))
-    first = tracking.promote("gated")
+    registry.register(ner["pipeline"], "gated", metrics=_metrics(ner["evaluation"], 0.50))
+    first = registry.promote("gated")
     assert first.promoted and first.reason == "no champion yet"
     assert str(client.get_model_version_by_alias("gated", "champion").version) == "1"
 
-    worse = tracking.register(_copy(ner["pipeline"], tmp_path, "worse"), "gated",
+    worse = registry.register(_copy(ner["pipeline"], tmp_path, "worse"), "gated",
                               metrics=_metrics(ner["evaluation"], 0.40))
-    decision = tracking.promote("gated")
+    decision = registry.promote("gated")
     assert not decision.promoted and (decision.challenger_score, decision.champion_score) == (0.40, 0.50)
     assert str(client.get_model_version_by_alias("gated", "champion").version) == "1"
     assert client.get_model_version("gated", worse.version).tags["promotion"].startswith("not promoted")
 
-    tracking.register(_copy(ner["pipeline"], tmp_path, "other-set"), "gated",
+    registry.register(_copy(ner["pipeline"], tmp_path, "other-set"), "gated",
                       metrics=_metrics(ner["evaluation"], 0.90, test_sha256="0" * 64))
     with pytest.raises(RegistryError, match="not evaluated on the same set"):
-        tracking.promote("gated")
+        registry.promote("gated")
 
-    better = tracking.register(_copy(ner["pipeline"], tmp_path, "better"), "gated",
+    better = registry.register(_copy(ner["pipeline"], tmp_path, "better"), "gated",
                                metrics=_metrics(ner["evaluation"], 0.60))
-    decision = tracking.promote("gated")
+    decision = registry.promote("gated")
     assert decision.promoted and decision.champion == "1" and decision.challenger == better.version
     assert str(client.get_model_version_by_alias("gated", "champion").version) == better.version
     assert len(client.search_model_versions("name = 'gated'")) == 4  # nothing deleted
@@ -212,12 +212,12 @@ def test_promotion_is_gated_on_the_same_evaluation_set(tiny_pipelines, mlflow_pr
 
 def test_promotion_can_evaluate_both_versions_on_a_test_file(tiny_pipelines, mlflow_project, tmp_path):
     textcat = tiny_pipelines["textcat"]
-    tracking.register(textcat["pipeline"], "tc", metrics=_metrics(textcat["evaluation"], 0.0))
-    tracking.promote("tc")
-    tracking.register(_copy(textcat["pipeline"], tmp_path, "same-weights"), "tc")  # no evaluation recorded
+    registry.register(textcat["pipeline"], "tc", metrics=_metrics(textcat["evaluation"], 0.0))
+    registry.promote("tc")
+    registry.register(_copy(textcat["pipeline"], tmp_path, "same-weights"), "tc")  # no evaluation recorded
     with pytest.raises(RegistryError, match="has no evaluation"):
-        tracking.promote("tc")
-    decision = tracking.promote("tc", test=textcat["test"])
+        registry.promote("tc")
+    decision = registry.promote("tc", test=textcat["test"])
     # same weights, same scores on the file: a tie does not beat the champion
     assert not decision.promoted and decision.challenger_score == decision.champion_score
-    assert decision.metric == "cats_accuracy"
+    assert decision.metric == "cats_score"

@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 
 from spacy_llm_components.build import build_pipeline, hf_component
 from spacy_llm_components.data import prepare
-from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune, last_complete_checkpoint
+from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune
+from spacy_llm_components.training import last_complete_checkpoint
 
 NER_TRAIN = "".join(
     f"{name} B-PER\n{surname} I-PER\nvisited O\n{city} B-LOC\n. O\n\n"
@@ -35,7 +36,7 @@ def ner_data(tmp_path_factory):
 
 # -- features --------------------------------------------------------------------------------------
 def test_ner_features_label_first_piece_of_each_word(ckpts):
-    nlp = build_pipeline("ner", str(ckpts["base"]), labels=["PER", "LOC"], device="cpu")
+    nlp = build_pipeline("ner", str(ckpts["base"]), settings={"labels": ["PER", "LOC"], "device": "cpu"})
     pipe = hf_component(nlp)
     doc = nlp.make_doc("Schwarzenegger visited Paris")
     doc.ents = [doc.char_span(0, 14, "PER"), doc.char_span(23, 28, "LOC")]
@@ -50,7 +51,7 @@ def test_ner_features_label_first_piece_of_each_word(ckpts):
 
 
 def test_ner_features_window_long_docs_like_predict(ckpts):
-    nlp = build_pipeline("ner", str(ckpts["base"]), labels=["PER"], device="cpu")
+    nlp = build_pipeline("ner", str(ckpts["base"]), settings={"labels": ["PER"], "device": "cpu"})
     pipe = hf_component(nlp)
     doc = nlp.make_doc(" ".join(["word"] * 150))  # 150 pieces, model input 64
     features = pipe.features([doc])
@@ -59,7 +60,7 @@ def test_ner_features_window_long_docs_like_predict(ckpts):
 
 
 def test_qa_features_point_at_the_answer(ckpts):
-    nlp = build_pipeline("qa", str(ckpts["qa"]), device="cpu")
+    nlp = build_pipeline("qa", str(ckpts["qa"]), settings={"device": "cpu"})
     pipe = hf_component(nlp)
     context = "The tower is in Paris and the river is the Seine."
     doc = nlp.make_doc(context)
@@ -74,7 +75,7 @@ def test_qa_features_point_at_the_answer(ckpts):
 
 
 def test_textcat_features(ckpts):
-    nlp = build_pipeline("textcat", str(ckpts["base"]), labels=["neg", "pos"], device="cpu")
+    nlp = build_pipeline("textcat", str(ckpts["base"]), settings={"labels": ["neg", "pos"], "device": "cpu"})
     doc = nlp.make_doc("great film")
     doc.cats = {"neg": 0.0, "pos": 1.0}
     (feature,) = hf_component(nlp).features([doc])
@@ -89,7 +90,7 @@ def test_finetune_saves_a_loadable_pipeline(ner_data, ckpts, tmp_path):
     out = tmp_path / "model"
     result = finetune("ner", ner_data.train, ner_data.dev, out, tiny_config(base_model=str(ckpts["base"])),
                       progress=False)
-    assert result.steps == 4 and result.word_pieces > 0 and result.best_step in (2, 4)
+    assert result.steps == 4 and result.training["word_pieces"] > 0 and result.best_step in (2, 4)
     assert not (out / "checkpoints").exists()  # removed after a finished run
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     evals = [e for e in log if "eval_ents_f" in e]
@@ -154,7 +155,7 @@ def test_finetune_textcat_and_qa(ckpts, tmp_path):
     data = prepare("textcat", tmp_path / "t.csv", tmp_path / "tc")
     result = finetune("textcat", data.train, data.dev, tmp_path / "tc-model",
                       tiny_config(base_model=str(ckpts["base"])), progress=False)
-    assert result.primary == "cats_accuracy"
+    assert result.primary == "cats_score"
     assert set(spacy.load(tmp_path / "tc-model")("good").cats) == {"neg", "pos"}
 
     qas = [{"id": str(i), "question": q, "answers": [{"text": a, "answer_start": s}]}

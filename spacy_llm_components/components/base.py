@@ -17,6 +17,7 @@ from spacy.tokens import Doc
 from spacy.util import ensure_path, minibatch
 
 from ..hf import Checkpoint, load_checkpoint, peek_labels, resolve_device, resolve_dtype, save_checkpoint
+from ..tasks import TaskSpec
 
 MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
 IGNORE_INDEX = -100  # label of positions the loss skips (torch's CrossEntropyLoss default)
@@ -111,7 +112,7 @@ class HFPipe(Pipe):
     pipeline was first built from, which may be gone).
     """
 
-    task: ClassVar[str]
+    spec: ClassVar[TaskSpec]
     output_names: ClassVar[Tuple[str, ...]] = ("logits",)
     per_token: ClassVar[bool] = True
 
@@ -166,7 +167,7 @@ class HFPipe(Pipe):
             self._set_checkpoint(
                 load_checkpoint(
                     self.model_name,
-                    self.task,
+                    self.spec,
                     labels=self._new_head_labels(),
                     problem_type=self._new_head_problem_type(),
                     device=self.device,
@@ -280,24 +281,28 @@ class HFPipe(Pipe):
         raise NotImplementedError
 
     # -- serialization -----------------------------------------------------------
+    # The component's settings live in the pipeline's config.cfg, as for spaCy's own components; its
+    # folder holds the checkpoint only. `exclude=["model"]` skips the checkpoint, as spaCy's
+    # serializers skip an excluded part.
     def to_disk(self, path, *, exclude: Iterable[str] = tuple()) -> None:
         """Weights (safetensors), tokenizer and label map go into `path/model`."""
         path = ensure_path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(self.checkpoint, path / MODEL_DIR)
-        srsly.write_json(path / "cfg", {"source": self.checkpoint.source, **self.cfg})
+        if MODEL_DIR not in exclude:
+            save_checkpoint(self.checkpoint, path / MODEL_DIR)
 
     def from_disk(self, path, *, exclude: Iterable[str] = tuple()) -> "HFPipe":
-        path = ensure_path(path)
-        model_dir = path / MODEL_DIR
+        if MODEL_DIR in exclude:
+            return self
+        model_dir = ensure_path(path) / MODEL_DIR
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{self.name}: no checkpoint folder at {model_dir}")
-        self._set_checkpoint(load_checkpoint(model_dir, self.task, device=self.device, dtype=self.dtype))
+        self._set_checkpoint(load_checkpoint(model_dir, self.spec, device=self.device, dtype=self.dtype))
         return self
 
     def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
         with tempfile.TemporaryDirectory() as tmp:
-            self.to_disk(Path(tmp) / "c")
+            self.to_disk(Path(tmp) / "c", exclude=exclude)
             files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
         return srsly.msgpack_dumps(files)
 
@@ -307,6 +312,6 @@ class HFPipe(Pipe):
             for rel, data in srsly.msgpack_loads(bytes_data).items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(data)
-            return self.from_disk(tmp / "c")
+            return self.from_disk(tmp / "c", exclude=exclude)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

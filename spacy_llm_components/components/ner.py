@@ -29,7 +29,8 @@ from ..decode import (
     tags_for_types,
     transitions,
 )
-from ..hf import CheckpointError
+from ..hf import DEFAULT_MODEL, CheckpointError
+from ..tasks import TASKS
 from .base import IGNORE_INDEX, Feature, HFPipe, span_record
 
 AGGREGATIONS = ("first", "mean")
@@ -40,7 +41,7 @@ logger = logging.getLogger("spacy_llm_components")
     "hf_ner",
     assigns=["doc.ents", "token.ent_iob", "token.ent_type"],
     default_config={
-        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "model": DEFAULT_MODEL,
         "labels": None,
         "scheme": "auto",
         "aggregation": "first",
@@ -54,7 +55,7 @@ logger = logging.getLogger("spacy_llm_components")
         "dtype": "float32",
         "scorer": {"@scorers": "spacy_llm_components.ner_scorer.v1"},
     },
-    default_score_weights={"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None},
+    default_score_weights=TASKS["ner"].score_weights,
 )
 def make_hf_ner(
     nlp: Language,
@@ -99,7 +100,7 @@ class HFEntityRecognizer(HFPipe):
     overlapping windows over word pieces whose logits are merged before decoding.
     """
 
-    task = "token-classification"
+    spec = TASKS["ner"]
 
     def __init__(self, nlp: Language, name: str, *, labels: Optional[List[str]], scheme: str, aggregation: str,
                  decoder: str, spans_key: Optional[str], overwrite_ents: bool, stride: int, **kwargs) -> None:

@@ -8,6 +8,8 @@ from spacy.tokens import Doc, Span, SpanGroup
 
 from ..align import snap_to_tokens, unit_piece_ranges, window_spans
 from ..decode import answer_candidates
+from ..hf import DEFAULT_MODEL
+from ..tasks import TASKS
 from .base import Feature, HFPipe, ModelInput, span_record
 
 ANSWER_LABEL = "ANSWER"
@@ -17,7 +19,7 @@ ANSWER_LABEL = "ANSWER"
     "hf_qa",
     assigns=["doc.spans"],
     default_config={
-        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "model": DEFAULT_MODEL,
         "questions": [],
         "spans_key": "answers",
         "top_k": 1,
@@ -32,7 +34,7 @@ ANSWER_LABEL = "ANSWER"
         "dtype": "float32",
         "scorer": {"@scorers": "spacy_llm_components.squad_scorer.v1"},
     },
-    default_score_weights={"qa_f1": 1.0, "qa_exact": 0.0},
+    default_score_weights=TASKS["qa"].score_weights,
 )
 def make_hf_qa(
     nlp: Language,
@@ -81,7 +83,7 @@ class HFQuestionAnswerer(HFPipe):
     gets no answer (SQuAD 2.0).
     """
 
-    task = "question-answering"
+    spec = TASKS["qa"]
     output_names = ("start_logits", "end_logits")
 
     def __init__(self, nlp: Language, name: str, *, questions: List[str], spans_key: str, top_k: int,

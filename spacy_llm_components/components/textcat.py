@@ -7,7 +7,9 @@ from spacy.language import Language
 from spacy.tokens import Doc
 
 from ..align import pack_units, refine_units, unit_piece_ranges
-from ..decode import softmax
+from ..decode import decide_labels, label_thresholds, softmax
+from ..hf import DEFAULT_MODEL
+from ..tasks import TASKS
 from .base import Feature, HFPipe, ModelInput
 
 POOLINGS = ("mean", "max")
@@ -17,7 +19,7 @@ POOLINGS = ("mean", "max")
     "hf_textcat",
     assigns=["doc.cats"],
     default_config={
-        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "model": DEFAULT_MODEL,
         "labels": None,
         "multi_label": None,
         "threshold": 0.5,
@@ -29,7 +31,7 @@ POOLINGS = ("mean", "max")
         "dtype": "float32",
         "scorer": {"@scorers": "spacy_llm_components.textcat_scorer.v1"},
     },
-    default_score_weights={"cats_score": 1.0},
+    default_score_weights=TASKS["textcat"].score_weights,
 )
 def make_hf_textcat(
     nlp: Language,
@@ -63,7 +65,7 @@ class HFTextCategorizer(HFPipe):
     are pooled (mean or max) before the softmax/sigmoid: never truncated.
     """
 
-    task = "text-classification"
+    spec = TASKS["textcat"]
     per_token = False
 
     def __init__(self, nlp: Language, name: str, *, labels: Optional[List[str]], multi_label: Optional[bool],
@@ -158,10 +160,12 @@ class HFTextCategorizer(HFPipe):
         return {"cats": {label: round(float(doc.cats[label]), 6) for label in self.labels if label in doc.cats}}
 
     def labels_for(self, doc: Doc) -> List[str]:
-        """The decision for a scored doc: labels at or over their threshold (multi-label), or the argmax."""
-        if not doc.cats:
+        """The decision for a scored doc: labels at or over their threshold (multi-label), or the argmax;
+        the same rule its scorer evaluates."""
+        labels = [label for label in self.labels if label in doc.cats]
+        if not labels:
             return []
-        if not self.multi_label:
-            return [max(doc.cats, key=doc.cats.__getitem__)]
-        per_label = self.cfg["thresholds"]
-        return [l for l, s in doc.cats.items() if s >= per_label.get(l, self.cfg["threshold"])]
+        probs = np.array([[doc.cats[label] for label in labels]])
+        thresholds = label_thresholds(labels, self.cfg["threshold"], self.cfg["thresholds"])
+        decided = decide_labels(probs, self.multi_label, thresholds)[0]
+        return [label for label, keep in zip(labels, decided) if keep]

@@ -1,11 +1,10 @@
 """Data preparation: user files (CoNLL, JSONL, CSV/TSV, SQuAD JSON, DocBin) -> reference Docs -> DocBin folders."""
 
-from .docbin import docbin_bytes, read_docbin, sha256_file
+from .docbin import docbin_bytes, read_docbin
 from .errors import BadRecord, DataError
-from .load import FORMATS, TASKS, Loaded, ReadOptions, load_docs, set_cats
-from .prepare import Prepared, describe, prepare
+from .load import load_docs
+from .prepare import Prepared, prepare
+from .types import Loaded, ReadOptions
 
-__all__ = [
-    "BadRecord", "DataError", "FORMATS", "TASKS", "Loaded", "Prepared", "ReadOptions",
-    "describe", "docbin_bytes", "load_docs", "prepare", "read_docbin", "set_cats", "sha256_file",
-]
+__all__ = ["BadRecord", "DataError", "Loaded", "Prepared", "ReadOptions", "docbin_bytes", "load_docs", "prepare",
+           "read_docbin"]

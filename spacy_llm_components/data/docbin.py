@@ -1,6 +1,5 @@
 """spaCy DocBin (`.spacy`) files: read with user data, written byte-for-byte deterministically."""
 
-import hashlib
 from pathlib import Path
 from typing import Iterable, List
 
@@ -29,10 +28,3 @@ def docbin_bytes(docs: Iterable[Doc]) -> bytes:
     db.strings = sorted(db.strings)  # type: ignore[assignment]  # to_bytes only iterates it
     return db.to_bytes()
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

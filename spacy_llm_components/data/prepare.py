@@ -8,19 +8,18 @@ moved into place only when all of them are complete.
 
 import hashlib
 import json
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import spacy
-from spacy.tokens import Doc
 
-from ..files import write_files
+from ..artifacts import LABELS, SUMMARY, json_bytes, write_files
 from .docbin import docbin_bytes
 from .errors import DataError
-from .load import Loaded, ReadOptions, cat_labels, load_docs, set_cats
+from .load import load_docs
 from .split import split_indices
+from .types import Loaded, ReadOptions
 
 FORMAT_VERSION = 1  # bump when the written docs change for the same input
 
@@ -57,6 +56,9 @@ def prepare(
 ) -> Prepared:
     """Read `train` (one file or several, concatenated) and `dev`, else carve a seeded, stratified dev
     split from train, and write the folder."""
+    from ..tasks import task_spec  # (tasks imports this package's readers)
+
+    spec = task_spec(task)
     nlp = spacy.blank(lang)
     train_paths = [Path(train)] if isinstance(train, (str, Path)) else [Path(p) for p in train]
     if not train_paths:
@@ -64,10 +66,7 @@ def prepare(
     parts = [load_docs(task, p, nlp, options=options, skip_bad=skip_bad) for p in train_paths]
     if dev is not None:
         parts.append(load_docs(task, dev, nlp, options=options, skip_bad=skip_bad))
-    labels, multi = _labels(task, parts, multi_label)
-    if task == "textcat":
-        for part in parts:
-            set_cats(part, labels, multi)
+    labels, multi = spec.labels(parts, multi_label)
     train_docs = [doc for part in parts[: len(train_paths)] for doc in part.docs]
     if dev is None:
         whole = _concat(parts)
@@ -79,47 +78,24 @@ def prepare(
     else:
         dev_docs = parts[-1].docs
     files = {"train.spacy": docbin_bytes(train_docs), "dev.spacy": docbin_bytes(dev_docs)}
-    label_info = {"task": task, "labels": labels, "multi_label": multi, "lang": lang}
+    label_info = {"task": spec.name, "labels": labels, "multi_label": multi, "lang": lang}
     summary = {
         **label_info,
         "content_hash": _content_hash(task, train_paths, dev, dev_fraction, seed, lang, options, multi_label, skip_bad),
         "inputs": {"train": [str(p) for p in train_paths], "dev": str(dev) if dev else None},  # as given
         "dev_from": "file" if dev else f"{dev_fraction:g} of train, seed {seed}",
-        "splits": {"train": describe(task, train_docs), "dev": describe(task, dev_docs)},
+        "splits": {"train": spec.describe(train_docs), "dev": spec.describe(dev_docs)},
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
         "skipped": {"count": sum(len(p.skipped) for p in parts),
                     "records": [r.to_dict() for p in parts for r in p.skipped]},
+        # tag sequences that broke their scheme, read leniently like conlleval (--strict refuses them)
+        "repaired": {"count": sum(len(p.repairs) for p in parts),
+                     "records": [r.to_dict() for p in parts for r in p.repairs]},
     }
-    files["labels.json"] = _json_bytes(label_info)
-    files["summary.json"] = _json_bytes(summary)
+    files[LABELS] = json_bytes(label_info)
+    files[SUMMARY] = json_bytes(summary)
     write_files(Path(output), files)
-    return Prepared(Path(output), task, labels, multi, summary)
-
-
-def _labels(task: str, parts: List[Loaded], multi_label: Optional[bool]):
-    if task == "textcat":
-        return cat_labels(parts, multi_label)
-    if task == "ner":
-        types = sorted({ent.label_ for part in parts for doc in part.docs for ent in doc.ents})
-        if not types:
-            raise DataError(parts[0].path, None, "no entities in the data")
-        return types, False
-    return [], False
-
-
-def describe(task: str, docs: List[Doc]) -> Dict[str, Any]:
-    """Counts for the summary: docs, and per label (textcat), per entity type (ner), or questions (qa)."""
-    out: Dict[str, Any] = {"docs": len(docs), "tokens": sum(len(d) for d in docs)}
-    if task == "textcat":
-        out["per_label"] = dict(sorted(Counter(l for d in docs for l, v in d.cats.items() if v >= 0.5).items()))
-    elif task == "ner":
-        out["entities"] = sum(len(d.ents) for d in docs)
-        out["per_label"] = dict(sorted(Counter(e.label_ for d in docs for e in d.ents).items()))
-    else:
-        qas = [qa for d in docs for qa in d._.qas]
-        out["questions"] = len(qas)
-        out["impossible"] = sum(qa["is_impossible"] for qa in qas)
-    return out
+    return Prepared(Path(output), spec.name, labels, multi, summary)
 
 
 def _concat(parts: List[Loaded]) -> Loaded:
@@ -145,7 +121,3 @@ def _content_hash(task: str, train: List[Path], dev: Optional[Union[str, Path]],
         digest.update(b"\0file\0" if path in train else b"\0dev\0")
         digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def _json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf8")

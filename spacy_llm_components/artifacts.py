@@ -1,0 +1,155 @@
+"""The files every stage writes and reads: their names, atomic writers, readers and content hashes.
+
+One owner, so that a stage never parses another stage's file its own way:
+- prepared data: `labels.json` (task, labels, language) and `summary.json` (counts, hashes);
+- a trained model folder (pipeline or encoder): `metrics.json` (best dev scores, training speed),
+  `training_log.jsonl` (one JSON object per Trainer log) and the `sllm` block of spaCy's `meta.json`;
+- an evaluation folder: `metrics.json` (scores, statistics, per-label scores, the test set's hash).
+
+Writes are atomic: a file (or a folder's set of files) is complete or absent, never half written.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+METRICS = "metrics.json"
+TRAINING_LOG = "training_log.jsonl"
+LABELS = "labels.json"
+SUMMARY = "summary.json"
+META = "meta.json"
+META_BLOCK = "sllm"  # our block inside spaCy's meta.json: task, data hashes, config, base model
+CHECKPOINTS = "checkpoints"  # Trainer checkpoints inside an output folder, removed after a finished run
+
+PathLike = Union[str, Path]
+
+
+class ArtifactError(ValueError):
+    """A file a stage needs is missing or unreadable: the message names it and says what writes it."""
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf8")
+
+
+def write_files(output: PathLike, files: Dict[str, bytes]) -> None:
+    """Write every file to a temporary folder beside `output`, then move them in: a failure while
+    writing leaves `output` as it was, never half an output."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        output.mkdir(exist_ok=True)
+        for name in files:
+            os.replace(tmp / name, output / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: PathLike, data: Any) -> Path:
+    """One JSON file, written to a temporary sibling and renamed into place."""
+    path = Path(path)
+    write_files(path.parent, {path.name: json_bytes(data)})
+    return path
+
+
+def append_log(folder: PathLike, entry: Dict[str, Any]) -> None:
+    """Append one entry to `folder/training_log.jsonl`."""
+    with open(Path(folder) / TRAINING_LOG, "a", encoding="utf8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def truncate_log(folder: PathLike, step: Optional[int]) -> None:
+    """A fresh run (step None) starts a new log; a resumed one drops the entries logged after `step`."""
+    path = Path(folder) / TRAINING_LOG
+    if not path.exists():
+        return
+    if step is None:
+        path.unlink()
+        return
+    kept = [entry for entry in read_log(folder) if entry.get("step", 0) <= step]
+    write_files(path.parent, {path.name: "".join(json.dumps(e) + "\n" for e in kept).encode("utf8")})
+
+
+# -- reading ------------------------------------------------------------------------------------------
+def read_json(path: PathLike, *, written_by: Optional[str] = None) -> Dict[str, Any]:
+    """A JSON object from `path`; {} when the file does not exist, unless `written_by` names the command
+    that writes it (then a missing file is an error saying so)."""
+    path = Path(path)
+    if not path.is_file():
+        if written_by:
+            raise ArtifactError(f"{path}: file does not exist (it is written by {written_by})")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_log(folder: PathLike) -> List[Dict[str, Any]]:
+    """The entries of `folder/training_log.jsonl`, in order ([] when there is none)."""
+    path = Path(folder) / TRAINING_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf8").splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """What `prepare` recorded about the labels of a data folder."""
+
+    task: str
+    labels: List[str]
+    multi_label: bool
+    lang: str
+
+
+def read_labels(data_file: PathLike) -> LabelInfo:
+    """The labels.json beside a prepared `.spacy` file."""
+    path = Path(data_file).parent / LABELS
+    info = read_json(path, written_by="`sllm prepare`, beside train.spacy and dev.spacy")
+    return LabelInfo(task=str(info.get("task")), labels=list(info.get("labels") or []),
+                     multi_label=bool(info.get("multi_label", False)), lang=str(info.get("lang") or "en"))
+
+
+def read_meta_block(pipeline: PathLike) -> Dict[str, Any]:
+    """The `sllm` block of a pipeline folder's meta.json ({} for a pipeline built by hand)."""
+    meta = read_json(Path(pipeline) / META)
+    return dict(meta.get(META_BLOCK) or {})
+
+
+# -- hashes -------------------------------------------------------------------------------------------
+def sha256_file(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(folder: PathLike, exclude: Iterable[str] = (CHECKPOINTS,)) -> str:
+    """One sha256 over a folder's relative file names and contents (skipping top-level `exclude`
+    entries): the identity of a pipeline or encoder folder, whatever its path or file dates."""
+    folder, skip = Path(folder), set(exclude)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        if rel.parts[0] in skip:
+            continue
+        digest.update(rel.as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()

@@ -1,0 +1,3 @@
+from spacy_llm_components.cli import app
+
+app()

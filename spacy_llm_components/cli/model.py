@@ -1,0 +1,172 @@
+"""`sllm prepare`, `finetune`, `evaluate`, `predict`, `export-hf`: one model, on this machine."""
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..data import DataError
+from ..train import FinetuneConfig
+from .common import (
+    BatchSize, LabelColumn, LabelSep, ModelArg, SkipBad, Strict, TaskArg, TextColumn, Track, app, check_task, fail,
+    read_options, with_settings,
+)
+
+
+@app.command("prepare")
+def prepare_command(
+    task: str = TaskArg,
+    inputs: List[Path] = typer.Argument(..., help="training file(s): CoNLL/JSONL/.spacy (ner), CSV/TSV/JSONL "
+                                                  "(textcat), SQuAD JSON (qa)"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for train.spacy, dev.spacy, labels.json, "
+                                                             "summary.json"),
+    dev: Optional[Path] = typer.Option(None, help="dev file; without it a seeded, stratified split of train"),
+    dev_fraction: float = typer.Option(0.1, help="share of train carved out as dev when no dev file is given"),
+    seed: int = typer.Option(0, help="seed of the dev split"),
+    lang: str = typer.Option("en", help="spaCy language of the tokenizer"),
+    text_column: str = TextColumn,
+    label_column: str = LabelColumn,
+    label_sep: Optional[str] = LabelSep,
+    strict: bool = Strict,
+    skip_bad: bool = SkipBad,
+) -> None:
+    """Turn labelled data into spaCy DocBin files for fine-tuning."""
+    from ..data import prepare
+    from ..tasks import task_spec
+
+    spec = task_spec(check_task(task))
+    try:
+        result = prepare(spec.name, inputs, output, dev=dev, dev_fraction=dev_fraction, seed=seed, lang=lang,
+                         options=read_options(text_column, label_column, label_sep, strict), skip_bad=skip_bad)
+    except (DataError, ValueError) as err:
+        fail(err)
+    s = result.summary
+    for split in ("train", "dev"):
+        typer.echo(f"{split}: {spec.summary_line(s['splits'][split])}")
+    for key, what in (("skipped", "skipped {} bad record(s):"),
+                      ("repaired", "repaired {} tag sequence(s) that broke their scheme (--strict refuses them):")):
+        if s[key]["count"]:
+            typer.echo(what.format(s[key]["count"]), err=True)
+            for record in s[key]["records"][:20]:
+                typer.echo(f"  {record['path']}, {record['where']}: {record['problem']}", err=True)
+    typer.echo(f"wrote {output} (content hash {s['content_hash'][:12]})")
+
+
+@app.command("finetune")
+@with_settings(FinetuneConfig, "config")
+def finetune_command(
+    task: str = TaskArg,
+    train: Path = typer.Option(..., help="train.spacy from `sllm prepare`"),
+    dev: Path = typer.Option(..., help="dev.spacy from `sllm prepare`"),
+    output: Path = typer.Option(..., "--output", "-o", help="spaCy pipeline folder to write"),
+    gpu_id: Optional[int] = typer.Option(None, help="spaCy style: -1 for CPU, N for cuda:N (overrides --device)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint"),
+    keep_checkpoints: bool = typer.Option(False, help="keep OUTPUT/checkpoints after a finished run"),
+    track: bool = Track,
+    config: FinetuneConfig = None,
+) -> None:
+    """Fine-tune a Hugging Face model with the Trainer and save a spaCy pipeline."""
+    from ..train import finetune
+    from ..training import is_main_process
+
+    task = check_task(task)
+    if gpu_id is not None:
+        config.device = "cpu" if gpu_id < 0 else f"cuda:{gpu_id}"
+    try:
+        result = finetune(task, train, dev, output, config, resume=resume, keep_checkpoints=keep_checkpoints)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: continue with the same command plus --resume (checkpoints in {output}/checkpoints)",
+                   err=True)
+        raise typer.Exit(code=130)
+    except (DataError, ValueError) as err:
+        fail(err)
+    typer.echo(result.summary())
+    if track and is_main_process():  # under torchrun, one process logs
+        from ..project import tracking_uri
+        from ..runs import log_finetune
+
+        typer.echo(f"MLflow run {log_finetune(output)} in {tracking_uri()}")
+
+
+def local_model(model: str) -> Path:
+    """The pipeline folder behind a folder or models:/ reference, or exit 2 saying why not."""
+    from ..registry import local_pipeline
+
+    try:
+        return local_pipeline(model)
+    except ValueError as err:
+        fail(err)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: str = ModelArg,
+    test: Path = typer.Argument(..., help="test data in any format `sllm prepare` reads"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for metrics.json, report.md, confusion.png"),
+    batch_size: Optional[int] = BatchSize,
+    text_column: str = TextColumn,
+    label_column: str = LabelColumn,
+    label_sep: Optional[str] = LabelSep,
+    skip_bad: bool = SkipBad,
+    track: bool = Track,
+) -> None:
+    """Score a model on test data through nlp.pipe; write metrics and a report."""
+    from ..evaluate import evaluate
+
+    try:
+        result = evaluate(model, test, output, options=read_options(text_column, label_column, label_sep),
+                          skip_bad=skip_bad, batch_size=batch_size)
+    except (DataError, ValueError) as err:
+        fail(err)
+    st = result.statistics
+    typer.echo(f"{result.primary}: {100 * result.primary_score:.2f} on {st['docs']:,} docs "
+               f"({st['docs_per_second']:,} docs/s, {st['words_per_second']:,} words/s)")
+    typer.echo(f"wrote {output}/metrics.json and {output}/report.md")
+    if track:
+        from ..project import tracking_uri
+        from ..runs import log_evaluation
+
+        typer.echo(f"MLflow run {log_evaluation(output)} in {tracking_uri()}")
+
+
+@app.command("predict")
+def predict_command(
+    model: str = ModelArg,
+    input_path: Path = typer.Argument(..., help='JSONL: {"text": ..., "questions": [...]} per line'),
+    output_path: Path = typer.Argument(..., help="JSONL: each input record plus cats / ents / answers"),
+    batch_size: Optional[int] = BatchSize,
+    skip_bad: bool = SkipBad,
+) -> None:
+    """Stream records through the model (constant memory) and write predictions."""
+    import spacy
+
+    from ..predict import predict_file
+
+    nlp = spacy.load(local_model(model))
+    try:
+        report = predict_file(nlp, input_path, output_path, batch_size=batch_size, skip_bad=skip_bad)
+    except (DataError, ValueError) as err:
+        fail(err)
+    for record in report["skipped"][:20]:
+        typer.echo(f"skipped {record['path']}, {record['where']}: {record['problem']}", err=True)
+    typer.echo(f"wrote {report['written']:,} records to {output_path}"
+               + (f" ({len(report['skipped'])} skipped)" if report["skipped"] else ""))
+
+
+@app.command("export-hf")
+def export_hf_command(
+    model: str = ModelArg,
+    component: str = typer.Argument(..., help="name of the hf_* component in the pipeline"),
+    output: Path = typer.Argument(..., help="folder to write (save_pretrained layout)"),
+) -> None:
+    """Write a component's model and tokenizer as a plain Hugging Face folder."""
+    import spacy
+
+    from ..export import export_hf
+
+    nlp = spacy.load(local_model(model))
+    try:
+        path = export_hf(nlp, component, output)
+    except ValueError as err:
+        fail(err)
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,297 @@
+"""The model registry: register a pipeline as a model version, promote the challenger when it is
+better on the same evaluation set, and resolve any model reference (a pipeline folder,
+`models:/NAME@alias`, `models:/NAME/VERSION`) to a local pipeline folder."""
+
+import atexit
+import shutil
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .artifacts import META, read_json, sha256_tree
+from .project import environment_tags, experiment_id, tracking_uri, use_tracking
+from .runs import PIPELINE_ARTIFACT, pipeline_info, without_checkpoints
+from .serving import pyfunc_model
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_NAME = "model"  # the logged model's name inside its run
+
+
+class RegistryError(ValueError):
+    """A registry operation cannot be done as asked: the message says why."""
+
+
+@dataclass
+class ModelVersionInfo:
+    name: str
+    version: str
+    run_id: Optional[str]
+    tags: Dict[str, str]
+    created: bool  # False when this very pipeline was registered before
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def to_json(self) -> Dict[str, Any]:
+        return {**asdict(self), "uri": self.uri}
+
+
+def evaluation_tags(metrics: Any, task: str) -> Dict[str, str]:
+    """Registry tags from an evaluation's metrics.json: the primary metric, its value, the test
+    set's hash (what promotion compares on), every score and the measured speed."""
+    scores = metrics.get("scores") if isinstance(metrics, dict) else None
+    primary = metrics.get("primary") if isinstance(metrics, dict) else None
+    if not isinstance(scores, dict) or not isinstance(primary, str) or not isinstance(scores.get(primary), (int, float)):
+        raise RegistryError("the metrics JSON has no primary metric: pass the metrics.json `sllm evaluate -o` writes")
+    if metrics.get("task") not in (None, task):
+        raise RegistryError(f"the metrics are of a {metrics['task']} evaluation, the pipeline is {task}")
+    statistics = metrics.get("statistics") or {}
+    tags = {"primary_metric": primary, "primary_value": repr(float(scores[primary])),
+            "eval_sha256": str(metrics.get("test_sha256") or ""), "eval_docs": str(statistics.get("docs", ""))}
+    tags.update({f"metric.{k}": repr(v) for k, v in scores.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    tags.update({f"speed.{k}": repr(statistics[k]) for k in ("docs_per_second", "words_per_second",
+                                                               "word_pieces_per_second") if statistics.get(k)})
+    return tags
+
+
+def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[str, Path, Dict]] = None,
+             experiment: Optional[str] = None) -> ModelVersionInfo:
+    """Log `pipeline` as a pyfunc model and make it a new version of registered model `name`,
+    tagged with its task, data hashes and (given an evaluation's metrics.json) its scores; the
+    version gets the alias `challenger`. The same pipeline registered again returns its existing
+    version (its metric tags refreshed) instead of a duplicate."""
+    pipeline = Path(pipeline).resolve()
+    if not name or any(c in name for c in "'\"\\/@"):
+        raise RegistryError(f"{name!r}: a registered model name cannot be empty or hold quotes, slashes or @")
+    info = pipeline_info(pipeline)
+    if isinstance(metrics, (str, Path)):
+        metrics = read_json(metrics, written_by="`sllm evaluate -o FOLDER`")
+    eval_tags = evaluation_tags(metrics, info["task"]) if metrics else {}
+    fingerprint = sha256_tree(pipeline)
+    tags = {"task": info["task"], "base_model": str(info.get("base_model", "")),
+            "train_sha256": str(info.get("train_sha256", "")), "dev_sha256": str(info.get("dev_sha256", "")),
+            "pipeline_sha256": fingerprint, **eval_tags}
+    use_tracking()
+    client = MlflowClient()
+    existing = _version_with_tag(client, name, "pipeline_sha256", fingerprint)
+    if existing is not None:
+        for key, value in eval_tags.items():
+            client.set_model_version_tag(name, existing.version, key, value)
+        client.set_registered_model_alias(name, CHALLENGER, existing.version)
+        return ModelVersionInfo(name, str(existing.version), existing.run_id, {**existing.tags, **eval_tags}, False)
+
+    with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=f"register-{name}",
+                          tags={"sllm.step": "register", **tags, **environment_tags()}) as run:
+        if eval_tags:
+            mlflow.log_metrics({k[len("metric."):]: float(v) for k, v in eval_tags.items() if k.startswith("metric.")})
+        with without_checkpoints(pipeline) as folder:
+            logged = mlflow.pyfunc.log_model(name=MODEL_NAME, **pyfunc_model(folder, info["task"]))
+    version = mlflow.register_model(logged.model_uri, name, tags=tags)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return ModelVersionInfo(name, str(version.version), run.info.run_id, tags, True)
+
+
+def _version_with_tag(client: MlflowClient, name: str, key: str, value: str):
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return None
+    found = client.search_model_versions(f"name = '{name}' and tags.{key} = '{value}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def version_by_alias(name: str, alias: str):
+    """The model version behind `name@alias`, or None when the alias (or the model) does not exist."""
+    use_tracking()
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+@dataclass
+class PromotionDecision:
+    name: str
+    promoted: bool
+    reason: str
+    metric: Optional[str]
+    challenger: Optional[str]
+    challenger_score: Optional[float]
+    champion: Optional[str]  # the champion before the decision
+    champion_score: Optional[float]
+    run_id: Optional[str] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def promote(name: str, *, test: Optional[Union[str, Path]] = None,
+            experiment: Optional[str] = None) -> PromotionDecision:
+    """Move `champion` to the `challenger` version if it beats the champion's primary metric on the
+    same evaluation set (or there is no champion). Scores come from the versions' evaluation tags,
+    or, with `test`, from evaluating both versions on that file now. Versions are never deleted;
+    the decision and both scores are logged as an MLflow run and as tags on the challenger."""
+    use_tracking()
+    client = MlflowClient()
+    challenger = version_by_alias(name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"registered model {name!r} has no {CHALLENGER!r} version: register one with "
+                            f"`sllm register PIPELINE --name {name}`")
+    champion = version_by_alias(name, CHAMPION)
+    if champion is not None and champion.version == challenger.version:
+        return _decide(client, name, False, "the challenger already is the champion", challenger, champion,
+                       _tag_score(challenger), _tag_score(challenger), experiment)
+    if test is not None:
+        scores = {v.version: _evaluate_version(name, v.version, test) for v in filter(None, (challenger, champion))}
+        metric = scores[challenger.version][0]
+        ch_score = scores[challenger.version][1]
+        cp_score = scores[champion.version][1] if champion is not None else None
+    else:
+        metric, ch_score = _tag_score(challenger)
+        if metric is None:
+            raise RegistryError(f"{name} version {challenger.version} has no evaluation: register it with "
+                                f"--metrics EVAL/metrics.json, or pass --test FILE to evaluate it now")
+        cp_score = None
+        if champion is not None:
+            cp_metric, cp_score = _tag_score(champion)
+            same_set = champion.tags.get("eval_sha256") and \
+                champion.tags.get("eval_sha256") == challenger.tags.get("eval_sha256")
+            if cp_metric != metric or not same_set:
+                raise RegistryError(
+                    f"{name} versions {champion.version} (champion) and {challenger.version} (challenger) were not "
+                    f"evaluated on the same set with the same metric; pass --test FILE to evaluate both on it")
+    if champion is None:
+        return _decide(client, name, True, "no champion yet", challenger, None, (metric, ch_score), (metric, None),
+                       experiment)
+    if ch_score > cp_score:
+        return _decide(client, name, True, f"challenger {metric} {ch_score:.4f} > champion {cp_score:.4f}",
+                       challenger, champion, (metric, ch_score), (metric, cp_score), experiment)
+    return _decide(client, name, False, f"challenger {metric} {ch_score:.4f} does not beat champion {cp_score:.4f}",
+                   challenger, champion, (metric, ch_score), (metric, cp_score), experiment)
+
+
+def _tag_score(version) -> tuple:
+    metric, value = version.tags.get("primary_metric"), version.tags.get("primary_value")
+    return (metric, float(value)) if metric and value is not None else (None, None)
+
+
+def _evaluate_version(name: str, version: str, test: Union[str, Path]) -> tuple:
+    from .evaluate import evaluate
+
+    result = evaluate(local_pipeline(f"models:/{name}/{version}"), test)
+    return result.primary, result.primary_score
+
+
+def _decide(client: MlflowClient, name: str, promoted: bool, reason: str, challenger, champion,
+            ch: tuple, cp: tuple, experiment: Optional[str]) -> PromotionDecision:
+    decision = PromotionDecision(name, promoted, reason, ch[0], str(challenger.version), ch[1],
+                                 str(champion.version) if champion is not None else None, cp[1])
+    with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=f"promote-{name}",
+                          tags={"sllm.step": "promote", "decision": "promoted" if promoted else "kept",
+                                "reason": reason}) as run:
+        mlflow.log_params({"model": name, "metric": decision.metric, "challenger_version": decision.challenger,
+                           "champion_version": decision.champion})
+        mlflow.log_metrics({k: v for k, v in (("challenger_score", decision.challenger_score),
+                                               ("champion_score", decision.champion_score)) if v is not None})
+    decision.run_id = run.info.run_id
+    client.set_model_version_tag(name, challenger.version, "promotion",
+                                 f"{'promoted' if promoted else 'not promoted'}: {reason}")
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+    return decision
+
+
+# ---------------------------------------------------------------------------------------------
+# Model references: the one resolver
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
+
+    name: str
+    version: Optional[str] = None
+    alias: Optional[str] = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}" if self.version else f"models:/{self.name}@{self.alias}"
+
+
+def is_model_uri(model: Union[str, Path]) -> bool:
+    return isinstance(model, str) and model.startswith("models:/")
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    """`models:/NAME@alias` or `models:/NAME/3` -> ModelRef (no registry access)."""
+    body = uri[len("models:/"):] if is_model_uri(uri) else ""
+    name, _, ref = body.partition("@") if "@" in body else body.rpartition("/")
+    if not name or not ref or "/" in name:
+        raise RegistryError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if "@" in body:
+        return ModelRef(name, alias=ref)
+    if not ref.isdigit():
+        raise RegistryError(f"{uri!r}: the version after the last / must be a number (or use models:/NAME@ALIAS)")
+    return ModelRef(name, version=ref)
+
+
+def pin_model(model: Union[str, Path]) -> str:
+    """A registry URI with its alias replaced by the version behind it now (a long job then uses one
+    version throughout, wherever the alias moves); a pipeline folder as an absolute path."""
+    if not is_model_uri(model):
+        path = Path(model).resolve()
+        if not (path / META).is_file():
+            raise RegistryError(f"{model}: neither a models:/ URI nor a spaCy pipeline folder (no {META})")
+        return str(path)
+    ref = parse_model_uri(str(model))
+    if ref.version:
+        return ref.uri
+    version = version_by_alias(ref.name, ref.alias)
+    if version is None:
+        raise RegistryError(f"{model}: registered model {ref.name!r} has no alias {ref.alias!r}")
+    return ModelRef(ref.name, version=str(version.version)).uri
+
+
+_DOWNLOADS: Dict[Tuple[str, str, str], Path] = {}
+_DOWNLOAD_LOCK = threading.Lock()
+_DOWNLOAD_ROOT: Optional[Path] = None
+
+
+def local_pipeline(model: Union[str, Path]) -> Path:
+    """The local spaCy pipeline folder of a model reference: a pipeline folder as it is, a `models:/`
+    URI downloaded from the artifact store once per process and version (removed when the process
+    exits)."""
+    global _DOWNLOAD_ROOT
+    pinned = pin_model(model)
+    if not is_model_uri(pinned):
+        return Path(pinned)
+    ref = parse_model_uri(pinned)
+    key = (tracking_uri(), ref.name, ref.version)
+    with _DOWNLOAD_LOCK:
+        if key not in _DOWNLOADS:
+            from mlflow.models import Model
+
+            if _DOWNLOAD_ROOT is None:
+                _DOWNLOAD_ROOT = Path(tempfile.mkdtemp(prefix="sllm-models-"))
+                atexit.register(shutil.rmtree, _DOWNLOAD_ROOT, ignore_errors=True)
+            target = _DOWNLOAD_ROOT / f"{len(_DOWNLOADS)}-{ref.name}-{ref.version}"
+            local = Path(mlflow.artifacts.download_artifacts(ref.uri, dst_path=str(target)))
+            artifacts = Model.load(local).flavors["python_function"]["artifacts"]
+            _DOWNLOADS[key] = local / artifacts[PIPELINE_ARTIFACT]["path"]
+        return _DOWNLOADS[key]
+
+
+def check_servable(name: str, alias: str = CHAMPION) -> None:
+    if version_by_alias(name, alias) is None:
+        raise RegistryError(f"registered model {name!r} has no {alias!r} version"
+                            + (f"; promote one with `sllm promote {name}`" if alias == CHAMPION else ""))

@@ -1,0 +1,121 @@
+"""MLflow runs: one per fine-tune and one per evaluation, keyed on the files those stages write
+(a pipeline folder's meta.json `sllm` block, metrics.json and training_log.jsonl; an evaluation
+folder's metrics.json, report.md and confusion.png), so the CLI, the flows and `project.yml` log
+the same way."""
+
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Union
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from . import artifacts
+from .artifacts import CHECKPOINTS, METRICS, ArtifactError
+from .project import environment_tags, experiment_id
+
+PIPELINE_ARTIFACT = "pipeline"  # the pipeline folder inside a run's (or a logged model's) artifacts
+
+
+def numbers(data: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
+    """Numeric leaves of a nested dict as flat MLflow metric names (`dev.ents_f`)."""
+    out: Dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(numbers(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[metric_key(name)] = float(value)
+    return out
+
+
+def metric_key(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in name)
+
+
+def pipeline_info(pipeline: Union[str, Path]) -> Dict[str, Any]:
+    """What fine-tuning recorded in a pipeline folder: the `sllm` block of meta.json (task, data
+    hashes, labels, config, base model) and its metrics.json (as `finetune_metrics`)."""
+    pipeline = Path(pipeline)
+    if not (pipeline / artifacts.META).is_file():
+        raise ArtifactError(f"{pipeline}: not a spaCy pipeline folder (no meta.json)")
+    info = artifacts.read_meta_block(pipeline)
+    if "task" not in info:  # a pipeline assembled by hand: ask its component
+        import spacy
+
+        from .build import task_of
+
+        info["task"] = task_of(spacy.load(pipeline)).name
+    return {**info, "finetune_metrics": artifacts.read_json(pipeline / METRICS)}
+
+
+def log_finetune(pipeline: Union[str, Path], *, data_summary: Optional[Dict[str, Any]] = None,
+                 run_name: Optional[str] = None, experiment: Optional[str] = None) -> str:
+    """One MLflow run for a finished fine-tune: its settings as params, every logged step's loss and
+    dev metrics at their step and time, data hashes, base model and versions as tags, and the pipeline
+    folder (with metrics.json and training_log.jsonl) as artifacts. Returns the run id."""
+    pipeline = Path(pipeline)
+    info = pipeline_info(pipeline)
+    metrics = info["finetune_metrics"]
+    tags = {"sllm.step": "finetune", "task": info["task"], "base_model": str(info.get("base_model", "")),
+            "train_sha256": str(info.get("train_sha256", "")), "dev_sha256": str(info.get("dev_sha256", "")),
+            **{k: str(v) for k, v in (info.get("encoder") or {}).items()}, **environment_tags()}
+    if data_summary:
+        tags["data_content_hash"] = str(data_summary.get("content_hash", ""))
+    with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name or f"finetune-{info['task']}",
+                          tags=tags) as run:
+        mlflow.log_params({k: ("" if v is None else v) for k, v in (info.get("config") or {}).items()})
+        mlflow.log_params({"labels": ",".join(info.get("labels") or [])[:6000], "multi_label": info.get("multi_label")})
+        log_steps(run.info.run_id, pipeline)
+        mlflow.log_metrics({f"best.{k}": v for k, v in numbers(metrics.get("dev") or {}).items()})
+        mlflow.log_metrics(numbers(metrics.get("training") or {}, "training."))
+        if data_summary:
+            mlflow.log_dict(data_summary, "data_summary.json")
+        with without_checkpoints(pipeline) as folder:
+            mlflow.log_artifacts(str(folder), PIPELINE_ARTIFACT)
+    return run.info.run_id
+
+
+def log_steps(run_id: str, folder: Path) -> None:
+    """Every numeric value of `folder/training_log.jsonl` as a metric at its step and logging time."""
+    now = int(time.time() * 1000)
+    stepped = [Metric(metric_key(k), float(v), int(1000 * e["time"]) if "time" in e else now, int(e.get("step", 0)))
+               for e in artifacts.read_log(folder) for k, v in e.items()
+               if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    client = MlflowClient()
+    for start in range(0, len(stepped), 900):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=stepped[start:start + 900])
+
+
+@contextmanager
+def without_checkpoints(folder: Path) -> Iterator[Path]:
+    """The folder, or a temporary copy of it without the Trainer checkpoints it may hold."""
+    if not (folder / CHECKPOINTS).exists():
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="sllm-folder-") as tmp:
+        copy = Path(tmp) / folder.name
+        shutil.copytree(folder, copy, ignore=lambda d, names: [CHECKPOINTS] if Path(d) == folder else [])
+        yield copy
+
+
+def log_evaluation(evaluation: Union[str, Path], *, run_name: Optional[str] = None,
+                   experiment: Optional[str] = None) -> str:
+    """One MLflow run for an evaluation folder (`sllm evaluate -o`): every score and statistic, the
+    per-label scores, the test set's hash, and report.md, metrics.json and confusion.png as artifacts."""
+    evaluation = Path(evaluation)
+    data = artifacts.read_json(evaluation / METRICS, written_by=f"`sllm evaluate -o {evaluation}`")
+    tags = {"sllm.step": "evaluate", "task": str(data.get("task", "")), "primary_metric": str(data.get("primary")),
+            "test_sha256": str(data.get("test_sha256") or ""), **environment_tags()}
+    with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name or f"evaluate-{data.get('task')}",
+                          tags=tags) as run:
+        mlflow.log_params({"pipeline": data.get("pipeline"), "test": data.get("test")})
+        mlflow.log_metrics(numbers(data.get("scores") or {}))
+        mlflow.log_metrics(numbers(data.get("statistics") or {}, "statistics."))
+        mlflow.log_metrics(numbers(data.get("per_label") or {}, "per_label."))
+        mlflow.log_artifacts(str(evaluation), "evaluation")
+    return run.info.run_id

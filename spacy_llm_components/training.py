@@ -1,0 +1,211 @@
+"""What every training stage (fine-tuning, pre-training, distillation) shares around the Hugging Face
+`Trainer`: settings declared once (and turned into CLI options), checkpoints and resume, the
+precision for a device, the JSONL log, timing that keeps evaluation and checkpointing out of the
+throughput, and the rule that one process writes under torchrun.
+"""
+
+import logging
+import os
+import time
+from dataclasses import MISSING, Field, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from . import artifacts
+from .artifacts import CHECKPOINTS, read_json, write_json
+
+logger = logging.getLogger("spacy_llm_components")
+
+RUN_FILE = "run.json"  # in OUTPUT/checkpoints: settings and data hashes of the run the checkpoints belong to
+
+
+class TrainingError(ValueError):
+    """Training cannot start as asked: the message says why and what to do."""
+
+
+def setting(default: Any, help: str) -> Field:
+    """A field of a training config, with the help text its CLI option shows."""
+    return field(default=default, metadata={"help": help})
+
+
+def defaults(config_class) -> Dict[str, Any]:
+    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+
+
+# -- processes ---------------------------------------------------------------------------------------
+def world_size() -> int:
+    """Processes under torchrun / accelerate launch (1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def precision_for(device: torch.device) -> str:
+    """bf16 on CUDA devices that support it, fp16 on older ones, fp32 on CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def distributed_backend(device: torch.device) -> Optional[str]:
+    """gloo for several CPU processes (NCCL, the default, needs GPUs)."""
+    return "gloo" if device.type == "cpu" and world_size() > 1 else None
+
+
+# -- checkpoints and resume --------------------------------------------------------------------------
+def checkpoint_step(checkpoint: "str | Path") -> int:
+    """The step of a Trainer checkpoint folder (`checkpoint-N`)."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Optional[str]:
+    """The newest `checkpoint-N` the Trainer finished writing (trainer_state.json is written last);
+    one cut short by a kill during saving is skipped."""
+    if not checkpoints.is_dir():
+        return None
+    done = [p for p in checkpoints.glob("checkpoint-*")
+            if p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=checkpoint_step)) if done else None
+
+
+def check_resume(output: Path, run: Dict[str, Any], resume: bool, same: List[str]) -> Optional[str]:
+    """The checkpoint to continue from, or None for a fresh start. An interrupted run is never
+    overwritten without `resume`, and is resumed only with the same values of `same` (data hashes);
+    other changed settings are allowed, with a warning."""
+    checkpoints = output / CHECKPOINTS
+    last = last_complete_checkpoint(checkpoints)
+    if last and not resume:
+        raise TrainingError(f"{checkpoints} holds an interrupted run (last checkpoint {Path(last).name}); "
+                            "pass --resume to continue it, or delete that folder to start over")
+    if not last:
+        if resume:
+            logger.warning("%s: no checkpoint to resume from; starting from the beginning", checkpoints)
+        return None
+    previous = read_json(checkpoints / RUN_FILE)
+    for key in same:
+        if previous.get(key) != run[key]:
+            raise TrainingError(f"{checkpoints}: the interrupted run used another {key.split('_')[0]} "
+                                f"({str(previous.get(key))[:80]!r}); resume with the same data, or delete the folder")
+    changed = sorted(k for k in run["config"] if previous.get("config", {}).get(k) != run["config"][k])
+    if changed:
+        logger.warning("resuming with changed settings %s: the result differs from an uninterrupted run", changed)
+    return last
+
+
+def start_run(output: Path, run: Dict[str, Any], resume_from: Optional[str]) -> None:
+    """Record the run beside its checkpoints and start (or trim) its log; only then is anything written."""
+    if not is_main_process():
+        return
+    (output / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    write_json(output / CHECKPOINTS / RUN_FILE, run)
+    artifacts.truncate_log(output, checkpoint_step(resume_from) if resume_from else None)
+
+
+# -- callbacks and timing ----------------------------------------------------------------------------
+class EvaluateAtEnd(TrainerCallback):
+    """Evaluate and save at the last step too, so the final weights compete for 'best'."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+            control.should_save = True
+        return control
+
+
+class JsonlLog(TrainerCallback):
+    """Appends every Trainer log (loss, learning rate, dev metrics) to OUTPUT/training_log.jsonl, with the
+    time it was logged."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            artifacts.append_log(self.output, {"step": state.global_step, "epoch": state.epoch,
+                                               "time": round(time.time(), 3), **logs})
+
+
+class TimedTrainer(Trainer):
+    """A Trainer that times checkpoint saving and best-model reloading apart from training, so
+    throughput counts training only (subclasses add evaluation time to `eval_seconds`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_seconds = 0.0
+        self.checkpoint_seconds = 0.0
+
+    def _save_checkpoint(self, model, trial):
+        start = time.perf_counter()
+        try:
+            return super()._save_checkpoint(model, trial)
+        finally:
+            self.checkpoint_seconds += time.perf_counter() - start
+
+    def _load_best_model(self):
+        start = time.perf_counter()
+        try:
+            return super()._load_best_model()
+        finally:
+            self.checkpoint_seconds += time.perf_counter() - start
+
+    def speed(self, train_runtime: float, word_pieces: int, wall_seconds: float, device: torch.device,
+              precision: str, resumed_from: Optional[str]) -> Dict[str, Any]:
+        """The `training` block of metrics.json."""
+        train_seconds = max(train_runtime - self.eval_seconds - self.checkpoint_seconds, 0.0)
+        return {"steps": self.state.global_step, "wall_seconds": round(wall_seconds, 2),
+                "train_seconds": round(train_seconds, 2), "eval_seconds": round(self.eval_seconds, 2),
+                "checkpoint_seconds": round(self.checkpoint_seconds, 2), "word_pieces": word_pieces,
+                "word_pieces_per_second": round(word_pieces / train_seconds, 1) if train_seconds else 0.0,
+                "device": str(device), "precision": precision, "world_size": world_size(),
+                "resumed_from": checkpoint_step(resumed_from) if resumed_from else None}
+
+
+class CountingCollator:
+    """A collator that counts the real (unpadded) word pieces of the batches it makes, and drops
+    token_type_ids for models that take none."""
+
+    def __init__(self, pad, tokenizer) -> None:
+        self.pad = pad
+        self.keep_types = "token_type_ids" in tokenizer.model_input_names
+        self.word_pieces = 0
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        if not self.keep_types:
+            features = [{k: v for k, v in f.items() if k != "token_type_ids"} for f in features]
+        batch = self.pad(features)
+        self.word_pieces += int(batch["attention_mask"].sum())
+        return batch
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def training_arguments(output: Path, *, device: torch.device, seed: int, batch_size: int, grad_accum: int,
+                       lr: float, weight_decay: float, warmup_ratio: float, epochs: float, max_steps: int,
+                       eval_steps: int, save_total_limit: int, metric: str, greater_is_better: bool,
+                       progress: bool, **extra: Any):
+    """TrainingArguments every stage shares: linear warmup and decay, evaluation and a checkpoint every
+    `eval_steps` (best by `metric` reloaded at the end), precision for the device, gloo across CPU
+    processes, seeded data order, no external reporting."""
+    from transformers import TrainingArguments
+
+    precision = precision_for(device)
+    return TrainingArguments(
+        output_dir=str(output / CHECKPOINTS), num_train_epochs=epochs, max_steps=max_steps,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, learning_rate=lr,
+        weight_decay=weight_decay, warmup_ratio=warmup_ratio, lr_scheduler_type="linear",
+        eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps,
+        save_total_limit=save_total_limit, load_best_model_at_end=True, metric_for_best_model=metric,
+        greater_is_better=greater_is_better, logging_strategy="steps", logging_steps=max(1, min(50, eval_steps)),
+        seed=seed, data_seed=seed,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience survives a resume
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
+        ddp_backend=distributed_backend(device), report_to="none", disable_tqdm=not progress,
+        dataloader_num_workers=0, remove_unused_columns=False, save_safetensors=True, **extra)
