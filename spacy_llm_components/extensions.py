@@ -8,7 +8,8 @@ answer over the same characters would share one `score`. These attributes are
 keyed by offsets, label and span id instead, and never collide.
 """
 
-from typing import Any, Callable, Tuple
+from functools import partial
+from typing import Any, Tuple
 
 from spacy.tokens import Doc, Span
 
@@ -17,22 +18,21 @@ def _key(span: Span, name: str) -> Tuple[Any, ...]:
     return ("sllm", name, span.start_char, span.end_char, span.label, span.id)
 
 
-def _getter(name: str) -> Callable[[Span], Any]:
-    return lambda span: span.doc.user_data.get(_key(span, name))
+def _get(name: str, span: Span) -> Any:
+    return span.doc.user_data.get(_key(span, name))
 
 
-def _setter(name: str) -> Callable[[Span, Any], None]:
-    def set_value(span: Span, value: Any) -> None:
-        span.doc.user_data[_key(span, name)] = value
-
-    return set_value
+def _set(name: str, span: Span, value: Any) -> None:
+    span.doc.user_data[_key(span, name)] = value
 
 
 def register_extensions() -> None:
-    """Register the attributes once; leaves attributes another package registered alone."""
+    """Register the attributes once; leaves attributes another package registered alone. Getters
+    and setters are module-level functions (partials), so spaCy can pickle them for worker processes
+    started with `spawn`."""
     for name in ("score", "question"):
         if not Span.has_extension(name):
-            Span.set_extension(name, getter=_getter(name), setter=_setter(name))
+            Span.set_extension(name, getter=partial(_get, name), setter=partial(_set, name))
     for name in ("questions", "qas"):
         if not Doc.has_extension(name):
             Doc.set_extension(name, default=None)
