@@ -141,16 +141,24 @@ def _head_status(config, spec: TaskSpec, source: str) -> bool:
     return False
 
 
+class _DropNewHeadNotice(logging.Filter):
+    """transformers' "Some weights ... newly initialized ... You should probably TRAIN this model": this
+    module says it in its own words (and raising the logger's level instead would make transformers
+    run, and warn about, a tensor-parallel check)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "newly initialized" not in record.getMessage()
+
+
 @contextmanager
 def _quiet(logger_name: str) -> Iterator[None]:
-    """Only errors from a library logger while loading (its warnings are ones this module words itself)."""
     quieted = logging.getLogger(logger_name)
-    level = quieted.level
-    quieted.setLevel(logging.ERROR)
+    notice_filter = _DropNewHeadNotice()
+    quieted.addFilter(notice_filter)
     try:
         yield
     finally:
-        quieted.setLevel(level)
+        quieted.removeFilter(notice_filter)
 
 
 def load_checkpoint(
