@@ -19,6 +19,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_REGISTRY_URI", None)
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -39,6 +40,40 @@ from spacy_llm_components.hf import DEFAULT_MODEL, resolve_source  # noqa: E402
 # No per-example deadline: on a loaded 2-core machine a slow example is noise, not a bug.
 settings.register_profile("sllm", deadline=None)
 settings.load_profile("sllm")
+
+REPO = Path(__file__).resolve().parents[1]
+# what a test run may leave in the checkout: the environment and the tools' own caches
+NOT_OURS = (".venv", ".pytest_cache", ".hypothesis", "**/__pycache__", "*.egg-info")
+
+
+def checkout_files() -> dict:
+    """Untracked and ignored files of the repository (each listed, none hidden in a folder), with their
+    size and modification time, so a test that writes into the checkout is caught even where a file of
+    that name was already there."""
+    listing = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all", "--no-renames", "-z", "--", ".",
+         *(f":(exclude,glob){pattern}" for pattern in NOT_OURS),
+         *(f":(exclude,glob){pattern}/**" for pattern in NOT_OURS)],
+        cwd=REPO, capture_output=True, text=True, check=True).stdout
+    files = {}
+    for entry in filter(None, listing.split("\0")):
+        status, path = entry[:2], entry[3:]
+        if status in ("??", "!!"):
+            stat = (REPO / path).lstat()
+            files[path] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """Tests leave no files in the checkout: fail the session if one appeared or changed."""
+    before = checkout_files()
+    yield
+    after = checkout_files()
+    written = sorted(path for path, signature in after.items() if before.get(path) != signature)
+    if written:
+        pytest.fail(f"tests wrote into the checkout {REPO}: {written[:20]}", pytrace=False)
+
 
 MINILM = DEFAULT_MODEL
 NER_TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
@@ -130,3 +165,29 @@ def tiny_pipelines(ckpts, tmp_path_factory) -> dict:
         out[task] = {"pipeline": root / task / "model", "evaluation": root / task / "evaluation", "test": test,
                      "corpus": prepared.output}
     return out
+
+
+def assert_same_predictions(got, want, tol: float = 1e-5) -> None:
+    """Predictions (cats / ents / answers, as `doc_predictions` writes them) equal: every key, text,
+    offset and label exactly, scores within `tol` (another process or batch may differ in the last bits)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (got, want)
+        for key in want:
+            assert_same_predictions(got[key], want[key], tol)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (got, want)
+        for a, b in zip(got, want):
+            assert_same_predictions(a, b, tol)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=tol), (got, want)
+    else:
+        assert got == want, (got, want)
+
+
+def in_process_predictions(pipeline, records) -> list:
+    """What `spacy.load(pipeline)` predicts for input records ({"text", "questions"}), one at a time."""
+    from spacy_llm_components.predict import doc_predictions, make_input_doc
+
+    nlp = spacy.load(pipeline)
+    return [doc_predictions(nlp(make_input_doc(nlp, record, f"record {i}", "test")), nlp)
+            for i, record in enumerate(records)]
