@@ -1,5 +1,7 @@
 """Tag schemes, constrained decoding and answer-span search on plain arrays."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -56,17 +58,38 @@ def _valid(path_tags, scheme):
     return ok and all(trans.pairs[a, b] for a, b in zip(idx, idx[1:]))
 
 
-@settings(max_examples=80)
-@given(st.sampled_from(["IOB2", "BILOU", "BIOES", "IOB1"]), st.integers(1, 12), st.data())
-def test_viterbi_path_is_always_valid_and_at_least_as_likely_as_any_valid_path(scheme, n, data):
+def _brute_force_best(log_probs, tags, scheme):
+    """The best score over every tag path that is valid under `scheme`, by enumeration."""
+    n, k = log_probs.shape
+    best = -np.inf
+    for path in itertools.product(range(k), repeat=n):
+        if _valid([tags[i] for i in path], scheme):
+            best = max(best, log_probs[np.arange(n), list(path)].sum())
+    return best
+
+
+@settings(max_examples=60)
+@given(st.sampled_from(["IOB2", "BILOU", "BIOES", "IOB1", "IO"]), st.integers(1, 4), st.data())
+def test_viterbi_finds_the_best_valid_path(scheme, n, data):
     tags = tags_for_types(TYPES, scheme)
     logits = data.draw(arrays(np.float64, (n, len(tags)), elements=st.floats(-5, 5)))
     lp = log_softmax(logits)
-    trans = transitions(tags, scheme)
-    path = viterbi(lp, trans)
+    path = viterbi(lp, transitions(tags, scheme))
     assert _valid([tags[i] for i in path], scheme)
-    # the all-O path is always valid: viterbi must not do worse
-    assert lp[np.arange(n), path].sum() >= lp[:, 0].sum() - 1e-9
+    assert lp[np.arange(n), path].sum() == pytest.approx(_brute_force_best(lp, tags, scheme), abs=1e-9)
+
+
+def test_viterbi_prefers_a_valid_path_over_likelier_invalid_ones():
+    """BILOU, 3 positions: the likeliest tags (B-PER B-PER L-LOC) break the scheme; the best valid path,
+    found by enumeration, is B-PER I-PER L-PER."""
+    tags = tags_for_types(["PER", "LOC"], "BILOU")
+    probs = np.full((3, len(tags)), 0.02)
+    for i, (best, second, p) in enumerate([("B-PER", "U-PER", 0.2), ("B-PER", "I-PER", 0.3), ("L-LOC", "L-PER", 0.3)]):
+        probs[i, tags.index(best)], probs[i, tags.index(second)] = 0.5, p
+    lp = np.log(probs / probs.sum(axis=1, keepdims=True))
+    path = [tags[i] for i in viterbi(lp, transitions(tags, "BILOU"))]
+    assert path == ["B-PER", "I-PER", "L-PER"]
+    assert lp[np.arange(3), [tags.index(t) for t in path]].sum() == pytest.approx(_brute_force_best(lp, tags, "BILOU"))
 
 
 def test_viterbi_repairs_what_greedy_gets_wrong():
