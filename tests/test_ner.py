@@ -1,6 +1,7 @@
 """hf_ner: entities on spaCy tokens, windows, snapping, scores, bad input."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -53,11 +54,83 @@ def test_entities_match_the_raw_model_and_lie_on_tokens(ckpts):
     assert nlp.get_pipe("hf_ner").labels == ["PER", "LOC", "ORG"]
 
 
-def test_short_doc_gives_the_same_entities_whatever_the_window_settings(ckpts):
-    base = [(e.start, e.end, e.label_) for e in ner_nlp(ckpts["ner"])(TEXT).ents]
-    for stride in (0, 5, 30):
-        doc = ner_nlp(ckpts["ner"], stride=stride)(TEXT)
-        assert [(e.start, e.end, e.label_) for e in doc.ents] == base
+# A long text of plain words (no accents, apostrophes or unknown characters), so that the tokenizer's
+# words are spaCy's tokens and Hugging Face's word heuristics hold.
+LONG_TEXT = " ".join(
+    f"{name} {surname} visited {city} on day {i} and met the mayor of {other} near the old harbour ."
+    for i, (name, surname, city, other) in enumerate([
+        ("Angela", "Merkel", "Paris", "Berlin"), ("Lena", "Hartmann", "Lindenfeld", "Ostbrook"),
+        ("Tomas", "Ekdahl", "Sarn", "Rome"), ("Mary", "Jones", "Madrid", "Vienna"),
+        ("Peter", "Brown", "Oslo", "Copenhagen"), ("Ada", "Brenner", "Korvell", "Lisbon")]))
+
+
+@pytest.fixture(scope="module")
+def context_free_ner(tmp_path_factory):
+    """A token classifier whose logits for a word piece depend on that piece alone (no attention layers,
+    position embeddings zeroed): cut into windows or not, every piece gets the same logits, so any
+    window setting must give exactly the unwindowed entities. Confident (scaled) head, so that the
+    comparison does not hang on float noise."""
+    from conftest import NER_TAGS, save_tiny, tiny_config
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(3)
+    labels = dict(enumerate(NER_TAGS))
+    model = BertForTokenClassification(tiny_config(
+        num_hidden_layers=0, max_position_embeddings=512, num_labels=len(NER_TAGS), id2label=labels,
+        label2id={v: k for k, v in labels.items()})).eval()
+    with torch.no_grad():
+        model.bert.embeddings.position_embeddings.weight.zero_()
+        model.classifier.weight.mul_(40.0)
+    return save_tiny(model, tmp_path_factory.mktemp("context-free") / "ner")
+
+
+def _spy_windows(nlp):
+    """Record the model inputs of every forward pass of the pipeline's hf_ner."""
+    pipe = nlp.get_pipe("hf_ner")
+    seen = []
+    forward = pipe._forward
+    pipe._forward = lambda inputs: seen.extend(len(i.input_ids) for i in inputs) or forward(inputs)
+    return seen
+
+
+def _ents(doc):
+    return [(e.start_char, e.end_char, e.label_) for e in doc.ents]
+
+
+@pytest.mark.parametrize("decoder", ["viterbi", "greedy"])
+def test_windowed_entities_equal_the_unwindowed_ones_whatever_the_window_settings(context_free_ner, decoder):
+    whole_nlp = ner_nlp(context_free_ner, decoder=decoder)
+    seen = _spy_windows(whole_nlp)
+    whole = whole_nlp(LONG_TEXT)
+    n = len(AutoTokenizer.from_pretrained(context_free_ner)(LONG_TEXT, add_special_tokens=False)["input_ids"])
+    assert 100 < n <= 510 and seen == [n + 2]  # the reference run: one window
+    assert len(whole.ents) > 10 and len({e.label_ for e in whole.ents}) == 3
+    # windows of 12 pieces; neighbours share `stride` pieces, at most half a window
+    for stride, step in ((0, 12), (3, 9), (100, 6)):
+        nlp = ner_nlp(context_free_ner, decoder=decoder, max_length=14, stride=stride)
+        seen = _spy_windows(nlp)
+        doc = nlp(LONG_TEXT)
+        assert len(seen) == 1 + math.ceil((n - 12) / step) and max(seen) == 14, stride
+        assert _ents(doc) == _ents(whole), stride
+        assert [e._.score for e in doc.ents] == pytest.approx([e._.score for e in whole.ents], abs=1e-5)
+
+
+def test_the_viterbi_entities_equal_the_raw_model_decoded_by_hand(context_free_ner):
+    doc = ner_nlp(context_free_ner, max_length=14, stride=3)(LONG_TEXT)
+    assert _ents(doc) == raw_entities(context_free_ner, LONG_TEXT)
+
+
+def test_greedy_windowed_entities_equal_the_transformers_pipeline(context_free_ner):
+    """Hugging Face's token-classification pipeline (argmax of each word's first piece, entities grouped
+    as it groups them) on the whole text: the reference for the greedy decoder."""
+    from transformers import pipeline
+
+    hf = pipeline("token-classification", model=str(context_free_ner), aggregation_strategy="first", device="cpu")
+    reference = hf(LONG_TEXT)
+    assert len(reference) > 10
+    doc = ner_nlp(context_free_ner, decoder="greedy", max_length=14, stride=3)(LONG_TEXT)
+    assert _ents(doc) == [(r["start"], r["end"], r["entity_group"]) for r in reference]
+    assert [e._.score for e in doc.ents] == pytest.approx([float(r["score"]) for r in reference], abs=1e-5)
 
 
 def test_long_doc_runs_in_overlapping_windows_and_covers_the_end(ckpts):
@@ -93,15 +166,47 @@ def test_entity_inside_a_spacy_token_is_snapped_not_dropped(ckpts):
 
 
 def test_spans_key_leaves_doc_ents_alone(ckpts):
-    nlp = ner_nlp(ckpts["ner"], spans_key="hf")
-    doc = nlp(TEXT)
+    in_ents = ner_nlp(ckpts["ner"])(TEXT)
+    doc = ner_nlp(ckpts["ner"], spans_key="hf")(TEXT)
     assert not doc.ents and len(doc.spans["hf"]) > 0
-    assert all(s._.score is not None for s in doc.spans["hf"])
+    assert [(s.start, s.end, s.label_, s._.score) for s in doc.spans["hf"]] == \
+        [(e.start, e.end, e.label_, e._.score) for e in in_ents.ents]
 
 
-def test_mean_aggregation_and_greedy_decoder_run(ckpts):
+def greedy_mean_entities(model_dir, text):
+    """Reference for aggregation=mean, decoder=greedy, by hand: the mean of each word's piece logits,
+    its argmax tag, entities grouped as conlleval reads tags; score = mean probability of the tags."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+    enc = tok(text, return_offsets_mapping=True, return_tensors="pt")
+    offsets = enc.pop("offset_mapping")[0].tolist()
+    with torch.no_grad():
+        logits = model(**enc).logits[0].numpy()
+    pieces = {}
+    for i, w in enumerate(enc.word_ids()):
+        if w is not None:
+            pieces.setdefault(w, []).append(i)
+    entities, previous = [], "O"
+    for w, idx in sorted(pieces.items()):
+        mean = logits[idx].mean(axis=0)
+        probs = np.exp(mean - mean.max()) / np.exp(mean - mean.max()).sum()
+        tag = model.config.id2label[int(mean.argmax())]
+        start, end = offsets[idx[0]][0], offsets[idx[-1]][1]
+        if tag != "O" and tag[2:] == previous[2:] and previous != "O" and tag.startswith("I-"):
+            entities[-1][1] = end
+            entities[-1][3].append(probs.max())
+        elif tag != "O":
+            entities.append([start, end, tag[2:], [probs.max()]])
+        previous = tag
+    return [(s, e, label, float(np.mean(p))) for s, e, label, p in entities]
+
+
+def test_mean_aggregation_with_the_greedy_decoder_equals_a_hand_computed_reference(ckpts):
     doc = ner_nlp(ckpts["ner"], aggregation="mean", decoder="greedy")(TEXT)
-    assert all(e._.score is not None for e in doc.ents)
+    reference = greedy_mean_entities(ckpts["ner"], TEXT)
+    assert reference, "the random head tags something in this sentence"
+    assert [(e.start_char, e.end_char, e.label_) for e in doc.ents] == [r[:3] for r in reference]
+    assert [e._.score for e in doc.ents] == pytest.approx([r[3] for r in reference], abs=1e-5)
 
 
 def test_pipe_keeps_order_and_equals_single_calls(ckpts):

@@ -51,11 +51,60 @@ def test_same_answer_span_for_two_questions_keeps_both_questions(ckpts):
     assert [a._.question for a in answers] == ["Q one?", "Q one? "]
 
 
-def test_long_context_runs_in_windows(ckpts):
-    nlp = qa_nlp(ckpts["qa"], doc_stride=8, top_k=2, max_answer_len=5)
-    context = " ".join([CONTEXT] * 40)
-    answers = ask(nlp, context, "When was it finished?")
-    assert len(answers) == 2 and all(len(a) <= 5 + 2 for a in answers)
+@pytest.fixture(scope="module")
+def plain_words(ckpts):
+    """Distinct words of one word piece and one spaCy token each: every candidate span then lies on word
+    and token boundaries, and no answer text repeats (Hugging Face's pipeline adds up the scores of
+    answers with the same text)."""
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(ckpts["qa"]).get_vocab()
+    nlp = spacy.blank("en")
+    words = [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w.isascii() and w.isalpha() and len(w) > 3]
+    return [w for w in words[:400] if len(nlp.make_doc(w)) == 1][:240]
+
+
+def hf_window_answers(model_dir, question, context, windows, top_k, max_answer_len):
+    """Reference: Hugging Face's question-answering pipeline on the same checkpoint, run on each window's
+    text (character ranges of `context`); a span found in several windows keeps its best score."""
+    from transformers import pipeline
+
+    qa = pipeline("question-answering", model=str(model_dir), device="cpu")
+    best = {}
+    for start, end in windows:
+        found = qa(question=question, context=context[start:end], top_k=top_k, max_answer_len=max_answer_len,
+                   max_seq_len=64)
+        for answer in found if isinstance(found, list) else [found]:
+            key = (start + answer["start"], start + answer["end"])
+            best[key] = max(best.get(key, 0.0), float(answer["score"]))
+    return sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
+
+
+@pytest.mark.parametrize("n_words, doc_stride", [(30, 8), (200, 0), (200, 8), (200, 27)])
+def test_answers_equal_the_transformers_pipeline_window_by_window(ckpts, plain_words, n_words, doc_stride):
+    words = plain_words[:n_words]
+    context = " ".join(words)
+    question = "When was the mill built?"
+    nlp = qa_nlp(ckpts["qa"], top_k=3, max_length=64, doc_stride=doc_stride, max_answer_len=6)
+    pipe = nlp.get_pipe("hf_qa")
+    seen = []
+    forward = pipe._forward
+    pipe._forward = lambda inputs: seen.extend(len(i.input_ids) for i in inputs) or forward(inputs)
+    ours = [((a.start_char, a.end_char), a._.score) for a in ask(nlp, context, question)]
+
+    # windows of `size` words (one piece each) beside the question and [CLS] [SEP] [SEP], sharing doc_stride
+    size = 64 - len(pipe.checkpoint.tokenizer(question, add_special_tokens=False)["input_ids"]) - 3
+    starts = list(range(0, max(n_words - doc_stride, 1), size - doc_stride))
+    word_windows = [(s, min(s + size, n_words)) for s in starts if s == 0 or s + doc_stride < n_words]
+    assert word_windows[-1][1] == n_words and len(seen) == len(word_windows)
+    assert (len(seen) > 3) == (n_words > size)
+    char_start = [0]
+    for w in words:
+        char_start.append(char_start[-1] + len(w) + 1)
+    windows = [(char_start[s], char_start[e] - 1) for s, e in word_windows]
+    reference = hf_window_answers(ckpts["qa"], question, context, windows, 3, 6)
+    assert [span for span, _ in ours] == [span for span, _ in reference]
+    assert [score for _, score in ours] == pytest.approx([score for _, score in reference], rel=1e-4)
 
 
 def test_null_threshold_decides_unanswerable(ckpts):

@@ -45,35 +45,76 @@ def test_thresholds_for_unknown_labels_are_refused(ckpts):
         textcat_nlp(ckpts["multilabel"], thresholds={"zzz": 0.3})("x")
 
 
-def _count_windows(nlp):
+def _spy_windows(nlp):
+    """Record the model inputs (their lengths) of every forward pass of the pipeline's hf_textcat."""
     pipe = nlp.get_pipe("hf_textcat")
     seen = []
     forward = pipe._forward
-    pipe._forward = lambda inputs: seen.append([len(i.input_ids) for i in inputs]) or forward(inputs)
+    pipe._forward = lambda inputs: seen.extend(len(i.input_ids) for i in inputs) or forward(inputs)
     return seen
 
 
-@pytest.mark.parametrize("sentencizer", [False, True])
-def test_long_doc_is_split_not_truncated(ckpts, sentencizer):
-    nlp = textcat_nlp(ckpts["textcat"], sentencizer=sentencizer)
-    seen = _count_windows(nlp)
-    text = " ".join([TEXT] * 30)
+def _raw_logits(model_dir, texts):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return np.stack([model(**tok(t, return_tensors="pt")).logits[0].numpy() for t in texts])
+
+
+def _pooled_softmax(logits, pooling):
+    pooled = logits.mean(axis=0) if pooling == "mean" else logits.max(axis=0)
+    return np.exp(pooled - pooled.max()) / np.exp(pooled - pooled.max()).sum()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_long_doc_with_sentences_pools_whole_sentence_windows(ckpts, pooling):
+    """7 equal sentences, room for 3 per window: windows of 3, 3 and 1 sentences. Reference: the raw
+    model on each window's text, pooled and softmaxed by hand."""
+    per_sentence = len(AutoTokenizer.from_pretrained(ckpts["textcat"])(TEXT, add_special_tokens=False)["input_ids"])
+    nlp = textcat_nlp(ckpts["textcat"], sentencizer=True, pooling=pooling, max_length=2 + 3 * per_sentence + 2)
+    seen = _spy_windows(nlp)
+    doc = nlp(" ".join([TEXT] * 7))
+    assert seen == [2 + 3 * per_sentence, 2 + 3 * per_sentence, 2 + per_sentence]
+    reference = _pooled_softmax(_raw_logits(ckpts["textcat"], [" ".join([TEXT] * 3)] * 2 + [TEXT]), pooling)
+    np.testing.assert_allclose([doc.cats["neg"], doc.cats["pos"]], reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_long_doc_without_sentences_pools_token_windows(ckpts, pooling):
+    """No sentence boundaries: windows are filled with whole spaCy tokens, greedily, up to 20 pieces.
+    Reference: that packing done by hand from each token's own pieces, and the raw model on the text of
+    each window."""
+    text = " ".join(["Terrible boring awful mess, said Schwarzenegger."] * 8 + ["Wonderful moving delight!"] * 8)
+    nlp = textcat_nlp(ckpts["textcat"], pooling=pooling, max_length=22)
+    seen = _spy_windows(nlp)
     doc = nlp(text)
-    lengths = seen[0]
-    n_pieces = len(nlp.get_pipe("hf_textcat")._encode([text])[0].ids)
-    assert len(lengths) > 1 and max(lengths) <= 64
-    assert sum(n - 2 for n in lengths) == n_pieces  # every piece is in exactly one window
-    if sentencizer:  # each window holds whole sentences (all sentences here are the same)
-        per_sentence = len(nlp.get_pipe("hf_textcat")._encode([TEXT])[0].ids)
-        assert all((n - 2) % per_sentence == 0 for n in lengths), (per_sentence, lengths)
-    assert sum(doc.cats.values()) == pytest.approx(1.0)
+    tok = AutoTokenizer.from_pretrained(ckpts["textcat"])
+    windows, start, size = [], None, 0  # (first char, last char) of each window
+    for token in nlp.make_doc(text):
+        n = len(tok(token.text, add_special_tokens=False)["input_ids"])
+        assert 0 < n <= 20
+        if start is None or size + n > 20:
+            windows.append([token.idx, token.idx + len(token)])
+            start, size = token.idx, n
+        else:
+            windows[-1][1] = token.idx + len(token)
+            size += n
+    assert len(windows) > 3 and seen == [len(tok(text[s:e])["input_ids"]) for s, e in windows]
+    reference = _pooled_softmax(_raw_logits(ckpts["textcat"], [text[s:e] for s, e in windows]), pooling)
+    np.testing.assert_allclose([doc.cats["neg"], doc.cats["pos"]], reference, rtol=1e-5)
 
 
-def test_max_pooling_differs_from_mean_on_long_docs(ckpts):
-    text = " ".join(["Terrible boring awful mess."] * 20 + ["Wonderful moving delight."] * 20)
-    mean = textcat_nlp(ckpts["textcat"])(text).cats
-    maxed = textcat_nlp(ckpts["textcat"], pooling="max")(text).cats
-    assert mean != maxed
+def test_long_multi_label_doc_pools_logits_then_applies_the_sigmoid(ckpts):
+    nlp = textcat_nlp(ckpts["multilabel"], sentencizer=True, max_length=14)
+    seen = _spy_windows(nlp)
+    sentences = ["The soup was cold and the waiter was rude.", "The view was lovely.", "We paid too much."]
+    doc = nlp(" ".join(sentences))
+    tok = AutoTokenizer.from_pretrained(ckpts["multilabel"])
+    pieces = [len(tok(s, add_special_tokens=False)["input_ids"]) for s in sentences]
+    assert pieces[0] <= 12 and pieces[0] + pieces[1] > 12 and pieces[1] + pieces[2] <= 12
+    assert seen == [2 + pieces[0], 2 + pieces[1] + pieces[2]]  # windows: sentence 1, sentences 2 and 3
+    pooled = _raw_logits(ckpts["multilabel"], [sentences[0], " ".join(sentences[1:])]).mean(axis=0)
+    np.testing.assert_allclose([doc.cats[label] for label in "abc"], 1 / (1 + np.exp(-pooled)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("text", ["", "  \n ", "🙂🙃 Ελληνικά 中文", "\x00\x1f", "y" * 200_000])
