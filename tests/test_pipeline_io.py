@@ -1,5 +1,6 @@
 """Pipelines as users ship them: to_disk/spacy.load offline, entry points, assemble, package, export, CLI."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import spacy
 import torch
 from spacy.tokens import DocBin
-from transformers import AutoModelForTokenClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 from spacy_llm_components import export_hf
@@ -101,10 +102,42 @@ def test_cli_export_hf(ckpts, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["export-hf", str(tmp_path / "pipe"), "hf_textcat", str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    reference = AutoModelForSequenceClassification.from_pretrained(ckpts["textcat"]).eval()
+    enc = AutoTokenizer.from_pretrained(tmp_path / "hf")(TEXT, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_array_equal(exported(**enc).logits.numpy(), reference(**enc).logits.numpy())
+    assert exported.config.id2label == {0: "neg", 1: "pos"}
     bad = runner.invoke(app, ["export-hf", str(tmp_path / "pipe"), "missing", str(tmp_path / "hf2")])
     assert bad.exit_code == 2 and "no component" in bad.output
     assert not (tmp_path / "hf2").exists()
+
+
+@pytest.mark.parametrize("factory", ["hf_ner", "hf_textcat", "hf_qa"])
+def test_an_exported_folder_is_a_checkpoint_for_the_component_again(ckpts, tmp_path, factory):
+    """export_hf -> a new hf_* component built from the exported folder predicts exactly as the original."""
+    nlp = full_pipeline(ckpts, tmp_path)
+    original = nlp(TEXT)
+    export_hf(nlp, factory, tmp_path / "hf")
+    again = spacy.blank("en")
+    again.add_pipe(factory, config={"model": str(tmp_path / "hf"), "device": "cpu",
+                                    **({"questions": ["Who visited Paris?"]} if factory == "hf_qa" else {})})
+    assert again.get_pipe(factory).record(again(TEXT)) == nlp.get_pipe(factory).record(nlp(TEXT)) == \
+        nlp.get_pipe(factory).record(original)
+    assert any(nlp.get_pipe(factory).record(original).values()), "the component predicts something to compare"
+
+
+def test_to_disk_without_the_model_writes_no_checkpoint(ckpts, tmp_path):
+    nlp = full_pipeline(ckpts, tmp_path)
+    nlp.to_disk(tmp_path / "pipe", exclude=["hf_ner"])
+    assert not (tmp_path / "pipe" / "hf_ner").exists()
+    pipe = nlp.get_pipe("hf_ner")
+    pipe.to_disk(tmp_path / "component", exclude=["model"])
+    assert list((tmp_path / "component").iterdir()) == []  # no checkpoint written
+    pipe.to_disk(tmp_path / "full")
+    assert (tmp_path / "full" / "model" / "model.safetensors").is_file()
+    # and from_disk with the model excluded keeps the loaded one
+    assert pipe.from_disk(tmp_path / "component", exclude=["model"]) is pipe and pipe.labels == ["PER", "LOC", "ORG"]
 
 
 @pytest.mark.slow
@@ -142,11 +175,17 @@ def test_spacy_package_builds_a_wheel_that_installs_and_loads(ckpts, tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         requirements = zf.read(next(n for n in zf.namelist() if n.endswith("METADATA"))).decode()
     assert "spacy-llm-components" in requirements
-    code = "import spacy; nlp = spacy.load('en_hfner'); print([e.label_ for e in nlp('Angela Merkel').ents] is not None)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    texts = [TEXT, "Macron met Merkel in Berlin.", ""]
+    code = ("import json, sys, spacy; nlp = spacy.load('en_hfner'); print(json.dumps([[(e.start_char, e.end_char, "
+            "e.label_, e._.score) for e in doc.ents] for doc in nlp.pipe(json.loads(sys.argv[1]))]))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(texts)], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "True"
+    installed = json.loads(out.stdout.strip().splitlines()[-1])
+    original = [[[e.start_char, e.end_char, e.label_, e._.score] for e in doc.ents] for doc in nlp.pipe(texts)]
+    assert original[0], "the random head tags something in this sentence"
+    assert [[e[:3] for e in doc] for doc in installed] == [[e[:3] for e in doc] for doc in original]
+    assert [e[3] for doc in installed for e in doc] == pytest.approx([e[3] for doc in original for e in doc], abs=1e-6)
 
 
 def test_multiprocess_pipe_matches_single_process(ckpts, tmp_path):
