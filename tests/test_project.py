@@ -1,44 +1,35 @@
-"""`spacy project run all` (weasel) on a copy of project.yml and the demo data."""
+"""Where a project's state lives: its folder, the tracking URI, the experiment."""
 
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+from spacy_llm_components import project, serving
 
 
-def _run(project: Path, *args: str) -> str:
-    # as a user would: no tracking settings inherited from other tests, the project folder is the store
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "SLLM_PROJECT_DIR")}
-    result = subprocess.run([sys.executable, "-m", "spacy", "project", "run", *args], cwd=project,
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+def test_default_store_is_absolute_and_under_the_project(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SLLM_PROJECT_DIR", str(tmp_path))
+    assert project.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    experiment = MlflowClient(project.use_tracking()).get_experiment(project.experiment_id())
+    assert experiment.artifact_location == (tmp_path.resolve() / "mlartifacts" / project.DEFAULT_EXPERIMENT).as_uri()
+    # mlflow.set_tracking_uri exported our default: it must not pass for a user's override later
+    monkeypatch.setenv("SLLM_PROJECT_DIR", str(tmp_path / "other"))
+    assert project.tracking_uri() == f"sqlite:///{(tmp_path / 'other').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert project.tracking_uri() == "http://tracking.example:5000"
+    for _ in range(2):  # the user's server stays the store on every later call
+        assert project.use_tracking() == "http://tracking.example:5000"
+    assert serving.serve_env()["MLFLOW_TRACKING_URI"] == "http://tracking.example:5000"
 
 
-def test_project_workflow_all_runs_and_skips_unchanged_steps(ckpts, tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(ROOT / "project.yml", project)
-    shutil.copytree(ROOT / "demo", project / "demo")
-    overrides = ["--vars.base_model", str(ckpts["base"]), "--vars.max_steps", "2"]
-
-    out = _run(project, "all", ".", *overrides)
-    assert "champion is now version 1" in out
-    assert (project / "training" / "ner-model" / "evaluation" / "report.md").is_file()
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")  # absolute, inside the project folder
-    assert str(client.get_model_version_by_alias("ner-model", "champion").version) == "1"
-    assert (project / "mlartifacts").is_dir()
-
-    again = _run(project, "all", ".", *overrides)
-    for step in ("prepare", "finetune", "evaluate"):
-        assert f"Skipping '{step}': nothing changed" in again
-    assert "already registered as ner-model version 1" in again
-    assert "the challenger already is the champion" in again
+def test_the_experiment_is_created_once_as_a_model_development_experiment(mlflow_project):
+    client = MlflowClient(project.use_tracking())
+    first = project.experiment_id()
+    assert project.experiment_id() == first
+    experiment = client.get_experiment(first)
+    assert experiment.name == project.DEFAULT_EXPERIMENT
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # an experiment made elsewhere (the MLflow UI, say) gets the tag on first use
+    other = client.create_experiment("made-elsewhere")
+    assert "mlflow.experimentKind" not in client.get_experiment(other).tags
+    assert project.experiment_id("made-elsewhere") == other
+    assert client.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -1,0 +1,36 @@
+"""MLflow runs of fine-tunes and evaluations, against a real SQLite store."""
+
+import json
+
+from mlflow.tracking import MlflowClient
+
+from spacy_llm_components import project, runs
+
+
+def test_finetune_run_logs_params_steps_hashes_versions_and_pipeline(tiny_pipelines, mlflow_project):
+    pipeline = tiny_pipelines["ner"]["pipeline"]
+    summary = json.loads((tiny_pipelines["ner"]["corpus"] / "summary.json").read_text())
+    run_id = runs.log_finetune(pipeline, data_summary=summary)
+    client = MlflowClient(project.use_tracking())
+    run = client.get_run(run_id)
+    meta = json.loads((pipeline / "meta.json").read_text())["sllm"]
+    assert run.data.params["max_steps"] == "2" and run.data.params["base_model"] == meta["config"]["base_model"]
+    assert run.data.tags["train_sha256"] == meta["train_sha256"] and run.data.tags["task"] == "ner"
+    assert run.data.tags["data_content_hash"] == summary["content_hash"]
+    assert run.data.tags["version.spacy-llm-components"] and run.data.tags["version.torch"]
+    assert "git.commit" in run.data.tags
+    history = client.get_metric_history(run_id, "eval_ents_f")
+    assert sorted(m.step for m in history) == [1, 2]  # one point per dev evaluation, at its step
+    names = {a.path for a in client.list_artifacts(run_id, "pipeline")}
+    assert {"pipeline/meta.json", "pipeline/config.cfg", "pipeline/ner", "pipeline/training_log.jsonl",
+            "pipeline/metrics.json"} <= names
+
+
+def test_evaluation_run_logs_metrics_per_label_and_report(tiny_pipelines, mlflow_project):
+    run_id = runs.log_evaluation(tiny_pipelines["textcat"]["evaluation"])
+    client = MlflowClient(project.use_tracking())
+    run = client.get_run(run_id)
+    assert "cats_accuracy" in run.data.metrics and "per_label.positive.f" in run.data.metrics
+    assert run.data.tags["test_sha256"]
+    names = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/report.md", "evaluation/metrics.json", "evaluation/confusion.png"} <= names

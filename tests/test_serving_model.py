@@ -1,0 +1,69 @@
+"""The pyfunc model that serves every pipeline of this project, and the checks each request passes
+(pure: no server; the real `mlflow models serve` is in test_serving.py)."""
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from conftest import assert_same_predictions, in_process_predictions
+from spacy_llm_components import registry, serving
+
+
+def test_request_records_accepts_rows_columns_and_questions():
+    df = pd.DataFrame({"text": ["a b", "c"], "questions": [["q1?", "q2?"], None]})
+    assert serving.request_records(df) == [{"text": "a b", "questions": ["q1?", "q2?"]}, {"text": "c"}]
+    # {"inputs": {"text": [...]}} reaches predict as one row holding whole columns
+    one_row = pd.DataFrame([{"text": np.array(["x", "y"]), "questions": np.array([np.array(["q?"]), None],
+                                                                                  dtype=object)}])
+    assert serving.request_records(one_row) == [{"text": "x", "questions": ["q?"]}, {"text": "y"}]
+    assert serving.request_records([{"text": "t", "questions": "one?"}]) == [{"text": "t", "questions": ["one?"]}]
+
+
+@pytest.mark.parametrize("rows, problem", [
+    ([{"txt": "a"}], "row 0: no 'text' column"),
+    ([{"text": "a"}, {"text": 3}], "row 1: 'text' must be a string, got int"),
+    ([{"text": None}], "'text' must be a string"),
+    ([{"text": "a", "questions": [1, 2]}], "'questions' must be a string or a list of strings"),
+    ([{"text": "x" * (serving.MAX_TEXT_CHARS + 1)}], "the limit is"),
+    ([{"text": "x"}] * (serving.MAX_ROWS + 1), "send at most"),
+    ([{"text": "x", "questions": ["q?"] * (serving.MAX_QUESTIONS + 1)}], "questions; the limit is"),
+])
+def test_bad_requests_are_invalid_parameter_errors(rows, problem):
+    with pytest.raises(MlflowException) as err:
+        serving.request_records(rows)
+    assert problem in err.value.message
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"  # the scoring server answers 400
+
+
+@pytest.mark.parametrize("model_input", [
+    pd.DataFrame([{"text": None}]),
+    [{"text": None}],
+    {"text": None},
+    pd.DataFrame([{"text": np.array([None, "y"], dtype=object)}]),  # {"inputs": {"text": [null, "y"]}}
+])
+def test_a_null_text_is_a_bad_request(model_input):
+    with pytest.raises(MlflowException) as err:
+        serving.request_records(model_input)
+    assert "'text' must be a string, got NoneType" in err.value.message
+    assert err.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+@pytest.mark.parametrize("task, key", [("textcat", "cats"), ("ner", "ents"), ("qa", "answers")])
+def test_pyfunc_model_predicts_like_the_pipeline(tiny_pipelines, mlflow_project, task, key):
+    version = registry.register(tiny_pipelines[task]["pipeline"], f"m-{task}")
+    model = mlflow.pyfunc.load_model(version.uri)
+    example = serving.INPUT_EXAMPLES[task]
+    got = model.predict(pd.DataFrame(example))
+    want = in_process_predictions(tiny_pipelines[task]["pipeline"], [{k: v[0] for k, v in example.items()}])
+    assert_same_predictions(got, want)
+    assert key in want[0]
+    info = mlflow.models.get_model_info(version.uri)
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["text", "questions"]
+    assert info.saved_input_example_info is not None
+    local = mlflow.artifacts.download_artifacts(version.uri)
+    requirements = open(f"{local}/requirements.txt").read()
+    assert "spacy-llm-components==" in requirements
+
+
