@@ -106,16 +106,36 @@ def test_evaluate_publishes_table_and_markdown_artifacts(tiny_pipelines, mlflow_
     assert report[0].type == "markdown" and "cats_accuracy" in report[0].data
 
 
-def test_transient_errors_are_retried_and_bad_input_is_not(tmp_path, mlflow_project):
+def _locked_sqlite_error(tmp_path):
+    import sqlite3
+
+    holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    holder.execute("create table t (x)")
+    holder.execute("begin exclusive")
+    try:
+        sqlite3.connect(tmp_path / "locked.db", timeout=0).execute("insert into t values (1)")
+    except sqlite3.OperationalError as err:
+        return err
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("error", ["network", "sqlite-locked", "mlflow-unavailable"])
+def test_transient_errors_are_retried_and_bad_input_is_not(tmp_path, mlflow_project, error):
+    from mlflow.exceptions import RestException
     from prefect import flow, task
 
     attempts = tmp_path / "attempts"
+    first_error = {"network": lambda: ConnectionError("tracking server restarting"),
+                   "sqlite-locked": lambda: _locked_sqlite_error(tmp_path),
+                   "mlflow-unavailable": lambda: RestException({"error_code": "TEMPORARILY_UNAVAILABLE",
+                                                                "message": "try again"})}[error]
 
     @task(**{**lifecycle.RETRIES, "retry_delay_seconds": 0})
     def flaky():
         attempts.write_text(attempts.read_text() + "x" if attempts.exists() else "x")
         if len(attempts.read_text()) < 2:
-            raise ConnectionError("tracking server restarting")
+            raise first_error()
         return "done"
 
     @flow
@@ -126,6 +146,8 @@ def test_transient_errors_are_retried_and_bad_input_is_not(tmp_path, mlflow_proj
     assert state.is_completed() and attempts.read_text() == "xx"
     assert [r.run_count for r in _task_runs(state.state_details.flow_run_id)] == [2]
 
+
+def test_bad_input_is_not_retried(tmp_path, mlflow_project):
     bad = tmp_path / "bad.conll"
     bad.write_text("Lena\tB-PER\nHartmann\n")
     state = lifecycle.prepare_data("ner", [str(bad)], str(tmp_path / "corpus"), return_state=True)
@@ -309,3 +331,40 @@ def test_run_command_reports_bad_input_and_writes_nothing(mlflow_project, tmp_pa
     assert result.exit_code == 2
     assert "bad.csv, line 3" in result.output and "empty" in result.output
     assert not (tmp_path / "work" / "corpus").exists()
+
+
+def test_sllm_annotate_writes_what_the_pipeline_predicts(tiny_pipelines, mlflow_project, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import assert_same_predictions, in_process_predictions
+    from spacy_llm_components.cli import app
+
+    pipeline = tiny_pipelines["ner"]["pipeline"]
+    corpus, out = _corpus(tmp_path / "corpus.jsonl", 10), tmp_path / "out"
+    result = CliRunner().invoke(app, ["annotate", str(pipeline), str(corpus), "-o", str(out), "--lines-per-shard", "4"])
+    assert result.exit_code == 0, result.output
+    assert f"3 shards in {out} (0 done before, 10 records annotated now, 0 skipped)" in result.output
+    records = [json.loads(line) for line in corpus.read_text().splitlines()]
+    want = [{**r, **p} for r, p in zip(records, in_process_predictions(pipeline, records))]
+    assert_same_predictions(_lines(out), want)
+    assert any(r["ents"] for r in want)
+
+    again = CliRunner().invoke(app, ["annotate", str(pipeline), str(corpus), "-o", str(out), "--lines-per-shard", "4"])
+    assert "(3 done before, 0 records annotated now" in again.output
+
+
+def test_sllm_run_with_promote_registers_and_makes_the_champion(ckpts, mlflow_project, tmp_path):
+    from typer.testing import CliRunner
+
+    from spacy_llm_components.cli import app
+
+    train, dev, test = demo_files("textcat")
+    args = ["run", "textcat", "--train", str(train), "--dev", str(dev), "--test", str(test), "--name", "cli-run",
+            "--workdir", str(tmp_path / "work"), "--base-model", str(ckpts["base"]), "--max-steps", "2", "--promote"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    score = json.loads((tmp_path / "work" / "evaluation" / "metrics.json").read_text())["scores"]["cats_score"]
+    assert f"cli-run version 1: cats_score {100 * score:.2f}" in result.output
+    assert "promotion: no champion yet" in result.output
+    client = MlflowClient(project.use_tracking())
+    assert str(client.get_model_version_by_alias("cli-run", "champion").version) == "1"
