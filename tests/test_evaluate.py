@@ -27,7 +27,7 @@ def test_evaluate_writes_metrics_report_and_plot(textcat_pipeline, tmp_path):
     result = evaluate(textcat_pipeline, test, tmp_path / "eval")
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
     assert metrics["primary"] == "cats_score" and metrics["statistics"]["docs"] == 12
-    assert metrics["statistics"]["words_per_second"] > 0
+    assert metrics["statistics"]["words"] == 3 * 12 and metrics["statistics"]["words_per_second"] > 0
     # the reported accuracy is that of the predictions the run made
     correct = sum(max(d.cats, key=d.cats.get) == ("pos" if i % 2 else "neg") for i, d in enumerate(result.predictions))
     assert metrics["scores"]["cats_accuracy"] == pytest.approx(correct / 12) == metrics["scores"]["cats_score"]

@@ -61,8 +61,11 @@ def test_pyfunc_model_predicts_like_the_pipeline(tiny_pipelines, mlflow_project,
     assert key in want[0]
     info = mlflow.models.get_model_info(version.uri)
     assert [c["name"] for c in info.signature.inputs.to_dict()] == ["text", "questions"]
-    assert info.saved_input_example_info is not None
     local = mlflow.artifacts.download_artifacts(version.uri)
+    logged = mlflow.models.Model.load(local).load_input_example(local)  # what a request for the task looks like
+    assert list(logged["text"]) == example["text"]
+    if task == "qa":
+        assert [list(q) for q in logged["questions"]] == example["questions"]
     requirements = open(f"{local}/requirements.txt").read()
     assert "spacy-llm-components==" in requirements
 

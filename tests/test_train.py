@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import spacy
 from safetensors.numpy import load_file
-from transformers import TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
 from spacy_llm_components.build import build_pipeline, hf_component
 from spacy_llm_components.data import prepare
 from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune
 from spacy_llm_components.training import last_complete_checkpoint
+from test_ner import raw_entities
 
 NER_TRAIN = "".join(
     f"{name} B-PER\n{surname} I-PER\nvisited O\n{city} B-LOC\n. O\n\n"
@@ -90,18 +91,25 @@ def test_finetune_saves_a_loadable_pipeline(ner_data, ckpts, tmp_path):
     out = tmp_path / "model"
     result = finetune("ner", ner_data.train, ner_data.dev, out, tiny_config(base_model=str(ckpts["base"])),
                       progress=False)
-    assert result.steps == 4 and result.training["word_pieces"] > 0 and result.best_step in (2, 4)
+    assert result.steps == 4
+    # 6 sentences, batch 4: 2 batches an epoch, so 4 steps see every sentence twice (padding not counted)
+    tok = AutoTokenizer.from_pretrained(ckpts["base"])
+    sentences = [" ".join(line.split()[0] for line in block.splitlines()) for block in NER_TRAIN.strip().split("\n\n")]
+    assert result.training["word_pieces"] == 2 * sum(len(tok(s)["input_ids"]) for s in sentences)
     assert not (out / "checkpoints").exists()  # removed after a finished run
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     evals = [e for e in log if "eval_ents_f" in e]
     assert [e["step"] for e in evals] == [2, 4] and any("loss" in e for e in log)
+    best = max(evals, key=lambda e: e["eval_ents_f"])  # the first of equals: a tie does not replace the best
+    assert result.best_step == best["step"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["primary"] == "ents_f" and metrics["dev"]["ents_f"] == max(e["eval_ents_f"] for e in evals)
-    assert metrics["training"]["word_pieces_per_second"] > 0
+    assert metrics["primary"] == "ents_f" and metrics["dev"]["ents_f"] == best["eval_ents_f"]
+    assert metrics["best_step"] == best["step"] and metrics["training"]["word_pieces_per_second"] > 0
     nlp = spacy.load(out)
     assert nlp.pipe_names == ["ner"] and hf_component(nlp).labels == ["LOC", "PER"]
     assert nlp.meta["sllm"]["base_model"] == str(ckpts["base"])
-    nlp("Angela Merkel visited Paris .")  # predicts without error
+    text = "Angela Merkel visited Paris ."  # the saved pipeline predicts what its saved checkpoint does
+    assert [(e.start_char, e.end_char, e.label_) for e in nlp(text).ents] == raw_entities(out / "ner" / "model", text)
 
 
 class _Interrupt(TrainerCallback):
@@ -170,9 +178,25 @@ def test_finetune_textcat_and_qa(ckpts, tmp_path):
     assert result.primary == "qa_f1" and "qa_exact" in result.dev_metrics and "qa_no_ans_f1" in result.dev_metrics
     qa_nlp = spacy.load(tmp_path / "qa-model")
     assert qa_nlp.get_pipe("qa").handle_impossible  # trained with unanswerable questions: it may abstain
+    from transformers import pipeline
+
     from spacy_llm_components import ask
 
-    assert len(ask(qa_nlp, "The tower is in Paris.", "Where?")) <= 1
+    # it answers, or abstains, as transformers' pipeline decides with the null answer allowed; with a
+    # null threshold no null score beats, it gives the pipeline's best span
+    hf = pipeline("question-answering", model=str(tmp_path / "qa-model" / "qa" / "model"), device="cpu")
+    context = "The tower is in Paris."
+    for question in ("Where is the tower?", "Who built it?"):
+        qa_nlp.get_pipe("qa").null_threshold = 0.0
+        reference = hf(question=question, context=context, handle_impossible_answer=True)
+        ours = ask(qa_nlp, context, question)
+        assert [(a.start_char, a.end_char) for a in ours] == \
+            ([] if reference["answer"] == "" else [(reference["start"], reference["end"])]), question
+        qa_nlp.get_pipe("qa").null_threshold = 1.0
+        reference = hf(question=question, context=context)
+        (ours,) = ask(qa_nlp, context, question)
+        assert (ours.start_char, ours.end_char) == (reference["start"], reference["end"])
+        assert ours._.score == pytest.approx(reference["score"], rel=1e-4)
 
 
 def test_finetune_rejects_unprepared_input(ner_data, ckpts, tmp_path):
