@@ -3,7 +3,6 @@ and the textcat component's own decision rule (argmax, or per-label thresholds).
 
 import random
 
-import numpy as np
 import pytest
 import spacy
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
