@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import spacy
 import torch
+from accelerate.utils import broadcast_object_list
 from spacy.language import Language
 from spacy.tokens import Doc
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback, set_seed
@@ -30,8 +31,8 @@ from .evaluate import score_pipeline
 from .hf import DEFAULT_MODEL, resolve_device
 from .tasks import TaskSpec, task_spec
 from .training import (
-    CountingCollator, EvaluateAtEnd, JsonlLog, TimedTrainer, TrainingError, check_resume, checkpoint_step, duration,
-    precision_for, setting, start_run, training_arguments, world_size,
+    CountingCollator, EvaluateAtEnd, JsonlLog, TimedTrainer, TrainingError, barrier, check_resume, checkpoint_step,
+    duration, precision_for, setting, start_run, sum_over_processes, training_arguments, world_size,
 )
 
 FinetuneError = TrainingError  # the name callers of `finetune` catch
@@ -124,13 +125,17 @@ class PipelineTrainer(TimedTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
         start = time.perf_counter()
-        training = self.model.training
-        self.model.eval()
-        try:
-            result = score_pipeline(self.nlp, self.dev_docs, batch_size=self.nlp_batch_size)
-        finally:
-            self.model.train(training)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in result.scores.items()}
+        metrics = None
+        if self.is_world_process_zero():  # under torchrun, one process scores and tells the others
+            training = self.model.training
+            self.model.eval()
+            try:
+                result = score_pipeline(self.nlp, self.dev_docs, batch_size=self.nlp_batch_size)
+            finally:
+                self.model.train(training)
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in result.scores.items()}
+        if self.args.world_size > 1:
+            metrics = broadcast_object_list([metrics])[0]  # every process keeps the same best checkpoint
         self.eval_seconds += time.perf_counter() - start
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -188,12 +193,15 @@ def finetune(task: str, train: Union[str, Path], dev: Union[str, Path], output: 
         trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log dict
     train_out = trainer.train(resume_from_checkpoint=last)
     pipe.checkpoint.model.to(plan.device).eval()
+    barrier()  # under torchrun: the log is complete, and no process reads the checkpoints any more
 
     best_step, dev_metrics = _best_evaluation(trainer, plan.spec.primary)
-    training = trainer.speed(train_out.metrics.get("train_runtime", 0.0), collator.word_pieces,
+    word_pieces = sum_over_processes(collator.word_pieces, args.device)  # each process counts its own batches
+    training = trainer.speed(train_out.metrics.get("train_runtime", 0.0), word_pieces,
                              time.perf_counter() - wall_start, plan.device, precision_for(plan.device), last)
     if trainer.is_world_process_zero():  # under torchrun, one process writes
         _write_outputs(plan, output, config, best_step, dev_metrics, training, keep_checkpoints)
+    barrier()  # every process returns once the pipeline is written
     return FinetuneResult(output=output, task=plan.spec.name, primary=plan.spec.primary, dev_metrics=dev_metrics,
                           best_step=best_step, training=training, log=artifacts.read_log(output))
 
@@ -212,6 +220,8 @@ def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> _Plan:
         raise DataError(train.parent / artifacts.LABELS, None,
                         f"the data was prepared for {info.task!r}, not {spec.name!r}")
     device = resolve_device(config.device)
+    if device.type == "cuda" and world_size() > 1:  # under torchrun, each process trains on its own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda" and device.index:
         torch.cuda.set_device(device)
     vocab_nlp = spacy.blank(info.lang)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from . import artifacts
@@ -43,6 +44,21 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def sum_over_processes(value: int, device: torch.device) -> int:
+    """`value` summed over the processes (itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    total = torch.tensor(value, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def precision_for(device: torch.device) -> str:
@@ -145,6 +161,15 @@ class TimedTrainer(Trainer):
             return super()._save_checkpoint(model, trial)
         finally:
             self.checkpoint_seconds += time.perf_counter() - start
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        # transformers 4.50-4.56 (fixed upstream by #40923): `_save_checkpoint` records the best checkpoint
+        # only if its folder exists, which another process can test before the main one has made it; a
+        # process left without a best checkpoint skips the barrier before the best model is reloaded at
+        # the end, and the processes hang.
+        if _internal_call:
+            barrier()
 
     def _load_best_model(self):
         start = time.perf_counter()

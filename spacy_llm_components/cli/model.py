@@ -80,8 +80,10 @@ def finetune_command(
         raise typer.Exit(code=130)
     except (DataError, ValueError) as err:
         fail(err)
+    if not is_main_process():  # under torchrun, one process reports and logs
+        return
     typer.echo(result.summary())
-    if track and is_main_process():  # under torchrun, one process logs
+    if track:
         from ..project import tracking_uri
         from ..runs import log_finetune
 
