@@ -10,9 +10,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Prefect reads its settings once, at import: a throwaway home (never the user's ~/.prefect), and
 # no user server. The flows' own defaults (ephemeral server, analytics off) come on top of these.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sllm-test-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # not one folder per run in /tmp
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
