@@ -162,7 +162,7 @@ class HFQuestionAnswerer(HFPipe):
                     features.append(model_input.feature(start_positions=first, end_positions=last))
         return features
 
-    def predict(self, docs: Sequence[Doc]) -> List[List[Answer]]:
+    def _predict_prepared(self, docs: Sequence[Doc], prepared: None) -> List[List[Answer]]:
         asked = [self._questions_of(doc) for doc in docs]
         q_ids = self._question_ids([q for qs in asked for q in qs])
         contexts = self._encode([d.text for d in docs]) if q_ids else [None] * len(docs)
