@@ -174,6 +174,11 @@ class HFPipe(Pipe):
         buffer is tokenized in a background thread (the Rust tokenizer releases the GIL) while the
         current one runs through the model and is decoded."""
         error_handler = self.get_error_handler()
+        if os.environ.get("SLLM_NO_AHEAD"):
+            for docs in minibatch(stream, size=batch_size):
+                f = Future(); f.set_result(self._prepare(docs))
+                yield from self._annotate(docs, f, error_handler)
+            return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-prepare") as ahead:
             pending: Optional[Tuple[List[Doc], Future]] = None
             for docs in minibatch(stream, size=batch_size):
