@@ -16,7 +16,10 @@ from spacy.pipeline import Pipe
 from spacy.tokens import Doc
 from spacy.util import ensure_path, minibatch
 
-from ..hf import Checkpoint, load_checkpoint, peek_labels, resolve_device, resolve_dtype, save_checkpoint
+from ..hf import (
+    Checkpoint, check_quantize, load_checkpoint, peek_labels, quantize_model, resolve_device, resolve_dtype,
+    save_checkpoint,
+)
 from ..tasks import TaskSpec
 from .inputs import Batch, Feature, ModelInput, Pieces, Rows, SpecialTokens, pad_inputs, padded_batches
 
@@ -62,13 +65,14 @@ class HFPipe(Pipe):
         max_length: Optional[int],
         device: str,
         dtype: str,
+        quantize: Optional[str],
         scorer: Optional[Callable],
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
         if max_length is not None and max_length < 8:
             raise ValueError(f"{name}: max_length must be >= 8 or null, got {max_length}")
-        resolve_dtype(dtype, resolve_device(device))  # fail at add_pipe, not at first call
+        check_quantize(quantize, resolve_device(device), resolve_dtype(dtype, resolve_device(device)))  # at add_pipe
         self.vocab = nlp.vocab
         self.name = name
         self.model_name = model
@@ -76,6 +80,7 @@ class HFPipe(Pipe):
         self.max_length_cfg = max_length
         self.device = device
         self.dtype = dtype
+        self.quantize = quantize
         self.scorer = scorer
         self.cfg: dict = {}
         self._checkpoint: Optional[Checkpoint] = None
@@ -96,6 +101,9 @@ class HFPipe(Pipe):
         from tokenizers import Tokenizer
 
         self._checkpoint = checkpoint
+        # what inference runs: the checkpoint's model, or an int8 copy of it (the float32 weights stay, for
+        # to_disk, export and fine-tuning)
+        self._model = quantize_model(checkpoint.model, self.quantize)
         self._specials = SpecialTokens.of(checkpoint.tokenizer)
         # the Rust tokenizer itself, on a copy without truncation or padding: what the Hugging Face
         # tokenizer's __call__ runs, without building its per-text Python lists we do not use
@@ -223,7 +231,7 @@ class HFPipe(Pipe):
         pad_id = ck.tokenizer.pad_token_id or 0
         with torch.inference_mode():
             for batch in padded_batches(pieces.ids, rows, self.specials, self.batch_size, pad_id):
-                yield batch, ck.model(**self._feed(batch.input_ids, batch.attention_mask))
+                yield batch, self._model(**self._feed(batch.input_ids, batch.attention_mask))
 
     def _forward(self, inputs: Sequence[ModelInput]) -> List[Tuple[np.ndarray, ...]]:
         """Run the model over sequences of any shape (pairs too), batched by similar length; results in
@@ -236,7 +244,7 @@ class HFPipe(Pipe):
         with torch.inference_mode():
             for batch in minibatch(order, size=self.batch_size):
                 ids, mask, types = pad_inputs([inputs[i] for i in batch], pad_id)
-                out = ck.model(**self._feed(ids, mask, types))
+                out = self._model(**self._feed(ids, mask, types))
                 arrays = [getattr(out, name).float().cpu().numpy() for name in self.output_names]
                 for row, i in enumerate(batch):
                     n = len(inputs[i].input_ids)

@@ -61,6 +61,7 @@ logger = logging.getLogger("spacy_llm_components")
         "max_length": None,
         "device": "auto",
         "dtype": "float32",
+        "quantize": None,
         "scorer": {"@scorers": "spacy_llm_components.ner_scorer.v1"},
     },
     default_score_weights=TASKS["ner"].score_weights,
@@ -80,12 +81,13 @@ def make_hf_ner(
     max_length: Optional[int],
     device: str,
     dtype: str,
+    quantize: Optional[str],
     scorer: Optional[Callable],
 ) -> "HFEntityRecognizer":
     return HFEntityRecognizer(
         nlp, name, model=model, labels=labels, scheme=scheme, aggregation=aggregation, decoder=decoder,
         spans_key=spans_key, overwrite_ents=overwrite_ents, stride=stride, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, scorer=scorer,
+        device=device, dtype=dtype, quantize=quantize, scorer=scorer,
     )
 
 

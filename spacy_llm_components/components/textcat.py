@@ -31,6 +31,7 @@ POOLINGS = ("mean", "max")
         "max_length": None,
         "device": "auto",
         "dtype": "float32",
+        "quantize": None,
         "scorer": {"@scorers": "spacy_llm_components.textcat_scorer.v1"},
     },
     default_score_weights=TASKS["textcat"].score_weights,
@@ -48,12 +49,13 @@ def make_hf_textcat(
     max_length: Optional[int],
     device: str,
     dtype: str,
+    quantize: Optional[str],
     scorer: Optional[Callable],
 ) -> "HFTextCategorizer":
     return HFTextCategorizer(
         nlp, name, model=model, labels=labels, multi_label=multi_label, threshold=threshold,
         thresholds=thresholds, pooling=pooling, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, scorer=scorer,
+        device=device, dtype=dtype, quantize=quantize, scorer=scorer,
     )
 
 
