@@ -193,6 +193,16 @@ def _quiet(logger_name: str) -> Iterator[None]:
         quieted.removeFilter(notice_filter)
 
 
+def has_head(name: Union[str, Path], task: Union[str, TaskSpec]) -> bool:
+    """Whether the checkpoint already has `task`'s head (read from its config; the weights stay on disk)."""
+    source = resolve_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except Exception as err:
+        raise CheckpointError(f"{source}: cannot read the model config: {err}") from err
+    return _head_status(config, task_spec(task), str(source))
+
+
 def load_checkpoint(
     name: Union[str, Path],
     task: Union[str, TaskSpec],

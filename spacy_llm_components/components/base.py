@@ -12,15 +12,19 @@ import numpy as np
 import srsly
 import torch
 from spacy.language import Language
-from spacy.pipeline import Pipe
+from spacy.pipeline import TrainablePipe
+from spacy.training import Example
 from spacy.tokens import Doc
 from spacy.util import ensure_path, minibatch
+from thinc.api import Model, Optimizer
 
 from ..hf import (
-    Checkpoint, check_quantize, load_checkpoint, peek_labels, quantize_model, resolve_device, resolve_dtype,
+    Checkpoint, check_quantize, has_head, load_checkpoint, peek_labels, quantize_model, resolve_device, resolve_dtype,
     save_checkpoint,
 )
 from ..tasks import TaskSpec
+from ..training import CountingCollator
+from .trainable import check_labels, loss_model, training_docs
 from .inputs import Batch, Feature, ModelInput, Pieces, Rows, SpecialTokens, pad_inputs, padded_batches
 
 MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
@@ -43,7 +47,7 @@ def span_record(span, **extra: Any) -> Dict[str, Any]:
             "score": None if score is None else round(float(score), 6)}
 
 
-class HFPipe(Pipe):
+class HFPipe(TrainablePipe):
     """Base of hf_textcat, hf_ner and hf_qa.
 
     The checkpoint loads on first use, not in the factory: `spacy.load` then
@@ -66,6 +70,7 @@ class HFPipe(Pipe):
         device: str,
         dtype: str,
         quantize: Optional[str],
+        mixed_precision: bool,
         scorer: Optional[Callable],
     ) -> None:
         if batch_size < 1:
@@ -81,6 +86,8 @@ class HFPipe(Pipe):
         self.device = device
         self.dtype = dtype
         self.quantize = quantize
+        self.mixed_precision = mixed_precision
+        self.model: Optional[Model] = None  # spaCy's trainable model: set when the checkpoint loads
         self.scorer = scorer
         self.cfg: dict = {}
         self._checkpoint: Optional[Checkpoint] = None
@@ -104,6 +111,10 @@ class HFPipe(Pipe):
         # what inference runs: the checkpoint's model, or an int8 copy of it (the float32 weights stay, for
         # to_disk, export and fine-tuning)
         self._model = quantize_model(checkpoint.model, self.quantize)
+        # what `spacy train` updates: the checkpoint's model wrapped for thinc (features in, loss out)
+        collate = CountingCollator(self.spec.collator(checkpoint.tokenizer), checkpoint.tokenizer)
+        self.model = None if self.quantize else loss_model(checkpoint.model, collate, checkpoint.device,
+                                                            self.mixed_precision)
         self._specials = SpecialTokens.of(checkpoint.tokenizer)
         # the Rust tokenizer itself, on a copy without truncation or padding: what the Hugging Face
         # tokenizer's __call__ runs, without building its per-text Python lists we do not use
@@ -148,13 +159,47 @@ class HFPipe(Pipe):
         return min(limit, self.max_length_cfg) if self.max_length_cfg else limit
 
     def initialize(self, get_examples: Optional[Callable] = None, *, nlp: Optional[Language] = None) -> None:
-        """Load the checkpoint (`spacy assemble` / `nlp.initialize` call this)."""
+        """Load the checkpoint (`spacy assemble`, `nlp.initialize` and `spacy train` call this). Given training
+        examples (`spacy train`), check that they hold this task's annotation and labels the component
+        has; a new head (a base encoder with no labels configured) takes the data's labels."""
+        docs = training_docs(self.name, self.spec, get_examples)
+        if docs and self._checkpoint is None and not has_head(self.model_name, self.spec):
+            self._labels_from_data(docs)
         self.checkpoint
+        if docs and self.spec.has_labels:
+            check_labels(self.name, self.spec, docs, self.labels)
+
+    def _labels_from_data(self, docs: Sequence[Doc]) -> None:
+        """Configure a new head's labels from training docs when none are configured."""
 
     # -- training ----------------------------------------------------------------
     def features(self, docs: Sequence[Doc]) -> List[Feature]:
         """Training features from reference docs, built with the encoding and windows `predict` uses."""
         raise NotImplementedError
+
+    def update(self, examples: Iterable[Example], *, drop: float = 0.0, sgd: Optional[Optimizer] = None,
+               losses: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """One step of `spacy train`: the features of the reference docs through the model, its loss back.
+        (`drop` is not applied: the checkpoint's own dropout settings are.)"""
+        losses = {} if losses is None else losses
+        losses.setdefault(self.name, 0.0)
+        if self.quantize:
+            raise ValueError(f"{self.name}: a component with quantize = {self.quantize!r} cannot be trained; "
+                             "train the float32 pipeline and quantize it at load")
+        features = self.features([eg.reference for eg in examples])
+        if not features:
+            return losses
+        scores, backprop = self.model.begin_update(features)
+        loss, d_scores = self.get_loss(examples, scores)
+        backprop(d_scores)
+        if sgd not in (None, False):
+            self.finish_update(sgd)
+        losses[self.name] += loss
+        return losses
+
+    def get_loss(self, examples: Iterable[Example], scores) -> Tuple[float, Any]:
+        """The model's task loss (it computed it from the features' targets) and its gradient, 1."""
+        return float(scores[0]), self.model.ops.xp.ones_like(scores)
 
     # -- inference ---------------------------------------------------------------
     def __call__(self, doc: Doc) -> Doc:
@@ -229,6 +274,7 @@ class HFPipe(Pipe):
         each batch with the model's outputs (tensors on the model's device; reduce them there)."""
         ck = self.checkpoint
         pad_id = ck.tokenizer.pad_token_id or 0
+        self._model.eval()  # (spacy train's updates leave it in training mode)
         with torch.inference_mode():
             for batch in padded_batches(pieces.ids, rows, self.specials, self.batch_size, pad_id):
                 yield batch, self._model(**self._feed(batch.input_ids, batch.attention_mask))
@@ -241,6 +287,7 @@ class HFPipe(Pipe):
         pad_id = ck.tokenizer.pad_token_id or 0
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i].input_ids))
         results: List[Tuple[np.ndarray, ...]] = [()] * len(inputs)
+        self._model.eval()
         with torch.inference_mode():
             for batch in minibatch(order, size=self.batch_size):
                 ids, mask, types = pad_inputs([inputs[i] for i in batch], pad_id)

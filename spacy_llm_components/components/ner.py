@@ -62,6 +62,7 @@ logger = logging.getLogger("spacy_llm_components")
         "device": "auto",
         "dtype": "float32",
         "quantize": None,
+        "mixed_precision": False,
         "scorer": {"@scorers": "spacy_llm_components.ner_scorer.v1"},
     },
     default_score_weights=TASKS["ner"].score_weights,
@@ -82,12 +83,13 @@ def make_hf_ner(
     device: str,
     dtype: str,
     quantize: Optional[str],
+    mixed_precision: bool,
     scorer: Optional[Callable],
 ) -> "HFEntityRecognizer":
     return HFEntityRecognizer(
         nlp, name, model=model, labels=labels, scheme=scheme, aggregation=aggregation, decoder=decoder,
         spans_key=spans_key, overwrite_ents=overwrite_ents, stride=stride, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, quantize=quantize, scorer=scorer,
+        device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
     )
 
 
@@ -152,6 +154,10 @@ class HFEntityRecognizer(HFPipe):
         if not self.entity_types:
             return None
         return tags_for_types(self.entity_types, "IOB2" if self.scheme_cfg == "auto" else self.scheme_cfg)
+
+    def _labels_from_data(self, docs: Sequence[Doc]) -> None:
+        if not self.entity_types:
+            self.entity_types = self.spec.gold_labels(docs)
 
     def _on_load(self) -> None:
         tags = self.checkpoint.id2label

@@ -33,6 +33,7 @@ ANSWER_LABEL = "ANSWER"
         "device": "auto",
         "dtype": "float32",
         "quantize": None,
+        "mixed_precision": False,
         "scorer": {"@scorers": "spacy_llm_components.squad_scorer.v1"},
     },
     default_score_weights=TASKS["qa"].score_weights,
@@ -54,13 +55,14 @@ def make_hf_qa(
     device: str,
     dtype: str,
     quantize: Optional[str],
+    mixed_precision: bool,
     scorer: Optional[Callable],
 ) -> "HFQuestionAnswerer":
     return HFQuestionAnswerer(
         nlp, name, model=model, questions=questions, spans_key=spans_key, top_k=top_k,
         max_answer_len=max_answer_len, max_question_len=max_question_len, doc_stride=doc_stride,
         handle_impossible=handle_impossible, null_threshold=null_threshold, batch_size=batch_size,
-        max_length=max_length, device=device, dtype=dtype, quantize=quantize, scorer=scorer,
+        max_length=max_length, device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
     )
 
 

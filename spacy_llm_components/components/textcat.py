@@ -32,6 +32,7 @@ POOLINGS = ("mean", "max")
         "device": "auto",
         "dtype": "float32",
         "quantize": None,
+        "mixed_precision": False,
         "scorer": {"@scorers": "spacy_llm_components.textcat_scorer.v1"},
     },
     default_score_weights=TASKS["textcat"].score_weights,
@@ -50,12 +51,13 @@ def make_hf_textcat(
     device: str,
     dtype: str,
     quantize: Optional[str],
+    mixed_precision: bool,
     scorer: Optional[Callable],
 ) -> "HFTextCategorizer":
     return HFTextCategorizer(
         nlp, name, model=model, labels=labels, multi_label=multi_label, threshold=threshold,
         thresholds=thresholds, pooling=pooling, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, quantize=quantize, scorer=scorer,
+        device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
     )
 
 
@@ -92,6 +94,12 @@ class HFTextCategorizer(HFPipe):
         if self.multi_label_cfg is None:
             return None
         return "multi_label_classification" if self.multi_label_cfg else "single_label_classification"
+
+    def _labels_from_data(self, docs: Sequence[Doc]) -> None:
+        if not self.new_head_labels:
+            self.new_head_labels = self.spec.gold_labels(docs)
+        if self.multi_label_cfg is None:  # a doc with other than exactly one category makes it multi-label
+            self.multi_label_cfg = any(sum(v >= 0.5 for v in doc.cats.values()) != 1 for doc in docs if doc.cats)
 
     def _on_load(self) -> None:
         unknown = set(self.cfg["thresholds"]) - set(self.labels)
