@@ -78,10 +78,11 @@ def bench(name: str, fraction: float, extra: list) -> dict:
          "--output", out / "model", *ft_opts, *extra])
     dev_eval = DATA / dev if dev else out / "data/dev.spacy"
     run([SLLM, "evaluate", out / "model", dev_eval, "--output", out / "eval", *prep_opts])
-    metrics = json.loads((out / "eval/metrics.json").read_text())["metrics"]
+    evaluation = json.loads((out / "eval/metrics.json").read_text())
     training = json.loads((out / "model/metrics.json").read_text())["training"]
-    row = {"dataset": name, "task": task, "fraction": fraction, "primary": metrics["primary"],
-           "score": metrics[metrics["primary"]], "eval_words_per_second": metrics["words_per_second"],
+    row = {"dataset": name, "task": task, "fraction": fraction, "primary": evaluation["primary"],
+           "score": evaluation["scores"][evaluation["primary"]],
+           "eval_words_per_second": evaluation["statistics"]["words_per_second"],
            **{f"train_{k}": v for k, v in training.items()}, "total_seconds": round(time.time() - start, 1)}
     (out / "result.json").write_text(json.dumps(row, indent=2))
     return row

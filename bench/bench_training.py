@@ -25,11 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "conll2003"
 sys.path.insert(0, str(ROOT))
 
-from spacy_llm_components.data import prepare  # noqa: E402
-from spacy_llm_components.hf import resolve_source  # noqa: E402
-from spacy_llm_components.train import CountingCollator, FinetuneConfig, finetune  # noqa: E402
+from transformers import DataCollatorForTokenClassification  # noqa: E402
 
-BASE = "sentence-transformers/all-MiniLM-L6-v2"
+from spacy_llm_components.data import prepare  # noqa: E402
+from spacy_llm_components.hf import DEFAULT_MODEL, resolve_device, resolve_source  # noqa: E402
+from spacy_llm_components.train import FinetuneConfig, finetune  # noqa: E402
+from spacy_llm_components.training import CountingCollator, precision_for  # noqa: E402
+
+BASE = DEFAULT_MODEL
+DEVICE = resolve_device("auto")
+PRECISION = precision_for(DEVICE)  # what `sllm finetune` picks on this device: the plain script gets the same
 
 
 def read_conll(path: Path):
@@ -64,11 +69,12 @@ def plain_trainer(steps: int, batch: int, lr: float, group_by_length: bool) -> d
             labels.append(-100 if wid is None or wid == previous else tag_id[tags[wid]])
             previous = wid
         features.append({"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"], "labels": labels})
-    collator = CountingCollator(tokenizer, "ner")
+    collator = CountingCollator(DataCollatorForTokenClassification(tokenizer), tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
                                  warmup_ratio=0.1, weight_decay=0.01, save_strategy="no", eval_strategy="no",
-                                 logging_steps=50, report_to="none", use_cpu=not torch.cuda.is_available(),
+                                 logging_steps=50, report_to="none", use_cpu=DEVICE.type == "cpu",
+                                 bf16=PRECISION == "bf16", fp16=PRECISION == "fp16",
                                  group_by_length=group_by_length, seed=0, data_seed=0, disable_tqdm=True)
         out = Trainer(model=model, args=args, train_dataset=features, data_collator=collator).train()
     seconds = out.metrics["train_runtime"]
@@ -81,8 +87,9 @@ def ours(steps: int, batch: int, lr: float) -> dict:
         # one evaluation at the end (a dev slice keeps it short; its time is excluded anyway)
         config = FinetuneConfig(max_steps=steps, batch_size=batch, lr=lr, eval_steps=steps, device="auto")
         result = finetune("ner", data.train, data.dev, Path(tmp) / "model", config, progress=False)
-    return {"seconds": result.train_seconds, "word_pieces": result.word_pieces,
-            "word_pieces_per_second": result.word_pieces_per_second}
+    t = result.training
+    return {"seconds": t["train_seconds"], "word_pieces": t["word_pieces"],
+            "word_pieces_per_second": t["word_pieces_per_second"], "precision": t["precision"]}
 
 
 def main() -> None:
@@ -101,8 +108,8 @@ def main() -> None:
         rows[f"sllm finetune (run {i + 1})"] = mine
         pair_ratios.append(mine["word_pieces_per_second"] / grouped["word_pieces_per_second"])
     base = rows["plain Trainer (HF example recipe)"]["word_pieces_per_second"]
-    print(f"\n{args.steps} steps x batch {args.batch_size}, CoNLL-2003 train, MiniLM, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads {torch.get_num_threads()}")
+    print(f"\n{args.steps} steps x batch {args.batch_size}, CoNLL-2003 train, MiniLM, {DEVICE}, {PRECISION} on both "
+          f"sides, torch threads {torch.get_num_threads()}")
     print("| run | train seconds | real word pieces | word pieces/s | ratio vs plain |")
     print("| --- | --- | --- | --- | --- |")
     for name, r in rows.items():

@@ -192,3 +192,13 @@ def resolve_overlaps(entities: List[Tuple[int, int, str, float]]) -> List[Tuple[
         else:
             runs.append((t, t + 1, merged[i][2], merged[i][3]))
     return runs
+
+
+def snap_many(start: np.ndarray, end: np.ndarray, token_start: np.ndarray, token_end: np.ndarray
+              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`snap_to_tokens` for many spans at once, in one character space (docs laid end to end, with a
+    gap between them so that no span reaches another doc's tokens). Returns (first token, end token,
+    found) arrays; a span lying in whitespace is not found."""
+    first = np.searchsorted(token_end, start, side="right")
+    last = np.searchsorted(token_start, end, side="left")
+    return first, last, (first < last) & (end > start)

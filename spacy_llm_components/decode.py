@@ -258,3 +258,81 @@ def decide_labels(probs: np.ndarray, multi_label: bool, thresholds: np.ndarray) 
     if probs.size:
         decided[np.arange(len(probs)), probs.argmax(axis=1)] = True
     return decided
+
+
+# -- the same decoding over many sequences at once (the inference path) ------------------------------
+_O, _B, _I, _L, _U = 0, 1, 2, 3, 4  # prefix roles: E plays L's, S plays U's
+
+
+@dataclass(frozen=True)
+class TagTable:
+    """Per tag id: its prefix role and entity type id (-1 for O), to read entities from tag ids in bulk."""
+
+    role: np.ndarray  # (K,) int8
+    type_id: np.ndarray  # (K,) int32
+    types: Tuple[str, ...]
+
+    @classmethod
+    def of(cls, tags: Sequence[str]) -> "TagTable":
+        roles = {"O": _O, "B": _B, "I": _I, "L": _L, "E": _L, "U": _U, "S": _U}
+        parsed = [parse_tag(t) for t in tags]
+        types = tuple(dict.fromkeys(t for _, t in parsed if t is not None))
+        return cls(np.array([roles[p] for p, _ in parsed], dtype=np.int8),
+                   np.array([types.index(t) if t is not None else -1 for _, t in parsed], dtype=np.int32), types)
+
+
+def read_entities(tag_ids: np.ndarray, first: np.ndarray, table: TagTable) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`tags_to_entities` over many sequences laid end to end: `first` marks the first position of each
+    sequence (entities never cross it). Returns (start, end, type id) arrays of the entities, in order."""
+    role, etype = table.role[tag_ids], table.type_id[tag_ids]
+    open_after = (role == _B) | (role == _I)  # an entity stays open after B- and I-
+    prev_open = np.concatenate([[False], open_after[:-1]]) & ~first
+    prev_type = np.concatenate([[-2], etype[:-1]])
+    continues = ((role == _I) | (role == _L)) & prev_open & (prev_type == etype)
+    starts = np.flatnonzero((role != _O) & ~continues)
+    breaks = np.append(np.flatnonzero(~continues), len(tag_ids))  # an entity runs until the next break
+    ends = breaks[np.searchsorted(breaks, starts, side="right")]
+    return starts, ends, etype[starts]
+
+
+def segment_means(values: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Mean of values[s:e] (rows of values) for each non-empty segment [s, e), each summed on its own."""
+    if not len(starts):
+        return np.zeros((0, *values.shape[1:]), dtype=np.float64)
+    bounds = np.empty(2 * len(starts), dtype=np.int64)
+    bounds[0::2], bounds[1::2] = starts, ends
+    padded = np.concatenate([values.astype(np.float64), np.zeros((1, *values.shape[1:]))])
+    sums = np.add.reduceat(padded, bounds, axis=0)[0::2]
+    return sums / (ends - starts).reshape(-1, *([1] * (values.ndim - 1)))
+
+
+def viterbi_batch(log_probs: np.ndarray, lengths: np.ndarray, trans: Transitions) -> np.ndarray:
+    """`viterbi` for D padded sequences at once: log_probs (D, W, K), lengths (D,); returns (D, W) tag ids
+    (0 past each sequence's end). Each sequence gets the path `viterbi` gives it alone."""
+    d, w, k = log_probs.shape
+    paths = np.zeros((d, w), dtype=np.int64)
+    if d == 0 or w == 0:
+        return paths
+    forbid = np.where(trans.pairs, 0.0, -np.inf)
+    score = log_probs[:, 0] + np.where(trans.start, 0.0, -np.inf)  # (D, K)
+    back = np.zeros((d, w, k), dtype=np.int64)
+    columns = np.arange(k)
+    for i in range(1, w):
+        live = lengths > i
+        if not live.any():
+            break
+        cand = score[live][:, :, None] + forbid  # (live, prev, next)
+        best_prev = cand.argmax(axis=1)
+        back[live, i] = best_prev
+        score[live] = np.take_along_axis(cand, best_prev[:, None, :], axis=1)[:, 0, :] + log_probs[live, i]
+    score = score + np.where(trans.end, 0.0, -np.inf)
+    rows = np.arange(d)
+    current = score.argmax(axis=1)
+    last = np.maximum(lengths, 1) - 1
+    paths[rows, last] = current
+    for i in range(w - 1, 0, -1):
+        active = last >= i
+        current = np.where(active, back[rows, i, current], current)
+        paths[active, i - 1] = current[active]
+    paths[np.arange(w)[None, :] >= lengths[:, None]] = 0
+    return paths

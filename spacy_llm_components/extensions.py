@@ -14,8 +14,14 @@ from typing import Any, Tuple
 from spacy.tokens import Doc, Span
 
 
+def value_key(name: str, start_char: int, end_char: int, label: int, span_id: int = 0) -> Tuple[Any, ...]:
+    """The user_data key of `span._.NAME` for a span with these offsets, label hash and id: what the
+    components write directly, without a Span or spaCy's Underscore object (their hot path)."""
+    return ("sllm", name, start_char, end_char, label, span_id)
+
+
 def _key(span: Span, name: str) -> Tuple[Any, ...]:
-    return ("sllm", name, span.start_char, span.end_char, span.label, span.id)
+    return value_key(name, span.start_char, span.end_char, span.label, span.id)
 
 
 def _get(name: str, span: Span) -> Any:
@@ -24,6 +30,7 @@ def _get(name: str, span: Span) -> Any:
 
 def _set(name: str, span: Span, value: Any) -> None:
     span.doc.user_data[_key(span, name)] = value
+
 
 
 def register_extensions() -> None:

@@ -64,6 +64,16 @@ class TaskSpec:
         depends on the whole label set (textcat's doc.cats)."""
         return [], False
 
+    gold_description: str = "gold annotation"
+
+    def has_gold(self, doc: Doc) -> bool:
+        """Whether a reference doc holds this task's annotation (`spacy train` checks its data with it)."""
+        raise NotImplementedError
+
+    def gold_labels(self, docs: Sequence[Doc]) -> List[str]:
+        """The labels the reference docs use (entity types, categories), sorted."""
+        return []
+
     def describe(self, docs: Sequence[Doc]) -> Dict[str, Any]:
         """Counts for summary.json."""
         return {"docs": len(docs), "tokens": sum(len(d) for d in docs)}
@@ -96,6 +106,13 @@ class TextcatSpec(TaskSpec):
     primary = "cats_score"  # accuracy for exclusive classes, macro F for multi-label (see score_textcat)
     score_weights = {"cats_score": 1.0}
     formats = (".csv", ".tsv", ".jsonl", ".spacy")
+    gold_description = "categories (doc.cats)"
+
+    def has_gold(self, doc):
+        return bool(doc.cats)
+
+    def gold_labels(self, docs):
+        return sorted({label for doc in docs for label in doc.cats})
 
     def read(self, path, nlp, bad, options):
         if path.suffix.lower() == ".jsonl":
@@ -163,6 +180,13 @@ class NerSpec(TaskSpec):
     primary = "ents_f"
     score_weights = {"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None}
     formats = (".conll", ".iob", ".bio", ".txt", ".tsv", ".jsonl", ".spacy")
+    gold_description = "entity annotation (doc.ents)"
+
+    def has_gold(self, doc):
+        return doc.has_annotation("ENT_IOB")
+
+    def gold_labels(self, docs):
+        return sorted({ent.label_ for doc in docs for ent in doc.ents})
 
     def read(self, path, nlp, bad, options):
         if path.suffix.lower() == ".jsonl":
@@ -208,6 +232,10 @@ class QASpec(TaskSpec):
     score_weights = {"qa_f1": 1.0, "qa_exact": 0.0}
     formats = (".json", ".spacy")
     has_labels = False
+    gold_description = "questions with gold answers (doc._.qas)"
+
+    def has_gold(self, doc):
+        return bool(doc._.qas)
 
     def read(self, path, nlp, bad, options):
         pairs = read_squad(path, nlp, bad)

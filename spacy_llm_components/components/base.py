@@ -4,7 +4,7 @@ inference, and storing the checkpoint inside the pipeline folder."""
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -12,18 +12,23 @@ import numpy as np
 import srsly
 import torch
 from spacy.language import Language
-from spacy.pipeline import Pipe
+from spacy.pipeline import TrainablePipe
+from spacy.training import Example
 from spacy.tokens import Doc
 from spacy.util import ensure_path, minibatch
+from thinc.api import Model, Optimizer
 
-from ..hf import Checkpoint, load_checkpoint, peek_labels, resolve_device, resolve_dtype, save_checkpoint
+from ..hf import (
+    Checkpoint, check_quantize, has_head, load_checkpoint, peek_labels, quantize_model, resolve_device, resolve_dtype,
+    save_checkpoint,
+)
 from ..tasks import TaskSpec
+from ..training import CountingCollator
+from .trainable import check_labels, loss_model, training_docs
+from .inputs import Batch, Feature, ModelInput, Pieces, Rows, SpecialTokens, pad_inputs, padded_batches
 
 MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
 IGNORE_INDEX = -100  # label of positions the loss skips (torch's CrossEntropyLoss default)
-
-Feature = Dict[str, Any]  # one training example for the model: input_ids, token_type_ids, labels...
-
 
 def _one_thread_after_fork() -> None:
     """Forked children (spaCy's `nlp.pipe(n_process=N)`) cannot use the parent's OpenMP
@@ -35,68 +40,6 @@ def _one_thread_after_fork() -> None:
 os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
-@dataclass
-class ModelInput:
-    """One sequence for the model: ids with special tokens, and segment ids."""
-
-    input_ids: List[int]
-    token_type_ids: Optional[List[int]] = None
-
-    def feature(self, **targets: Any) -> Feature:
-        """A training feature: this input plus its targets (labels, start/end positions)."""
-        out: Feature = {"input_ids": self.input_ids}
-        if self.token_type_ids is not None:
-            out["token_type_ids"] = self.token_type_ids
-        return {**out, **targets}
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """Where a tokenizer puts its special tokens (and segment ids) around one or two sequences.
-
-    Read off the tokenizer's own encodings (its post-processor), not from
-    `build_inputs_with_special_tokens`, which adds nothing for tokenizers that
-    load as a plain `PreTrainedTokenizerFast`.
-    """
-
-    single_prefix: List[int]
-    single_suffix: List[int]
-    pair_prefix: List[int]
-    pair_middle: List[int]
-    pair_suffix: List[int]
-    pair_types: Tuple[List[int], int, List[int], int, List[int]]  # prefix, first seq, middle, second seq, suffix
-
-    @classmethod
-    def of(cls, tokenizer) -> "SpecialTokens":
-        single = tokenizer("a", return_token_type_ids=True).encodings[0]
-        pair = tokenizer("a", "b", return_token_type_ids=True).encodings[0]
-        sp = _segments(single.ids, single.sequence_ids)
-        pp = _segments(pair.ids, pair.sequence_ids)
-        tp = _segments(pair.type_ids, pair.sequence_ids)
-        return cls(sp[0], sp[2], pp[0], pp[2], pp[4], (tp[0], tp[1][0], tp[2], tp[3][0], tp[4]))
-
-    @property
-    def n_single(self) -> int:
-        return len(self.single_prefix) + len(self.single_suffix)
-
-    @property
-    def n_pair(self) -> int:
-        return len(self.pair_prefix) + len(self.pair_middle) + len(self.pair_suffix)
-
-
-def _segments(values: Sequence[int], sequence_ids: Sequence[Optional[int]]) -> List[List[int]]:
-    """Split an encoding into [specials, seq 0, specials, seq 1, specials] by sequence id."""
-    parts: List[List[int]] = [[], [], [], [], []]
-    part = 0
-    for value, seq in zip(values, sequence_ids):
-        if seq is None:
-            part = {0: 0, 1: 2, 2: 2, 3: 4, 4: 4}[part]
-        else:
-            part = 1 if seq == 0 else 3
-        parts[part].append(value)
-    return parts
-
-
 def span_record(span, **extra: Any) -> Dict[str, Any]:
     """A span as JSON-ready data: text, character offsets, extra fields, score."""
     score = span._.score
@@ -104,7 +47,7 @@ def span_record(span, **extra: Any) -> Dict[str, Any]:
             "score": None if score is None else round(float(score), 6)}
 
 
-class HFPipe(Pipe):
+class HFPipe(TrainablePipe):
     """Base of hf_textcat, hf_ner and hf_qa.
 
     The checkpoint loads on first use, not in the factory: `spacy.load` then
@@ -126,13 +69,15 @@ class HFPipe(Pipe):
         max_length: Optional[int],
         device: str,
         dtype: str,
+        quantize: Optional[str],
+        mixed_precision: bool,
         scorer: Optional[Callable],
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
         if max_length is not None and max_length < 8:
             raise ValueError(f"{name}: max_length must be >= 8 or null, got {max_length}")
-        resolve_dtype(dtype, resolve_device(device))  # fail at add_pipe, not at first call
+        check_quantize(quantize, resolve_device(device), resolve_dtype(dtype, resolve_device(device)))  # at add_pipe
         self.vocab = nlp.vocab
         self.name = name
         self.model_name = model
@@ -140,6 +85,9 @@ class HFPipe(Pipe):
         self.max_length_cfg = max_length
         self.device = device
         self.dtype = dtype
+        self.quantize = quantize
+        self.mixed_precision = mixed_precision
+        self.model: Optional[Model] = None  # spaCy's trainable model: set when the checkpoint loads
         self.scorer = scorer
         self.cfg: dict = {}
         self._checkpoint: Optional[Checkpoint] = None
@@ -157,8 +105,22 @@ class HFPipe(Pipe):
         """Read what the component needs from a freshly loaded checkpoint (labels, scheme)."""
 
     def _set_checkpoint(self, checkpoint: Checkpoint) -> None:
+        from tokenizers import Tokenizer
+
         self._checkpoint = checkpoint
+        # what inference runs: the checkpoint's model, or an int8 copy of it (the float32 weights stay, for
+        # to_disk, export and fine-tuning)
+        self._model = quantize_model(checkpoint.model, self.quantize)
+        # what `spacy train` updates: the checkpoint's model wrapped for thinc (features in, loss out)
+        collate = CountingCollator(self.spec.collator(checkpoint.tokenizer), checkpoint.tokenizer)
+        self.model = None if self.quantize else loss_model(checkpoint.model, collate, checkpoint.device,
+                                                            self.mixed_precision)
         self._specials = SpecialTokens.of(checkpoint.tokenizer)
+        # the Rust tokenizer itself, on a copy without truncation or padding: what the Hugging Face
+        # tokenizer's __call__ runs, without building its per-text Python lists we do not use
+        self._backend = Tokenizer.from_str(checkpoint.tokenizer.backend_tokenizer.to_str())
+        self._backend.no_truncation()
+        self._backend.no_padding()
         self._on_load()
 
     @property
@@ -197,13 +159,47 @@ class HFPipe(Pipe):
         return min(limit, self.max_length_cfg) if self.max_length_cfg else limit
 
     def initialize(self, get_examples: Optional[Callable] = None, *, nlp: Optional[Language] = None) -> None:
-        """Load the checkpoint (`spacy assemble` / `nlp.initialize` call this)."""
+        """Load the checkpoint (`spacy assemble`, `nlp.initialize` and `spacy train` call this). Given training
+        examples (`spacy train`), check that they hold this task's annotation and labels the component
+        has; a new head (a base encoder with no labels configured) takes the data's labels."""
+        docs = training_docs(self.name, self.spec, get_examples)
+        if docs and self._checkpoint is None and not has_head(self.model_name, self.spec):
+            self._labels_from_data(docs)
         self.checkpoint
+        if docs and self.spec.has_labels:
+            check_labels(self.name, self.spec, docs, self.labels)
+
+    def _labels_from_data(self, docs: Sequence[Doc]) -> None:
+        """Configure a new head's labels from training docs when none are configured."""
 
     # -- training ----------------------------------------------------------------
     def features(self, docs: Sequence[Doc]) -> List[Feature]:
         """Training features from reference docs, built with the encoding and windows `predict` uses."""
         raise NotImplementedError
+
+    def update(self, examples: Iterable[Example], *, drop: float = 0.0, sgd: Optional[Optimizer] = None,
+               losses: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """One step of `spacy train`: the features of the reference docs through the model, its loss back.
+        (`drop` is not applied: the checkpoint's own dropout settings are.)"""
+        losses = {} if losses is None else losses
+        losses.setdefault(self.name, 0.0)
+        if self.quantize:
+            raise ValueError(f"{self.name}: a component with quantize = {self.quantize!r} cannot be trained; "
+                             "train the float32 pipeline and quantize it at load")
+        features = self.features([eg.reference for eg in examples])
+        if not features:
+            return losses
+        scores, backprop = self.model.begin_update(features)
+        loss, d_scores = self.get_loss(examples, scores)
+        backprop(d_scores)
+        if sgd not in (None, False):
+            self.finish_update(sgd)
+        losses[self.name] += loss
+        return losses
+
+    def get_loss(self, examples: Iterable[Example], scores) -> Tuple[float, Any]:
+        """The model's task loss (it computed it from the features' targets) and its gradient, 1."""
+        return float(scores[0]), self.model.ops.xp.ones_like(scores)
 
     # -- inference ---------------------------------------------------------------
     def __call__(self, doc: Doc) -> Doc:
@@ -215,60 +211,87 @@ class HFPipe(Pipe):
             error_handler(self.name, self, [doc], err)
             return doc
 
-    def pipe(self, stream: Iterable[Doc], *, batch_size: int = 1000) -> Iterator[Doc]:
-        """Annotate docs in order; each `batch_size` docs form one buffer sorted by length."""
-        error_handler = self.get_error_handler()
-        for docs in minibatch(stream, size=batch_size):
-            try:
-                self.set_annotations(docs, self.predict(docs))
-            except Exception as err:
-                error_handler(self.name, self, docs, err)
-            yield from docs
+    def predict(self, docs: Sequence[Doc]) -> Any:
+        return self._predict_prepared(docs, self._prepare(docs))
 
-    def _encode(self, texts: Sequence[str]):
-        """Word pieces of whole texts, no special tokens, with character offsets and word ids."""
-        return self.checkpoint.tokenizer(
-            list(texts),
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        ).encodings
+    def _prepare(self, docs: Sequence[Doc]) -> Any:
+        """The work on a batch that needs no model (tokenizing with the model's tokenizer): `pipe` runs it
+        for the next batch in a background thread while this one is on the model."""
+        return None
+
+    def _predict_prepared(self, docs: Sequence[Doc], prepared: Any) -> Any:
+        raise NotImplementedError
+
+    def pipe(self, stream: Iterable[Doc], *, batch_size: int = 1000) -> Iterator[Doc]:
+        """Annotate docs in order; each `batch_size` docs form one buffer sorted by length. The next
+        buffer is tokenized in a background thread (the Rust tokenizer releases the GIL) while the
+        current one runs through the model and is decoded."""
+        error_handler = self.get_error_handler()
+        if os.environ.get("SLLM_NO_AHEAD"):
+            for docs in minibatch(stream, size=batch_size):
+                f = Future(); f.set_result(self._prepare(docs))
+                yield from self._annotate(docs, f, error_handler)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-prepare") as ahead:
+            pending: Optional[Tuple[List[Doc], Future]] = None
+            for docs in minibatch(stream, size=batch_size):
+                upcoming = (docs, ahead.submit(self._prepare, docs))
+                if pending is not None:
+                    yield from self._annotate(*pending, error_handler)
+                pending = upcoming
+            if pending is not None:
+                yield from self._annotate(*pending, error_handler)
+
+    def _annotate(self, docs: List[Doc], prepared: Future, error_handler: Callable) -> List[Doc]:
+        try:
+            self.set_annotations(docs, self._predict_prepared(docs, prepared.result()))
+        except Exception as err:
+            error_handler(self.name, self, docs, err)
+        return docs
+
+    def _encode(self, texts: Sequence[str]) -> list:
+        """`tokenizers` Encodings of whole texts, no special tokens: ids, character offsets, word ids."""
+        self.checkpoint
+        return self._backend.encode_batch(list(texts), add_special_tokens=False)
+
+    def _pieces(self, texts: Sequence[str]) -> Pieces:
+        return Pieces.of(self._encode(texts))
 
     def _single(self, ids: Sequence[int]) -> ModelInput:
-        sp = self.specials
-        input_ids = sp.single_prefix + list(ids) + sp.single_suffix
-        return ModelInput(input_ids, [0] * len(input_ids))
+        return self.specials.single(ids)
 
-    def _forward(self, inputs: Sequence[ModelInput]) -> List[Tuple[np.ndarray, ...]]:
-        """Run the model over sequences, batched by similar length; results in input order.
+    def _feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: Optional[np.ndarray] = None):
+        ck = self.checkpoint
+        feed = {"input_ids": torch.from_numpy(input_ids).to(ck.device),
+                "attention_mask": torch.from_numpy(attention_mask).to(ck.device)}
+        if "token_type_ids" in ck.tokenizer.model_input_names:
+            types = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
+            feed["token_type_ids"] = torch.from_numpy(types).to(ck.device)
+        return feed
 
-        Each result holds one float32 array per name in `output_names`, cut to
-        the sequence's own length for per-token outputs.
-        """
+    def _run(self, pieces: Pieces, rows: Rows) -> Iterator[Tuple[Batch, Any]]:
+        """Single-sequence rows of `pieces` through the model, in length-sorted padded batches: yields
+        each batch with the model's outputs (tensors on the model's device; reduce them there)."""
         ck = self.checkpoint
         pad_id = ck.tokenizer.pad_token_id or 0
-        use_types = "token_type_ids" in ck.tokenizer.model_input_names
+        self._model.eval()  # (spacy train's updates leave it in training mode)
+        with torch.inference_mode():
+            for batch in padded_batches(pieces.ids, rows, self.specials, self.batch_size, pad_id):
+                yield batch, self._model(**self._feed(batch.input_ids, batch.attention_mask))
+
+    def _forward(self, inputs: Sequence[ModelInput]) -> List[Tuple[np.ndarray, ...]]:
+        """Run the model over sequences of any shape (pairs too), batched by similar length; results in
+        input order. Each result holds one float32 array per name in `output_names`, cut to the
+        sequence's own length for per-token outputs."""
+        ck = self.checkpoint
+        pad_id = ck.tokenizer.pad_token_id or 0
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i].input_ids))
         results: List[Tuple[np.ndarray, ...]] = [()] * len(inputs)
-        device = ck.device
+        self._model.eval()
         with torch.inference_mode():
             for batch in minibatch(order, size=self.batch_size):
-                width = max(len(inputs[i].input_ids) for i in batch)
-                ids = np.full((len(batch), width), pad_id, dtype=np.int64)
-                mask = np.zeros((len(batch), width), dtype=np.int64)
-                types = np.zeros((len(batch), width), dtype=np.int64)
-                for row, i in enumerate(batch):
-                    n = len(inputs[i].input_ids)
-                    ids[row, :n] = inputs[i].input_ids
-                    mask[row, :n] = 1
-                    if use_types and inputs[i].token_type_ids:
-                        types[row, :n] = inputs[i].token_type_ids
-                feed = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
-                if use_types:
-                    feed["token_type_ids"] = torch.from_numpy(types).to(device)
-                out = ck.model(**feed)
+                ids, mask, types = pad_inputs([inputs[i] for i in batch], pad_id)
+                out = self._model(**self._feed(ids, mask, types))
                 arrays = [getattr(out, name).float().cpu().numpy() for name in self.output_names]
                 for row, i in enumerate(batch):
                     n = len(inputs[i].input_ids)

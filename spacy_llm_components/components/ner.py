@@ -1,18 +1,21 @@
 """hf_ner: `AutoModelForTokenClassification` as a spaCy component writing `doc.ents` or `doc.spans`."""
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from spacy.language import Language
 from spacy.tokens import Doc, Span, SpanGroup
 
+import torch
+from spacy.attrs import ENT_IOB, ENT_TYPE, IDX, LENGTH
+
 from ..align import (
     group_words,
     merge_window_scores,
     resolve_overlaps,
-    snap_to_tokens,
+    snap_many,
     unit_piece_ranges,
     window_spans,
     word_char_spans,
@@ -21,17 +24,22 @@ from ..decode import (
     DECODERS,
     SCHEMES,
     LabelSchemeError,
-    decode_entities,
+    TagTable,
     detect_scheme,
     entities_to_tags,
     log_softmax,
     parse_tag,
+    read_entities,
+    segment_means,
     tags_for_types,
     transitions,
+    viterbi_batch,
 )
+from ..extensions import value_key
 from ..hf import DEFAULT_MODEL, CheckpointError
 from ..tasks import TASKS
 from .base import IGNORE_INDEX, Feature, HFPipe, span_record
+from .inputs import Pieces, Rows, Words
 
 AGGREGATIONS = ("first", "mean")
 logger = logging.getLogger("spacy_llm_components")
@@ -53,6 +61,8 @@ logger = logging.getLogger("spacy_llm_components")
         "max_length": None,
         "device": "auto",
         "dtype": "float32",
+        "quantize": None,
+        "mixed_precision": False,
         "scorer": {"@scorers": "spacy_llm_components.ner_scorer.v1"},
     },
     default_score_weights=TASKS["ner"].score_weights,
@@ -72,21 +82,38 @@ def make_hf_ner(
     max_length: Optional[int],
     device: str,
     dtype: str,
+    quantize: Optional[str],
+    mixed_precision: bool,
     scorer: Optional[Callable],
 ) -> "HFEntityRecognizer":
     return HFEntityRecognizer(
         nlp, name, model=model, labels=labels, scheme=scheme, aggregation=aggregation, decoder=decoder,
         spans_key=spans_key, overwrite_ents=overwrite_ents, stride=stride, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, scorer=scorer,
+        device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
     )
 
 
 @dataclass
-class DocEntities:
-    """Decoded entities of one doc: (first token, end token, label, score), and how many were snapped."""
+class Entities:
+    """The decoded entities of a batch of docs as arrays, in doc order (`bounds`: doc i owns entries
+    bounds[i]:bounds[i + 1]): token range, type, score and character span; and per doc how many
+    entities grew to token boundaries (`snapped`)."""
 
-    entities: List[Tuple[int, int, str, float]] = field(default_factory=list)
-    snapped: int = 0
+    start: np.ndarray
+    end: np.ndarray
+    type_id: np.ndarray
+    score: np.ndarray
+    start_char: np.ndarray
+    end_char: np.ndarray
+    bounds: np.ndarray
+    snapped: np.ndarray
+    types: Tuple[str, ...]
+
+    def of(self, i: int) -> List[Tuple[int, int, str, float]]:
+        """Doc i's entities as (first token, end token, label, score)."""
+        a, b = self.bounds[i], self.bounds[i + 1]
+        return [(s, e, self.types[t], sc) for s, e, t, sc in zip(
+            self.start[a:b].tolist(), self.end[a:b].tolist(), self.type_id[a:b].tolist(), self.score[a:b].tolist())]
 
 
 class HFEntityRecognizer(HFPipe):
@@ -128,6 +155,10 @@ class HFEntityRecognizer(HFPipe):
             return None
         return tags_for_types(self.entity_types, "IOB2" if self.scheme_cfg == "auto" else self.scheme_cfg)
 
+    def _labels_from_data(self, docs: Sequence[Doc]) -> None:
+        if not self.entity_types:
+            self.entity_types = self.spec.gold_labels(docs)
+
     def _on_load(self) -> None:
         tags = self.checkpoint.id2label
         try:
@@ -136,6 +167,7 @@ class HFEntityRecognizer(HFPipe):
         except LabelSchemeError as err:
             raise CheckpointError(f"{self.checkpoint.source}: cannot read the label scheme of id2label: {err}") from err
         self.tags = tags
+        self.tag_table = TagTable.of(tags)
 
     @property
     def labels(self) -> List[str]:
@@ -185,62 +217,172 @@ class HFEntityRecognizer(HFPipe):
                 features.append(model_input.feature(labels=labels))
         return features
 
-    def predict(self, docs: Sequence[Doc]) -> List[DocEntities]:
-        encodings = self._encode([d.text for d in docs])
-        inputs, spans = [], []
-        for enc in encodings:
-            windows = self._windows(len(enc.ids))
-            spans.append(windows)
-            inputs.extend(self._single(enc.ids[s:e]) for s, e in windows)
-        outputs = iter(self._forward(inputs))
-        results = []
-        for doc, enc, windows in zip(docs, encodings, spans):
-            if not windows:
-                results.append(DocEntities())
-                continue
-            skip = len(self.specials.single_prefix)  # drop special-token positions
-            window_logits = [next(outputs)[0][skip : skip + e - s] for s, e in windows]
-            piece_logits = merge_window_scores(windows, window_logits, len(enc.ids))
-            results.append(self._decode_doc(doc, enc, piece_logits))
-        return results
+    def _prepare(self, docs: Sequence[Doc]) -> Tuple[List[int], Pieces, Words]:
+        texts = [d.text for d in docs]  # (Doc.text joins the tokens' texts: once per doc)
+        pieces = self._pieces(texts)
+        return [len(t) for t in texts], pieces, pieces.words()
 
-    def _decode_doc(self, doc: Doc, enc, piece_logits: np.ndarray) -> DocEntities:
-        words = group_words(enc.word_ids)
-        word_spans = word_char_spans(words, enc.offsets)
-        if self.aggregation == "first":
-            word_logits = piece_logits[[s for s, _ in words]]
-        else:
-            word_logits = np.stack([piece_logits[s:e].mean(axis=0) for s, e in words])
-        decoded = decode_entities(log_softmax(word_logits), self.tags, self.transitions, self.decoder)
-        starts = [t.idx for t in doc]
-        ends = [t.idx + len(t) for t in doc]
-        out = DocEntities()
-        for first_word, end_word, label, score in decoded:
-            char_span = (word_spans[first_word][0], word_spans[end_word - 1][1])
-            tokens = snap_to_tokens(char_span, starts, ends)
-            if tokens is None:
-                continue
-            if (starts[tokens[0]], ends[tokens[1] - 1]) != char_span:
-                out.snapped += 1
-            out.entities.append((tokens[0], tokens[1], label, score))
-        out.entities = resolve_overlaps(out.entities)
-        return out
+    def _predict_prepared(self, docs: Sequence[Doc], prepared: Tuple[List[int], Pieces, Words]) -> Entities:
+        text_lengths, pieces, words = prepared
+        return self._entities(docs, text_lengths, words, self._word_log_probs(pieces, words))
+
+    def _word_log_probs(self, pieces: Pieces, words: Words) -> np.ndarray:
+        """(words x tags) log-probabilities: each word's piece logits aggregated (its first piece, or the
+        mean of its pieces) and normalised on the model's device, so only those leave it. A doc longer
+        than one window runs in overlapping windows whose piece logits are merged on the host first."""
+        window = self.max_length - self.specials.n_single
+        lengths, starts = pieces.lengths, pieces.bounds[:-1]
+        fits = (lengths <= window) & (lengths > 0)
+        long_docs = np.flatnonzero(lengths > window).tolist()
+        windows = {d: window_spans(int(lengths[d]), window, self.stride) for d in long_docs}
+        owners = [(d, k) for d in long_docs for k in range(len(windows[d]))]
+        rows = Rows(np.concatenate([starts[fits], [starts[d] + windows[d][k][0] for d, k in owners]]).astype(np.int64),
+                    np.concatenate([lengths[fits], [windows[d][k][1] - windows[d][k][0] for d, k in owners]]).astype(np.int64))
+        n_fitting = int(fits.sum())
+        word_lp = np.zeros((len(words.first), len(self.tags)), dtype=np.float32)
+        window_logits: Dict[Tuple[int, int], np.ndarray] = {}
+        first_piece = np.zeros(len(pieces.ids), dtype=bool)
+        first_piece[words.first] = True
+        for batch, out in self._run(pieces, rows):
+            logits = out.logits
+            fitting = batch.rows[batch.row] < n_fitting
+            keep = fitting & (first_piece[batch.piece] if self.aggregation == "first" else words.of_piece[batch.piece] >= 0)
+            if keep.any():
+                selected = logits[batch.row[keep], batch.col[keep]].float()
+                word = words.of_piece[batch.piece[keep]]
+                if self.aggregation == "mean":
+                    word, inverse = np.unique(word, return_inverse=True)
+                    index = torch.from_numpy(inverse).to(selected.device)
+                    sums = torch.zeros((len(word), selected.shape[1]), device=selected.device).index_add_(0, index, selected)
+                    selected = sums / torch.bincount(index, minlength=len(word)).unsqueeze(1)
+                word_lp[word] = torch.log_softmax(selected, dim=-1).cpu().numpy()
+            for j in np.unique(batch.row[~fitting]).tolist():  # windows of long docs: all their pieces
+                at = batch.row == j
+                window_logits[owners[int(batch.rows[j]) - n_fitting]] = logits[j, batch.col[at]].float().cpu().numpy()
+        for d in long_docs:
+            merged = merge_window_scores(windows[d], [window_logits[(d, k)] for k in range(len(windows[d]))],
+                                         int(lengths[d]))
+            first, last = words.first[words.bounds[d]:words.bounds[d + 1]], words.last[words.bounds[d]:words.bounds[d + 1]]
+            first, last = first - starts[d], last - starts[d]
+            if self.aggregation == "first":
+                word_logits = merged[first]
+            else:
+                word_logits = segment_means(merged, first, last + 1) if len(first) else merged[:0]
+            word_lp[words.bounds[d]:words.bounds[d + 1]] = log_softmax(word_logits.astype(np.float32))
+        return word_lp
+
+    def _entities(self, docs: Sequence[Doc], text_lengths: Sequence[int], words: Words, word_lp: np.ndarray
+                  ) -> Entities:
+        """Decode the words' tags for all docs at once, read the entities, and snap them to spaCy tokens."""
+        n_docs_words = np.diff(words.bounds)
+        tags = self._decode_tags(word_lp, words.bounds)
+        chosen = np.exp(word_lp[np.arange(len(tags)), tags])
+        first_word = np.zeros(len(tags), dtype=bool)
+        first_word[words.bounds[:-1][n_docs_words > 0]] = True
+        start, end, type_id = read_entities(tags, first_word, self.tag_table)
+        score = segment_means(chosen, start, end)
+        doc_of = np.searchsorted(words.bounds, start, side="right") - 1
+        # docs laid end to end in one character space, one character apart, to snap all spans at once
+        base = np.concatenate([[0], np.cumsum(np.asarray(text_lengths[:-1], dtype=np.int64) + 1)])
+        with_ents = np.unique(doc_of).tolist()
+        tokens = [docs[d].to_array([IDX, LENGTH]).astype(np.int64).reshape(-1, 2) for d in with_ents]
+        n_tokens = np.array([len(t) for t in tokens], dtype=np.int64)
+        token_first = np.zeros(len(docs), dtype=np.int64)  # global index of each doc's first token
+        token_first[with_ents] = np.cumsum(n_tokens) - n_tokens
+        spans = np.concatenate(tokens) if tokens else np.zeros((0, 2), dtype=np.int64)
+        token_start = spans[:, 0] + np.repeat(base[with_ents], n_tokens).astype(np.int64)
+        token_end = token_start + spans[:, 1]
+        char_start, char_end = words.start[start] + base[doc_of], words.end[end - 1] + base[doc_of]
+        first, last, found = snap_many(char_start, char_end, token_start, token_end)
+        first, last, doc_of = first[found], last[found], doc_of[found]
+        exact = (token_start[first] == char_start[found]) & (token_end[last - 1] == char_end[found])
+        entities = Entities(first - token_first[doc_of], last - token_first[doc_of], type_id[found], score[found],
+                            token_start[first] - base[doc_of], token_end[last - 1] - base[doc_of],
+                            np.searchsorted(doc_of, np.arange(len(docs) + 1)),
+                            np.bincount(doc_of[~exact], minlength=len(docs)), self.tag_table.types)
+        overlapping = np.unique(doc_of[1:][(doc_of[1:] == doc_of[:-1]) & (first[1:] < last[:-1])])
+        if len(overlapping):
+            return _resolve(entities, overlapping.tolist(), token_start, token_end, token_first, base)
+        return entities
+
+    def _decode_tags(self, word_lp: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+        """The tag of each word: its argmax (greedy), or the best valid sequence per doc (viterbi), for
+        docs of similar length at once."""
+        if self.decoder == "greedy":
+            return word_lp.argmax(axis=1)
+        tags = np.zeros(len(word_lp), dtype=np.int64)
+        lengths = np.diff(bounds)
+        order = np.argsort(lengths, kind="stable")
+        for chunk in np.array_split(order, max(1, len(order) // 256)):
+            paths = viterbi_batch(_padded(word_lp, bounds[chunk], lengths[chunk]), lengths[chunk], self.transitions)
+            real = np.arange(paths.shape[1])[None, :] < lengths[chunk][:, None]
+            tags[_positions(bounds[chunk], lengths[chunk])] = paths[real]
+        return tags
 
     def record(self, doc: Doc) -> Dict[str, List[Dict[str, Any]]]:
         spans = doc.spans.get(self.spans_key, []) if self.spans_key else doc.ents
         return {"ents": [span_record(s, label=s.label_) for s in spans]}
 
-    def set_annotations(self, docs: Sequence[Doc], predictions: Sequence[DocEntities]) -> None:
-        for doc, pred in zip(docs, predictions):
-            spans = [Span(doc, s, e, label=label) for s, e, label, _ in pred.entities]
-            for span, (_, _, _, score) in zip(spans, pred.entities):
-                span._.score = score
+    def set_annotations(self, docs: Sequence[Doc], predictions: Entities) -> None:
+        type_hash = np.array([self.vocab.strings.add(t) for t in predictions.types] or [0], dtype=np.uint64)
+        plain = [] if self.spans_key else [i for i, doc in enumerate(docs) if not doc.to_array(ENT_IOB).any()]
+        if plain:  # no entities on the doc yet: set them as token attributes, in one array for all docs
+            _set_ents_arrays([docs[i] for i in plain], predictions, plain, type_hash)
+        for i in sorted(set(range(len(docs))) - set(plain)):
+            doc = docs[i]
+            spans = [Span(doc, s, e, label=label) for s, e, label, _ in predictions.of(i)]
             if self.spans_key:
                 doc.spans[self.spans_key] = SpanGroup(doc, name=self.spans_key, spans=spans)
             else:
                 doc.ents = _combine(list(doc.ents), spans, self.overwrite_ents)
-            self.snapped += pred.snapped
+        user_data = [doc.user_data for doc in docs]
+        for d, sc, ec, t, score in zip(np.repeat(np.arange(len(docs)), np.diff(predictions.bounds)).tolist(),
+                                       predictions.start_char.tolist(), predictions.end_char.tolist(),
+                                       type_hash[predictions.type_id].tolist(), predictions.score.tolist()):
+            user_data[d][value_key("score", sc, ec, t)] = score
+        self.snapped += int(predictions.snapped.sum())
 
+
+def _set_ents_arrays(docs: List[Doc], predictions: Entities, which: List[int], type_hash: np.ndarray) -> None:
+    """doc.ents of docs without entities, through their ENT_IOB / ENT_TYPE arrays (no Span objects)."""
+    lengths = np.array([len(doc) for doc in docs], dtype=np.int64)
+    offset = np.zeros(len(predictions.bounds) - 1, dtype=np.int64)
+    offset[which] = np.cumsum(lengths) - lengths
+    keep = np.isin(np.repeat(np.arange(len(offset)), np.diff(predictions.bounds)), which)
+    doc_of = np.repeat(np.arange(len(offset)), np.diff(predictions.bounds))[keep]
+    start, end = predictions.start[keep] + offset[doc_of], predictions.end[keep] + offset[doc_of]
+    values = np.zeros((int(lengths.sum()), 2), dtype=np.uint64)
+    values[:, 0] = 2  # O
+    inside = _positions(start, end - start)
+    values[inside, 0] = 1  # I
+    values[inside, 1] = np.repeat(type_hash[predictions.type_id[keep]], end - start)
+    values[start, 0] = 3  # B
+    for doc, first, n in zip(docs, (np.cumsum(lengths) - lengths).tolist(), lengths.tolist()):
+        doc.from_array([ENT_IOB, ENT_TYPE], values[first:first + n])
+
+
+def _resolve(entities: Entities, fix: List[int], token_start: np.ndarray, token_end: np.ndarray,
+             token_first: np.ndarray, base: np.ndarray) -> Entities:
+    """Entities of the docs in `fix` made disjoint (`resolve_overlaps`), the others unchanged. Token
+    arrays are those of `_entities` (one character space, docs one character apart)."""
+    index = {t: i for i, t in enumerate(entities.types)}
+    doc_of = np.repeat(np.arange(len(entities.bounds) - 1), np.diff(entities.bounds))
+    keep = ~np.isin(doc_of, fix)
+    resolved = [resolve_overlaps(entities.of(d)) for d in fix]
+    new_doc = np.repeat(np.array(fix, dtype=np.int64), [len(r) for r in resolved])
+    flat = [x for r in resolved for x in r]
+    start = np.array([x[0] for x in flat], dtype=np.int64)
+    end = np.array([x[1] for x in flat], dtype=np.int64)
+    first, last = token_first[new_doc] + start, token_first[new_doc] + end - 1
+    columns = [np.concatenate([old[keep], new]) for old, new in (
+        (entities.start, start), (entities.end, end),
+        (entities.type_id, np.array([index[x[2]] for x in flat], dtype=entities.type_id.dtype)),
+        (entities.score, np.array([x[3] for x in flat], dtype=entities.score.dtype)),
+        (entities.start_char, token_start[first] - base[new_doc]), (entities.end_char, token_end[last] - base[new_doc]))]
+    all_docs = np.concatenate([doc_of[keep], new_doc])
+    order = np.argsort(all_docs, kind="stable")  # each doc's entities stay in their order
+    bounds = np.searchsorted(all_docs[order], np.arange(len(entities.bounds)))
+    return Entities(*[c[order] for c in columns], bounds, entities.snapped, entities.types)
 
 
 def _combine(existing: List[Span], predicted: List[Span], overwrite: bool) -> List[Span]:
@@ -249,3 +391,16 @@ def _combine(existing: List[Span], predicted: List[Span], overwrite: bool) -> Li
     first, second = (predicted, existing) if overwrite else (existing, predicted)
     taken = {i for span in first for i in range(span.start, span.end)}
     return sorted(first + [s for s in second if not taken.intersection(range(s.start, s.end))])
+
+
+def _positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat indices start, start + 1, ... start + length - 1 of each range, in order."""
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+
+
+def _padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Ranges of rows of `values` as one zero-padded (ranges x longest x ...) array."""
+    out = np.zeros((len(starts), int(lengths.max()) if len(lengths) else 0, *values.shape[1:]), dtype=values.dtype)
+    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = values[_positions(starts, lengths)]
+    return out
+

@@ -32,6 +32,8 @@ ANSWER_LABEL = "ANSWER"
         "max_length": 384,
         "device": "auto",
         "dtype": "float32",
+        "quantize": None,
+        "mixed_precision": False,
         "scorer": {"@scorers": "spacy_llm_components.squad_scorer.v1"},
     },
     default_score_weights=TASKS["qa"].score_weights,
@@ -52,13 +54,15 @@ def make_hf_qa(
     max_length: Optional[int],
     device: str,
     dtype: str,
+    quantize: Optional[str],
+    mixed_precision: bool,
     scorer: Optional[Callable],
 ) -> "HFQuestionAnswerer":
     return HFQuestionAnswerer(
         nlp, name, model=model, questions=questions, spans_key=spans_key, top_k=top_k,
         max_answer_len=max_answer_len, max_question_len=max_question_len, doc_stride=doc_stride,
         handle_impossible=handle_impossible, null_threshold=null_threshold, batch_size=batch_size,
-        max_length=max_length, device=device, dtype=dtype, scorer=scorer,
+        max_length=max_length, device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
     )
 
 
@@ -162,7 +166,7 @@ class HFQuestionAnswerer(HFPipe):
                     features.append(model_input.feature(start_positions=first, end_positions=last))
         return features
 
-    def predict(self, docs: Sequence[Doc]) -> List[List[Answer]]:
+    def _predict_prepared(self, docs: Sequence[Doc], prepared: None) -> List[List[Answer]]:
         asked = [self._questions_of(doc) for doc in docs]
         q_ids = self._question_ids([q for qs in asked for q in qs])
         contexts = self._encode([d.text for d in docs]) if q_ids else [None] * len(docs)

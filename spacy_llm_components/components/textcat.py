@@ -3,6 +3,7 @@
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from spacy.language import Language
 from spacy.tokens import Doc
 
@@ -11,6 +12,7 @@ from ..decode import decide_labels, label_thresholds, softmax
 from ..hf import DEFAULT_MODEL
 from ..tasks import TASKS
 from .base import Feature, HFPipe, ModelInput
+from .inputs import Pieces, Rows
 
 POOLINGS = ("mean", "max")
 
@@ -29,6 +31,8 @@ POOLINGS = ("mean", "max")
         "max_length": None,
         "device": "auto",
         "dtype": "float32",
+        "quantize": None,
+        "mixed_precision": False,
         "scorer": {"@scorers": "spacy_llm_components.textcat_scorer.v1"},
     },
     default_score_weights=TASKS["textcat"].score_weights,
@@ -46,12 +50,14 @@ def make_hf_textcat(
     max_length: Optional[int],
     device: str,
     dtype: str,
+    quantize: Optional[str],
+    mixed_precision: bool,
     scorer: Optional[Callable],
 ) -> "HFTextCategorizer":
     return HFTextCategorizer(
         nlp, name, model=model, labels=labels, multi_label=multi_label, threshold=threshold,
         thresholds=thresholds, pooling=pooling, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, scorer=scorer,
+        device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
     )
 
 
@@ -88,6 +94,12 @@ class HFTextCategorizer(HFPipe):
         if self.multi_label_cfg is None:
             return None
         return "multi_label_classification" if self.multi_label_cfg else "single_label_classification"
+
+    def _labels_from_data(self, docs: Sequence[Doc]) -> None:
+        if not self.new_head_labels:
+            self.new_head_labels = self.spec.gold_labels(docs)
+        if self.multi_label_cfg is None:  # a doc with other than exactly one category makes it multi-label
+            self.multi_label_cfg = any(sum(v >= 0.5 for v in doc.cats.values()) != 1 for doc in docs if doc.cats)
 
     def _on_load(self) -> None:
         unknown = set(self.cfg["thresholds"]) - set(self.labels)
@@ -138,23 +150,46 @@ class HFTextCategorizer(HFPipe):
         inputs, owner = self._inputs(docs)
         return [model_input.feature(labels=targets[i]) for model_input, i in zip(inputs, owner)]
 
-    def predict(self, docs: Sequence[Doc]) -> List[np.ndarray]:
-        """Probabilities per doc, in label order."""
-        inputs, owner = self._inputs(docs)
-        logits = self._forward(inputs)
-        per_doc: List[List[np.ndarray]] = [[] for _ in docs]
-        for i, (out,) in zip(owner, logits):
-            per_doc[i].append(out)
-        pool = np.mean if self.pooling == "mean" else np.max
-        pooled = np.stack([pool(np.stack(w), axis=0) for w in per_doc]) if docs else np.zeros((0, len(self.labels)))
-        if self.multi_label:
-            return list(1.0 / (1.0 + np.exp(-pooled)))
-        return list(softmax(pooled, axis=-1))
+    def _prepare(self, docs: Sequence[Doc]) -> Pieces:
+        return self._pieces([d.text for d in docs])
 
-    def set_annotations(self, docs: Sequence[Doc], probs: Sequence[np.ndarray]) -> None:
+    def _predict_prepared(self, docs: Sequence[Doc], pieces: Pieces) -> np.ndarray:
+        """(docs x labels) probabilities. A doc that fits one window is scored on the model's device and
+        only its probabilities leave it; a longer doc's window logits are pooled on the host."""
+        window = self.max_length - self.specials.n_single
+        lengths, starts = pieces.lengths, pieces.bounds[:-1]
+        fitting_docs = np.flatnonzero(lengths <= window)
+        long_docs = np.flatnonzero(lengths > window).tolist()
+        windows = {d: self._windows(docs[d], list(zip(pieces.start[pieces.bounds[d]:pieces.bounds[d + 1]].tolist(),
+                                                       pieces.end[pieces.bounds[d]:pieces.bounds[d + 1]].tolist())),
+                                    window) for d in long_docs}
+        owners = [d for d in long_docs for _ in windows[d]]
+        rows = Rows(np.concatenate([starts[fitting_docs], [starts[d] + s for d in long_docs for s, _ in windows[d]]]
+                                   ).astype(np.int64),
+                    np.concatenate([lengths[fitting_docs], [e - s for d in long_docs for s, e in windows[d]]]
+                                   ).astype(np.int64))
+        probs = np.zeros((len(docs), len(self.labels)), dtype=np.float32)
+        window_logits: Dict[int, List[np.ndarray]] = {d: [] for d in long_docs}
+        for batch, out in self._run(pieces, rows):
+            logits = out.logits.float()
+            fitting = batch.rows < len(fitting_docs)
+            if fitting.any():
+                chosen = logits[torch.from_numpy(np.flatnonzero(fitting)).to(logits.device)]
+                normalised = torch.sigmoid(chosen) if self.multi_label else torch.softmax(chosen, dim=-1)
+                probs[fitting_docs[batch.rows[fitting]]] = normalised.cpu().numpy()
+            for j in np.flatnonzero(~fitting).tolist():  # windows in row order: each doc's in text order
+                window_logits[owners[int(batch.rows[j]) - len(fitting_docs)]].append((int(batch.rows[j]),
+                                                                                      logits[j].cpu().numpy()))
+        pool = np.mean if self.pooling == "mean" else np.max
+        for d in long_docs:
+            pooled = pool(np.stack([x for _, x in sorted(window_logits[d], key=lambda w: w[0])]), axis=0)
+            probs[d] = 1.0 / (1.0 + np.exp(-pooled)) if self.multi_label else softmax(pooled, axis=-1)
+        return probs
+
+    def set_annotations(self, docs: Sequence[Doc], probs: np.ndarray) -> None:
         labels = self.labels
-        for doc, p in zip(docs, probs):
-            doc.cats.update({label: float(x) for label, x in zip(labels, p)})  # other components' cats stay
+        for doc, p in zip(docs, np.asarray(probs).tolist()):
+            doc.cats.update(zip(labels, p))  # other components' cats stay
 
     def record(self, doc: Doc) -> Dict[str, Dict[str, float]]:
         return {"cats": {label: round(float(doc.cats[label]), 6) for label in self.labels if label in doc.cats}}
