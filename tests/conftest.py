@@ -196,3 +196,16 @@ def in_process_predictions(pipeline, records) -> list:
     nlp = spacy.load(pipeline)
     return [doc_predictions(nlp(make_input_doc(nlp, record, f"record {i}", "test")), nlp)
             for i, record in enumerate(records)]
+
+
+def model_inputs(pipe) -> list:
+    """The length (special tokens included) of every sequence the component's model runs from now on, in
+    the order the model sees them (length-sorted batches): a forward hook on the model, whatever code
+    path feeds it."""
+    seen: list = []
+
+    def record(module, args, kwargs, output):
+        seen.extend(kwargs["attention_mask"].sum(dim=1).tolist())
+
+    pipe.checkpoint.model.register_forward_hook(record, with_kwargs=True)
+    return seen

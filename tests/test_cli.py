@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import assert_same_predictions, in_process_predictions
+from conftest import assert_same_predictions, in_process_predictions, model_inputs
 from spacy_llm_components.build import hf_component
 from spacy_llm_components.cli import app
 from spacy_llm_components.data import prepare
@@ -170,9 +170,7 @@ def test_max_length_caps_the_model_input_and_windows_long_docs(ckpts, tmp_path):
     nlp = spacy.load(tmp_path / "m")
     pipe = hf_component(nlp)
     assert nlp.config["components"]["ner"]["max_length"] == 16 and pipe.max_length == 16
-    seen = []
-    forward = pipe._forward
-    pipe._forward = lambda inputs: seen.extend(len(i.input_ids) for i in inputs) or forward(inputs)
+    seen = model_inputs(pipe)
     nlp(" ".join(["Lena"] + words * 2))
     assert len(seen) > 1 and max(seen) == 16
 

@@ -15,6 +15,8 @@ from spacy_llm_components import CheckpointError
 from spacy_llm_components.align import window_spans
 from spacy_llm_components.decode import decode_entities, log_softmax, transitions
 
+from conftest import model_inputs
+
 TEXT = "Angela Merkel visited Paris and met Emmanuel Macron at the Elysee Palace on Monday."
 BAD_INPUTS = ["", "   \n\t ", "😀🎉 東京 Москва café naïve \u200b", "ctrl\x00\x01\x07chars\x1b[0m", "a" * 3000]
 
@@ -96,12 +98,8 @@ def context_free_ner(tmp_path_factory):
 
 
 def _spy_windows(nlp):
-    """Record the model inputs of every forward pass of the pipeline's hf_ner."""
-    pipe = nlp.get_pipe("hf_ner")
-    seen = []
-    forward = pipe._forward
-    pipe._forward = lambda inputs: seen.extend(len(i.input_ids) for i in inputs) or forward(inputs)
-    return seen
+    """Record the length of every sequence the pipeline's hf_ner model runs."""
+    return model_inputs(nlp.get_pipe("hf_ner"))
 
 
 def _ents(doc):
@@ -147,14 +145,12 @@ def test_greedy_windowed_entities_equal_the_transformers_pipeline(context_free_n
 def test_long_doc_runs_in_overlapping_windows_and_covers_the_end(ckpts):
     nlp = ner_nlp(ckpts["ner"], stride=16)
     pipe = nlp.get_pipe("hf_ner")
-    seen = []
-    forward = pipe._forward
-    pipe._forward = lambda inputs: seen.append(len(inputs)) or forward(inputs)
+    seen = model_inputs(pipe)
     text = " ".join([TEXT] * 20)
     doc = nlp(text)
-    n_pieces = len(pipe._encode([text])[0].ids)
+    n_pieces = len(AutoTokenizer.from_pretrained(ckpts["ner"])(text, add_special_tokens=False)["input_ids"])
     assert n_pieces > 300
-    assert seen[0] == len(window_spans(n_pieces, 64 - 2, 16)) > 5  # 62 pieces + [CLS] [SEP] per window
+    assert len(seen) == len(window_spans(n_pieces, 64 - 2, 16)) > 5  # 62 pieces + [CLS] [SEP] per window
     assert any(e.start_char > len(text) - 200 for e in doc.ents), "entities near the end: nothing truncated"
 
 
@@ -163,15 +159,16 @@ def test_entity_inside_a_spacy_token_is_snapped_not_dropped(ckpts):
     pipe = nlp.get_pipe("hf_ner")
     doc = nlp.make_doc("@angelamerkel visited")  # one spaCy token; the tokenizer's words are "@" and "angelamerkel"
     assert doc[0].text == "@angelamerkel"
-    enc = pipe._encode([doc.text])[0]
+    pieces = pipe._pieces([doc.text])
+    words = pieces.words()
+    assert len(words.first) == 3  # "@", "angelamerkel", "visited"
     tags = pipe.tags
-    logits = np.full((len(enc.ids), len(tags)), -5.0, dtype=np.float32)
+    logits = np.full((len(words.first), len(tags)), -5.0, dtype=np.float32)
     logits[:, tags.index("O")] = 5.0
-    word_of = enc.word_ids
-    logits[word_of.index(1), tags.index("B-PER")] = 10.0  # first piece of "angelamerkel"
-    pred = pipe._decode_doc(doc, enc, logits)
-    assert pred.entities and pred.entities[0][:3] == (0, 1, "PER") and pred.snapped == 1
-    pipe.set_annotations([doc], [pred])
+    logits[1, tags.index("B-PER")] = 10.0  # the tokenizer word "angelamerkel"
+    pred = pipe._entities([doc], [len(doc.text)], words, log_softmax(logits))
+    assert pred.of(0)[0][:3] == (0, 1, "PER") and pred.snapped.tolist() == [1]
+    pipe.set_annotations([doc], pred)
     assert [(e.text, e.label_) for e in doc.ents] == [("@angelamerkel", "PER")]
     assert pipe.snapped == 1
 

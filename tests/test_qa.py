@@ -7,6 +7,8 @@ from spacy.training import Example
 from spacy_llm_components import ask
 from spacy_llm_components.metrics import exact_match, token_f1
 
+from conftest import model_inputs
+
 CONTEXT = "The Eiffel Tower is in Paris. It was finished in 1889 by Gustave Eiffel's company."
 
 
@@ -87,9 +89,7 @@ def test_answers_equal_the_transformers_pipeline_window_by_window(ckpts, plain_w
     question = "When was the mill built?"
     nlp = qa_nlp(ckpts["qa"], top_k=3, max_length=64, doc_stride=doc_stride, max_answer_len=6)
     pipe = nlp.get_pipe("hf_qa")
-    seen = []
-    forward = pipe._forward
-    pipe._forward = lambda inputs: seen.extend(len(i.input_ids) for i in inputs) or forward(inputs)
+    seen = model_inputs(pipe)
     ours = [((a.start_char, a.end_char), a._.score) for a in ask(nlp, context, question)]
 
     # windows of `size` words (one piece each) beside the question and [CLS] [SEP] [SEP], sharing doc_stride

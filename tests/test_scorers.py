@@ -182,8 +182,6 @@ def test_the_component_scores_what_labels_for_decides(ckpts):
         assert scores["cats_f_per_type"][label]["r"] == pytest.approx(r)
 
 
-@pytest.mark.xfail(strict=True, reason="components/textcat.py puts multi_label into cfg only when the checkpoint "
-                                       "loads: Pipe.score before the first prediction scores multi-label as exclusive")
 def test_the_component_scores_multi_label_before_its_checkpoint_loads(ckpts):
     nlp, pipe = _multi_label_component(ckpts)
     check_multi_label_scores(pipe.score(multi_examples(nlp)))

@@ -95,6 +95,10 @@ class HFTextCategorizer(HFPipe):
             return None
         return "multi_label_classification" if self.multi_label_cfg else "single_label_classification"
 
+    def score(self, examples, **kwargs):
+        self.checkpoint  # multi_label (in cfg, the scorer's settings) comes from the checkpoint
+        return super().score(examples, **kwargs)
+
     def _labels_from_data(self, docs: Sequence[Doc]) -> None:
         if not self.new_head_labels:
             self.new_head_labels = self.spec.gold_labels(docs)

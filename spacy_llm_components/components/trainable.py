@@ -13,7 +13,7 @@ from spacy.tokens import Doc
 from spacy.training import Example
 from thinc.api import ArgsKwargs, Model, PyTorchWrapper_v2, torch2xp, xp2torch
 
-from ..tasks import TaskSpec
+from ..tasks import TASKS, TaskSpec
 
 Collate = Callable[[List[Dict[str, Any]]], Dict[str, torch.Tensor]]
 
@@ -39,14 +39,18 @@ def loss_model(module: torch.nn.Module, collate: Collate, device: torch.device, 
 
 
 def training_docs(name: str, spec: TaskSpec, get_examples: Optional[Callable[[], Iterable[Example]]]) -> List[Doc]:
-    """The reference docs of `spacy train`'s data, checked to hold this task's annotation."""
+    """The reference docs of `spacy train`'s data, checked to hold this task's annotation. Docs without
+    annotation of any task (what `nlp.initialize()` makes up when it gets no data) are no training data."""
     if get_examples is None:
         return []
     docs = [eg.reference for eg in get_examples()]
-    if docs and not any(spec.has_gold(doc) for doc in docs):
-        raise ValueError(f"{name}: none of the {len(docs)} training docs has {spec.gold_description}: is this "
-                         f"data for another task? {spec.factory} learns {spec.name} ({spec.hf_task})")
-    return docs
+    if any(spec.has_gold(doc) for doc in docs):
+        return docs
+    others = sorted({other.name for other in TASKS.values() for doc in docs if other.has_gold(doc)})
+    if others:
+        raise ValueError(f"{name}: none of the {len(docs)} training docs has {spec.gold_description}, they hold "
+                         f"{' and '.join(others)} annotation: {spec.factory} learns {spec.name} ({spec.hf_task})")
+    return []
 
 
 def check_labels(name: str, spec: TaskSpec, docs: Sequence[Doc], labels: Sequence[str]) -> None:
