@@ -20,6 +20,7 @@ from spacy.training import Example
 
 from .artifacts import METRICS, json_bytes, sha256_file, write_files
 from .build import hf_component
+from .project import machine
 from .data import ReadOptions, load_docs
 
 
@@ -71,7 +72,8 @@ def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Opti
     statistics = {"docs": len(predictions), "words": words, "seconds": round(seconds, 3),
                   "docs_per_second": round(len(predictions) / seconds, 1) if seconds else None,
                   "words_per_second": round(words / seconds, 1) if seconds else None,
-                  **{k: v for k, v in raw.items() if k.endswith("_total")}}  # questions counted (QA)
+                  **{k: v for k, v in raw.items() if k.endswith("_total")},  # questions counted (QA)
+                  "device": str(pipe.checkpoint.device), "machine": machine(pipe.checkpoint.device)}
     return Evaluation(spec.name, spec.primary, scores, statistics, per_label, confusion, predictions)
 
 

@@ -30,7 +30,10 @@ def prefect_settings() -> Dict[str, str]:
 
 def configure_prefect() -> None:
     """Put `prefect_settings()` into the environment; warn when Prefect was imported before (its
-    settings are then already fixed)."""
+    settings are then already fixed) unless the flows run under a Prefect server's worker or runner
+    (PREFECT_API_URL set), whose settings rule."""
+    if os.environ.get("PREFECT_API_URL") and "prefect" in sys.modules:
+        return
     if "prefect" in sys.modules and os.environ.get("PREFECT_HOME") != str(prefect_home()):
         import warnings
 

@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .artifacts import META, read_json, sha256_tree
+from .cards import model_card
 from .project import environment_tags, experiment_id, tracking_uri, use_tracking
 from .runs import PIPELINE_ARTIFACT, pipeline_info, without_checkpoints
 from .serving import pyfunc_model
@@ -74,9 +75,12 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
     info = pipeline_info(pipeline)
     if isinstance(metrics, (str, Path)):
         metrics = read_json(metrics, written_by="`sllm evaluate -o FOLDER`")
+    metrics = metrics or None
     eval_tags = evaluation_tags(metrics, info["task"]) if metrics else {}
     fingerprint = sha256_tree(pipeline)
-    tags = {"task": info["task"], "base_model": str(info.get("base_model", "")),
+    base = str(info.get("base_model") or "")
+    tags = {"task": info["task"], "base_model": base,
+            **({"base_model_sha256": sha256_tree(base)} if base and Path(base).is_dir() else {}),
             "train_sha256": str(info.get("train_sha256", "")), "dev_sha256": str(info.get("dev_sha256", "")),
             "pipeline_sha256": fingerprint, **eval_tags}
     use_tracking()
@@ -86,7 +90,10 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
         for key, value in eval_tags.items():
             client.set_model_version_tag(name, existing.version, key, value)
         client.set_registered_model_alias(name, CHALLENGER, existing.version)
-        return ModelVersionInfo(name, str(existing.version), existing.run_id, {**existing.tags, **eval_tags}, False)
+        all_tags = {**existing.tags, **eval_tags}
+        client.update_model_version(name, existing.version, description=model_card(
+            name, str(existing.version), info, metrics, all_tags))
+        return ModelVersionInfo(name, str(existing.version), existing.run_id, all_tags, False)
 
     with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=f"register-{name}",
                           tags={"sllm.step": "register", **tags, **environment_tags()}) as run:
@@ -96,6 +103,8 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
             logged = mlflow.pyfunc.log_model(name=MODEL_NAME, **pyfunc_model(folder, info["task"]))
     version = mlflow.register_model(logged.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
+    client.update_model_version(name, version.version, description=model_card(
+        name, str(version.version), info, metrics, {**tags, **environment_tags()}))
     return ModelVersionInfo(name, str(version.version), run.info.run_id, tags, True)
 
 

@@ -238,7 +238,8 @@ def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> _Plan:
     steps_per_epoch = math.ceil(len(features) / (config.batch_size * config.grad_accum * world_size()))
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
     run = {"task": spec.name, "train_sha256": sha256_file(train), "dev_sha256": sha256_file(dev),
-           "labels": info.labels, "multi_label": info.multi_label, "lang": info.lang, "config": asdict(config)}
+           "train_docs": len(train_docs), "dev_docs": len(dev_docs), "labels": info.labels,
+           "multi_label": info.multi_label, "lang": info.lang, "config": asdict(config)}
     return _Plan(spec, run, nlp, features, dev_docs, device, total_steps,
                  eval_steps=max(1, min(config.eval_steps or steps_per_epoch, total_steps)))
 

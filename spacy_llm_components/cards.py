@@ -1,0 +1,71 @@
+"""Model cards: the description a registered model version shows in the MLflow UI, written from what
+fine-tuning recorded in the pipeline folder and what the evaluation measured (pure: dicts in, text out)."""
+
+from datetime import datetime, timezone
+from typing import Any, Dict, Optional
+
+TASK_NAMES = {"textcat": "text classification (hf_textcat)", "ner": "named-entity recognition (hf_ner)",
+              "qa": "extractive question answering (hf_qa)"}
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _short(digest: Any) -> str:
+    return f"`{str(digest)[:12]}`" if digest else "unknown"
+
+
+def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Optional[Dict[str, Any]],
+               tags: Dict[str, str], created: Optional[datetime] = None) -> str:
+    """Markdown for version `version` of registered model `name`. `info` is `runs.pipeline_info` (meta.json's
+    `sllm` block and the fine-tune's metrics.json), `evaluation` an evaluation's metrics.json (or None)."""
+    created = created or datetime.now(timezone.utc)
+    task = info.get("task", "?")
+    labels = info.get("labels") or []
+    lines = [f"# {name}, version {version}", "",
+             f"- **Task**: {TASK_NAMES.get(task, task)}" + (f"; labels: {', '.join(labels)}" if labels else "")
+             + (" (multi-label)" if info.get("multi_label") else "")]
+    base = info.get("base_model")
+    if base:
+        lines.append(f"- **Base model**: `{base}`" + (f" (content {_short(tags['base_model_sha256'])})"
+                                                       if tags.get("base_model_sha256") else ""))
+    encoder = info.get("encoder") or {}
+    if encoder:
+        ppl = (f"; perplexity {encoder['perplexity_before']:.2f} -> {encoder['perplexity_after']:.2f}"
+               if isinstance(encoder.get("perplexity_after"), (int, float)) else "")
+        lines.append(f"- **Encoder lineage**: pre-trained from `{encoder.get('base_model', '?')}` into "
+                     f"`{encoder.get('path', '?')}` (content {_short(encoder.get('sha256'))}){ppl}")
+    if info.get("train_sha256"):
+        sizes = (f" ({info['train_docs']:,} docs / {info['dev_docs']:,} docs)"
+                 if isinstance(info.get("train_docs"), int) and isinstance(info.get("dev_docs"), int) else "")
+        lines.append(f"- **Training data**: train {_short(info['train_sha256'])}, dev {_short(info.get('dev_sha256'))}"
+                     f"{sizes}")
+    finetune = info.get("finetune_metrics") or {}
+    training = finetune.get("training") or {}
+    config = info.get("config") or {}
+    if training:
+        lines.append(f"- **Fine-tuning**: {training.get('steps')} steps (batch {config.get('batch_size')}, lr "
+                     f"{config.get('lr')}), best dev {finetune.get('primary')} {_pct((finetune.get('dev') or {}).get(finetune.get('primary')))} "
+                     f"at step {finetune.get('best_step')}; {training.get('precision')} on {training.get('device')}")
+    for key in ("method", "teacher"):
+        if tags.get(key):
+            lines.append(f"- **{key.capitalize()}**: {tags[key]}")
+    if evaluation:
+        scores, stats = evaluation.get("scores") or {}, evaluation.get("statistics") or {}
+        primary = evaluation.get("primary")
+        others = ", ".join(f"{k} {_pct(v)}" for k, v in scores.items() if k != primary and not k.endswith("_desc"))
+        lines.append(f"- **Evaluation**: `{evaluation.get('test')}` (content {_short(evaluation.get('test_sha256'))}, "
+                     f"{stats.get('docs', '?'):,} docs): **{primary} {_pct(scores.get(primary))}**; {others}")
+        if stats.get("docs_per_second"):
+            lines.append(f"- **Measured speed**: {stats['docs_per_second']:,} docs/s, "
+                         f"{stats.get('words_per_second', 0):,} words/s on {stats.get('machine') or stats.get('device')}")
+    else:
+        lines.append("- **Evaluation**: none recorded (register with `--metrics EVAL/metrics.json`)")
+    lines += [f"- **Registered**: {created:%Y-%m-%d %H:%M} UTC"
+              + (f" from commit `{tags['git.commit'][:12]}`" if tags.get("git.commit") else ""), "",
+              "Serve it:", "", "```bash", f"sllm serve models:/{name}/{version} --port 5000",
+              f"# or: mlflow models serve -m models:/{name}/{version} --env-manager local", "```", "",
+              "Request: `{\"dataframe_records\": [{\"text\": \"...\"}]}`"
+              + (" with a `questions` list per row" if task == "qa" else "")]
+    return "\n".join(lines) + "\n"
