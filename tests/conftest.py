@@ -18,9 +18,15 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sllm-test-prefect-")
 atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # not one folder per run in /tmp
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
-os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_REGISTRY_URI", None)
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+# The suite never writes into the user's own MLflow store (their ./mlflow.db, or a server in
+# MLFLOW_TRACKING_URI): a throwaway project folder and store for the session, which tests that need a
+# store of their own replace with the `mlflow_project` fixture.
+_SESSION_PROJECT = tempfile.mkdtemp(prefix="sllm-test-project-")
+atexit.register(shutil.rmtree, _SESSION_PROJECT, ignore_errors=True)
+os.environ["SLLM_PROJECT_DIR"] = _SESSION_PROJECT
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_PROJECT}/mlflow.db"
 
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -33,3 +33,16 @@ def test_the_experiment_is_created_once_as_a_model_development_experiment(mlflow
     assert "mlflow.experimentKind" not in client.get_experiment(other).tags
     assert project.experiment_id("made-elsewhere") == other
     assert client.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_suite_tracks_into_a_throwaway_store_not_the_users():
+    """conftest points MLflow at a temporary project for the whole session: a test without the
+    mlflow_project fixture still never writes into ./mlflow.db or a user's tracking server."""
+    import tempfile
+    from pathlib import Path
+
+    uri = project.tracking_uri()
+    assert uri.startswith("sqlite:///")
+    store = Path(uri[len("sqlite:///"):])
+    assert Path(tempfile.gettempdir()) in store.parents and store.parent == project.project_dir()
+    assert Path(__file__).resolve().parents[1] not in store.parents  # not the checkout
