@@ -202,3 +202,16 @@ def snap_many(start: np.ndarray, end: np.ndarray, token_start: np.ndarray, token
     first = np.searchsorted(token_end, start, side="right")
     last = np.searchsorted(token_start, end, side="left")
     return first, last, (first < last) & (end > start)
+
+
+def range_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat indices start, start + 1, ..., start + length - 1 of each range, in order."""
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+
+
+def padded_ranges(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Ranges of rows of `values` as one zero-padded (ranges x longest x ...) array."""
+    out = np.zeros((len(starts), int(lengths.max()) if len(lengths) else 0, *values.shape[1:]), dtype=values.dtype)
+    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = values[range_positions(starts, lengths)]
+    return out
+

@@ -316,7 +316,6 @@ def viterbi_batch(log_probs: np.ndarray, lengths: np.ndarray, trans: Transitions
     forbid = np.where(trans.pairs, 0.0, -np.inf)
     score = log_probs[:, 0] + np.where(trans.start, 0.0, -np.inf)  # (D, K)
     back = np.zeros((d, w, k), dtype=np.int64)
-    columns = np.arange(k)
     for i in range(1, w):
         live = lengths > i
         if not live.any():

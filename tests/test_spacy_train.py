@@ -1,7 +1,6 @@
 """`spacy train` on the shipped training configs, the hf_* components as spaCy TrainablePipes."""
 
 import copy
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +93,7 @@ def test_one_spacy_update_is_one_gradient_step_on_the_finetune_loss(no_dropout):
     loss.backward()
     expected = {name: p.detach() - 0.5 * p.grad for name, p in reference.named_parameters() if p.grad is not None}
     losses = pipe.update(examples, sgd=SGD(0.5, L2=0.0, grad_clip=1e9, use_averages=False))
-    assert losses[pipe.name] == pytest.approx(float(loss), rel=1e-5)
+    assert losses[pipe.name] == pytest.approx(loss.item(), rel=1e-5)
     trained = dict(model.named_parameters())
     moved = 0
     for name, value in expected.items():

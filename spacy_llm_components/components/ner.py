@@ -1,7 +1,6 @@
 """hf_ner: `AutoModelForTokenClassification` as a spaCy component writing `doc.ents` or `doc.spans`."""
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -9,13 +8,13 @@ from spacy.language import Language
 from spacy.tokens import Doc, Span, SpanGroup
 
 import torch
-from spacy.attrs import ENT_IOB, ENT_TYPE, IDX, LENGTH
+from spacy.attrs import ENT_IOB
 
 from ..align import (
     group_words,
     merge_window_scores,
-    resolve_overlaps,
-    snap_many,
+    padded_ranges,
+    range_positions,
     unit_piece_ranges,
     window_spans,
     word_char_spans,
@@ -39,6 +38,7 @@ from ..extensions import value_key
 from ..hf import DEFAULT_MODEL, CheckpointError
 from ..tasks import TASKS
 from .base import IGNORE_INDEX, Feature, HFPipe, span_record
+from .entities import Entities, combine, locate, set_ents_arrays
 from .inputs import Pieces, Rows, Words
 
 AGGREGATIONS = ("first", "mean")
@@ -91,29 +91,6 @@ def make_hf_ner(
         spans_key=spans_key, overwrite_ents=overwrite_ents, stride=stride, batch_size=batch_size, max_length=max_length,
         device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
     )
-
-
-@dataclass
-class Entities:
-    """The decoded entities of a batch of docs as arrays, in doc order (`bounds`: doc i owns entries
-    bounds[i]:bounds[i + 1]): token range, type, score and character span; and per doc how many
-    entities grew to token boundaries (`snapped`)."""
-
-    start: np.ndarray
-    end: np.ndarray
-    type_id: np.ndarray
-    score: np.ndarray
-    start_char: np.ndarray
-    end_char: np.ndarray
-    bounds: np.ndarray
-    snapped: np.ndarray
-    types: Tuple[str, ...]
-
-    def of(self, i: int) -> List[Tuple[int, int, str, float]]:
-        """Doc i's entities as (first token, end token, label, score)."""
-        a, b = self.bounds[i], self.bounds[i + 1]
-        return [(s, e, self.types[t], sc) for s, e, t, sc in zip(
-            self.start[a:b].tolist(), self.end[a:b].tolist(), self.type_id[a:b].tolist(), self.score[a:b].tolist())]
 
 
 class HFEntityRecognizer(HFPipe):
@@ -274,36 +251,13 @@ class HFEntityRecognizer(HFPipe):
     def _entities(self, docs: Sequence[Doc], text_lengths: Sequence[int], words: Words, word_lp: np.ndarray
                   ) -> Entities:
         """Decode the words' tags for all docs at once, read the entities, and snap them to spaCy tokens."""
-        n_docs_words = np.diff(words.bounds)
         tags = self._decode_tags(word_lp, words.bounds)
         chosen = np.exp(word_lp[np.arange(len(tags)), tags])
         first_word = np.zeros(len(tags), dtype=bool)
-        first_word[words.bounds[:-1][n_docs_words > 0]] = True
+        first_word[words.bounds[:-1][np.diff(words.bounds) > 0]] = True
         start, end, type_id = read_entities(tags, first_word, self.tag_table)
-        score = segment_means(chosen, start, end)
-        doc_of = np.searchsorted(words.bounds, start, side="right") - 1
-        # docs laid end to end in one character space, one character apart, to snap all spans at once
-        base = np.concatenate([[0], np.cumsum(np.asarray(text_lengths[:-1], dtype=np.int64) + 1)])
-        with_ents = np.unique(doc_of).tolist()
-        tokens = [docs[d].to_array([IDX, LENGTH]).astype(np.int64).reshape(-1, 2) for d in with_ents]
-        n_tokens = np.array([len(t) for t in tokens], dtype=np.int64)
-        token_first = np.zeros(len(docs), dtype=np.int64)  # global index of each doc's first token
-        token_first[with_ents] = np.cumsum(n_tokens) - n_tokens
-        spans = np.concatenate(tokens) if tokens else np.zeros((0, 2), dtype=np.int64)
-        token_start = spans[:, 0] + np.repeat(base[with_ents], n_tokens).astype(np.int64)
-        token_end = token_start + spans[:, 1]
-        char_start, char_end = words.start[start] + base[doc_of], words.end[end - 1] + base[doc_of]
-        first, last, found = snap_many(char_start, char_end, token_start, token_end)
-        first, last, doc_of = first[found], last[found], doc_of[found]
-        exact = (token_start[first] == char_start[found]) & (token_end[last - 1] == char_end[found])
-        entities = Entities(first - token_first[doc_of], last - token_first[doc_of], type_id[found], score[found],
-                            token_start[first] - base[doc_of], token_end[last - 1] - base[doc_of],
-                            np.searchsorted(doc_of, np.arange(len(docs) + 1)),
-                            np.bincount(doc_of[~exact], minlength=len(docs)), self.tag_table.types)
-        overlapping = np.unique(doc_of[1:][(doc_of[1:] == doc_of[:-1]) & (first[1:] < last[:-1])])
-        if len(overlapping):
-            return _resolve(entities, overlapping.tolist(), token_start, token_end, token_first, base)
-        return entities
+        return locate(docs, text_lengths, words, start, end, type_id, segment_means(chosen, start, end),
+                      self.tag_table.types)
 
     def _decode_tags(self, word_lp: np.ndarray, bounds: np.ndarray) -> np.ndarray:
         """The tag of each word: its argmax (greedy), or the best valid sequence per doc (viterbi), for
@@ -314,9 +268,10 @@ class HFEntityRecognizer(HFPipe):
         lengths = np.diff(bounds)
         order = np.argsort(lengths, kind="stable")
         for chunk in np.array_split(order, max(1, len(order) // 256)):
-            paths = viterbi_batch(_padded(word_lp, bounds[chunk], lengths[chunk]), lengths[chunk], self.transitions)
+            paths = viterbi_batch(padded_ranges(word_lp, bounds[chunk], lengths[chunk]), lengths[chunk],
+                                  self.transitions)
             real = np.arange(paths.shape[1])[None, :] < lengths[chunk][:, None]
-            tags[_positions(bounds[chunk], lengths[chunk])] = paths[real]
+            tags[range_positions(bounds[chunk], lengths[chunk])] = paths[real]
         return tags
 
     def record(self, doc: Doc) -> Dict[str, List[Dict[str, Any]]]:
@@ -327,80 +282,17 @@ class HFEntityRecognizer(HFPipe):
         type_hash = np.array([self.vocab.strings.add(t) for t in predictions.types] or [0], dtype=np.uint64)
         plain = [] if self.spans_key else [i for i, doc in enumerate(docs) if not doc.to_array(ENT_IOB).any()]
         if plain:  # no entities on the doc yet: set them as token attributes, in one array for all docs
-            _set_ents_arrays([docs[i] for i in plain], predictions, plain, type_hash)
+            set_ents_arrays([docs[i] for i in plain], predictions, plain, type_hash)
         for i in sorted(set(range(len(docs))) - set(plain)):
             doc = docs[i]
             spans = [Span(doc, s, e, label=label) for s, e, label, _ in predictions.of(i)]
             if self.spans_key:
                 doc.spans[self.spans_key] = SpanGroup(doc, name=self.spans_key, spans=spans)
             else:
-                doc.ents = _combine(list(doc.ents), spans, self.overwrite_ents)
+                doc.ents = combine(list(doc.ents), spans, self.overwrite_ents)
         user_data = [doc.user_data for doc in docs]
         for d, sc, ec, t, score in zip(np.repeat(np.arange(len(docs)), np.diff(predictions.bounds)).tolist(),
                                        predictions.start_char.tolist(), predictions.end_char.tolist(),
                                        type_hash[predictions.type_id].tolist(), predictions.score.tolist()):
             user_data[d][value_key("score", sc, ec, t)] = score
         self.snapped += int(predictions.snapped.sum())
-
-
-def _set_ents_arrays(docs: List[Doc], predictions: Entities, which: List[int], type_hash: np.ndarray) -> None:
-    """doc.ents of docs without entities, through their ENT_IOB / ENT_TYPE arrays (no Span objects)."""
-    lengths = np.array([len(doc) for doc in docs], dtype=np.int64)
-    offset = np.zeros(len(predictions.bounds) - 1, dtype=np.int64)
-    offset[which] = np.cumsum(lengths) - lengths
-    keep = np.isin(np.repeat(np.arange(len(offset)), np.diff(predictions.bounds)), which)
-    doc_of = np.repeat(np.arange(len(offset)), np.diff(predictions.bounds))[keep]
-    start, end = predictions.start[keep] + offset[doc_of], predictions.end[keep] + offset[doc_of]
-    values = np.zeros((int(lengths.sum()), 2), dtype=np.uint64)
-    values[:, 0] = 2  # O
-    inside = _positions(start, end - start)
-    values[inside, 0] = 1  # I
-    values[inside, 1] = np.repeat(type_hash[predictions.type_id[keep]], end - start)
-    values[start, 0] = 3  # B
-    for doc, first, n in zip(docs, (np.cumsum(lengths) - lengths).tolist(), lengths.tolist()):
-        doc.from_array([ENT_IOB, ENT_TYPE], values[first:first + n])
-
-
-def _resolve(entities: Entities, fix: List[int], token_start: np.ndarray, token_end: np.ndarray,
-             token_first: np.ndarray, base: np.ndarray) -> Entities:
-    """Entities of the docs in `fix` made disjoint (`resolve_overlaps`), the others unchanged. Token
-    arrays are those of `_entities` (one character space, docs one character apart)."""
-    index = {t: i for i, t in enumerate(entities.types)}
-    doc_of = np.repeat(np.arange(len(entities.bounds) - 1), np.diff(entities.bounds))
-    keep = ~np.isin(doc_of, fix)
-    resolved = [resolve_overlaps(entities.of(d)) for d in fix]
-    new_doc = np.repeat(np.array(fix, dtype=np.int64), [len(r) for r in resolved])
-    flat = [x for r in resolved for x in r]
-    start = np.array([x[0] for x in flat], dtype=np.int64)
-    end = np.array([x[1] for x in flat], dtype=np.int64)
-    first, last = token_first[new_doc] + start, token_first[new_doc] + end - 1
-    columns = [np.concatenate([old[keep], new]) for old, new in (
-        (entities.start, start), (entities.end, end),
-        (entities.type_id, np.array([index[x[2]] for x in flat], dtype=entities.type_id.dtype)),
-        (entities.score, np.array([x[3] for x in flat], dtype=entities.score.dtype)),
-        (entities.start_char, token_start[first] - base[new_doc]), (entities.end_char, token_end[last] - base[new_doc]))]
-    all_docs = np.concatenate([doc_of[keep], new_doc])
-    order = np.argsort(all_docs, kind="stable")  # each doc's entities stay in their order
-    bounds = np.searchsorted(all_docs[order], np.arange(len(entities.bounds)))
-    return Entities(*[c[order] for c in columns], bounds, entities.snapped, entities.types)
-
-
-def _combine(existing: List[Span], predicted: List[Span], overwrite: bool) -> List[Span]:
-    """Entities already on the doc (an entity_ruler's, say) stay unless `overwrite`; on a clash
-    the side with priority keeps its span, and the other side's non-clashing spans are added."""
-    first, second = (predicted, existing) if overwrite else (existing, predicted)
-    taken = {i for span in first for i in range(span.start, span.end)}
-    return sorted(first + [s for s in second if not taken.intersection(range(s.start, s.end))])
-
-
-def _positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat indices start, start + 1, ... start + length - 1 of each range, in order."""
-    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
-
-
-def _padded(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Ranges of rows of `values` as one zero-padded (ranges x longest x ...) array."""
-    out = np.zeros((len(starts), int(lengths.max()) if len(lengths) else 0, *values.shape[1:]), dtype=values.dtype)
-    out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = values[_positions(starts, lengths)]
-    return out
-
