@@ -40,6 +40,12 @@ def _one_thread_after_fork() -> None:
 os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
+def shared_settings(*, batch_size: int, max_length: Optional[int], scorer: str) -> Dict[str, Any]:
+    """The default_config entries every hf_* factory has: batching, device, precision and the scorer."""
+    return {"batch_size": batch_size, "max_length": max_length, "device": "auto", "dtype": "float32", "quantize": None,
+            "mixed_precision": False, "scorer": {"@scorers": scorer}}
+
+
 def span_record(span, **extra: Any) -> Dict[str, Any]:
     """A span as JSON-ready data: text, character offsets, extra fields, score."""
     score = span._.score

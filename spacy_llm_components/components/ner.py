@@ -37,7 +37,7 @@ from ..decode import (
 from ..extensions import value_key
 from ..hf import DEFAULT_MODEL, CheckpointError
 from ..tasks import TASKS
-from .base import IGNORE_INDEX, Feature, HFPipe, span_record
+from .base import IGNORE_INDEX, Feature, HFPipe, shared_settings, span_record
 from .entities import Entities, combine, locate, set_ents_arrays
 from .inputs import Pieces, Rows, Words
 
@@ -57,13 +57,7 @@ logger = logging.getLogger("spacy_llm_components")
         "spans_key": None,
         "overwrite_ents": False,
         "stride": 128,
-        "batch_size": 64,
-        "max_length": None,
-        "device": "auto",
-        "dtype": "float32",
-        "quantize": None,
-        "mixed_precision": False,
-        "scorer": {"@scorers": "spacy_llm_components.ner_scorer.v1"},
+        **shared_settings(batch_size=64, max_length=None, scorer="spacy_llm_components.ner_scorer.v1"),
     },
     default_score_weights=TASKS["ner"].score_weights,
 )

@@ -10,7 +10,7 @@ from ..align import snap_to_tokens, unit_piece_ranges, window_spans
 from ..decode import answer_candidates
 from ..hf import DEFAULT_MODEL
 from ..tasks import TASKS
-from .base import Feature, HFPipe, ModelInput, span_record
+from .base import Feature, HFPipe, ModelInput, shared_settings, span_record
 
 ANSWER_LABEL = "ANSWER"
 
@@ -28,13 +28,7 @@ ANSWER_LABEL = "ANSWER"
         "doc_stride": 128,
         "handle_impossible": False,
         "null_threshold": 0.0,
-        "batch_size": 32,
-        "max_length": 384,
-        "device": "auto",
-        "dtype": "float32",
-        "quantize": None,
-        "mixed_precision": False,
-        "scorer": {"@scorers": "spacy_llm_components.squad_scorer.v1"},
+        **shared_settings(batch_size=32, max_length=384, scorer="spacy_llm_components.squad_scorer.v1"),
     },
     default_score_weights=TASKS["qa"].score_weights,
 )

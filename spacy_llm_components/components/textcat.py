@@ -11,7 +11,7 @@ from ..align import pack_units, refine_units, unit_piece_ranges
 from ..decode import decide_labels, label_thresholds, softmax
 from ..hf import DEFAULT_MODEL
 from ..tasks import TASKS
-from .base import Feature, HFPipe, ModelInput
+from .base import Feature, HFPipe, ModelInput, shared_settings
 from .inputs import Pieces, Rows
 
 POOLINGS = ("mean", "max")
@@ -27,13 +27,7 @@ POOLINGS = ("mean", "max")
         "threshold": 0.5,
         "thresholds": {},
         "pooling": "mean",
-        "batch_size": 64,
-        "max_length": None,
-        "device": "auto",
-        "dtype": "float32",
-        "quantize": None,
-        "mixed_precision": False,
-        "scorer": {"@scorers": "spacy_llm_components.textcat_scorer.v1"},
+        **shared_settings(batch_size=64, max_length=None, scorer="spacy_llm_components.textcat_scorer.v1"),
     },
     default_score_weights=TASKS["textcat"].score_weights,
 )
