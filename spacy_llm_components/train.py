@@ -122,19 +122,8 @@ class PipelineTrainer(TimedTrainer):
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return SeededLengthGroupedSampler(batch, lengths, self.args.data_seed or self.args.seed)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
-        start = time.perf_counter()
-        training = self.model.training
-        self.model.eval()
-        try:
-            result = score_pipeline(self.nlp, self.dev_docs, batch_size=self.nlp_batch_size)
-        finally:
-            self.model.train(training)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in result.scores.items()}
-        self.eval_seconds += time.perf_counter() - start
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+    def dev_scores(self) -> Dict[str, float]:
+        return score_pipeline(self.nlp, self.dev_docs, batch_size=self.nlp_batch_size).scores
 
 
 @dataclass
