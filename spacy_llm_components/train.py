@@ -138,6 +138,7 @@ class _Plan:
     device: torch.device
     total_steps: int
     eval_steps: int
+    encoder: Dict[str, Any]  # lineage of a local base model (artifacts.encoder_lineage); {} for a hub name
 
 
 def finetune(task: str, train: Union[str, Path], dev: Union[str, Path], output: Union[str, Path],
@@ -219,7 +220,8 @@ def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> _Plan:
     run = {"task": spec.name, "train_sha256": sha256_file(train), "dev_sha256": sha256_file(dev),
            "labels": info.labels, "multi_label": info.multi_label, "lang": info.lang, "config": asdict(config)}
     return _Plan(spec, run, nlp, features, dev_docs, device, total_steps,
-                 eval_steps=max(1, min(config.eval_steps or steps_per_epoch, total_steps)))
+                 eval_steps=max(1, min(config.eval_steps or steps_per_epoch, total_steps)),
+                 encoder=artifacts.encoder_lineage(config.base_model))
 
 
 def _best_evaluation(trainer: TimedTrainer, primary: str) -> tuple:
@@ -234,14 +236,16 @@ def _best_evaluation(trainer: TimedTrainer, primary: str) -> tuple:
 
 def _write_outputs(plan: _Plan, output: Path, config: FinetuneConfig, best_step: Optional[int],
                    dev_metrics: Dict[str, Any], training: Dict[str, Any], keep_checkpoints: bool) -> None:
-    """The pipeline folder (meta.json's `sllm` block records the run), then metrics.json."""
+    """The pipeline folder (meta.json's `sllm` block records the run and the encoder it started from),
+    then metrics.json."""
     nlp = plan.nlp
     nlp.meta.update(
         name=f"sllm_{plan.spec.name}", version="0.0.0",
         description=f"{plan.spec.name} fine-tuned from {config.base_model} with spacy-llm-components",
         performance={k: v for k, v in dev_metrics.items() if isinstance(v, (int, float))},
     )
-    nlp.meta[artifacts.META_BLOCK] = {**plan.run, "base_model": config.base_model, "best_step": best_step}
+    nlp.meta[artifacts.META_BLOCK] = {**plan.run, "base_model": config.base_model, "best_step": best_step,
+                                      **({"encoder": plan.encoder} if plan.encoder else {})}
     _save_pipeline(nlp, output)
     artifacts.write_json(output / METRICS, {"primary": plan.spec.primary, "best_step": best_step,
                                             "dev": dev_metrics, "training": training})
