@@ -1,7 +1,9 @@
 """Load and save Hugging Face checkpoints: the one place that touches `from_pretrained`.
 
 Safetensors weights only, never `trust_remote_code`, fast tokenizers only (the
-components need character offsets). Errors name the path and the problem.
+components need character offsets). A checkpoint loads with a task head for the
+components, or with its masked-LM head for pre-training. Errors name the path and
+the problem.
 """
 
 import importlib
@@ -303,17 +305,17 @@ def load_masked_lm(name: Union[str, Path], *, device: str = "auto") -> MaskedLM:
 
 def _unused_weights(source: Union[str, Path], model: PreTrainedModel, names: Sequence[str]) -> Dict[str, torch.Tensor]:
     """The tensors of a local checkpoint that `model` did not load, under the names `model` reports."""
-    if not names or not isinstance(source, Path):
-        return {}
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    stored: Dict[str, torch.Tensor] = {}
-    for weights in sorted(source.glob("*.safetensors")):
-        stored.update(load_file(str(weights)))
-    prefix = f"{model.base_model_prefix}."
-    found = {name: stored.get(name, stored.get(name[len(prefix):] if name.startswith(prefix) else name))
-             for name in names}
-    return {name: tensor for name, tensor in found.items() if tensor is not None}
+    prefix, kept = f"{model.base_model_prefix}.", {}
+    for weights in sorted(Path(source).glob("*.safetensors")) if names and isinstance(source, Path) else []:
+        with safe_open(str(weights), "pt") as stored:
+            keys = set(stored.keys())
+            for name in names:
+                key = name if name in keys else name[len(prefix):] if name.startswith(prefix) else None
+                if key in keys:
+                    kept[name] = stored.get_tensor(key)
+    return kept
 
 
 def write_checkpoint_files(checkpoint: Checkpoint, folder: Union[str, Path]) -> None:

@@ -14,6 +14,7 @@ after training, and a resumed run masks as the uninterrupted run did.
 import copy
 import hashlib
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -69,14 +70,18 @@ def block_length(lm: MaskedLM, config: LMDataConfig) -> int:
 # -- corpus -> blocks -------------------------------------------------------------------------------------------
 @contextmanager
 def corpus_cache(beside: Optional[PathLike] = None) -> Iterator[Path]:
-    """A temporary folder for a corpus' Arrow files, removed afterwards: beside `beside` (an output
-    folder, whose file system is the one meant for big files) or in the system's temporary folder."""
-    parent = None
-    if beside is not None:
+    """A folder for a corpus' Arrow files, removed afterwards: `.NAME.corpus-RANK` beside the output
+    folder `beside` (its file system is the one meant for big files; one left by a killed run is cleared
+    when the next starts), or a temporary folder of the system."""
+    if beside is None:
+        folder = Path(tempfile.mkdtemp(prefix="sllm-corpus-"))
+    else:
         parent = Path(beside).resolve().parent
         while not parent.exists():
             parent = parent.parent
-    folder = Path(tempfile.mkdtemp(prefix=".sllm-corpus-", dir=parent))
+        folder = parent / f".{Path(beside).name}.corpus-{os.environ.get('RANK', '0')}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
     try:
         yield folder
     finally:
