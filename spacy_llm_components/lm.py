@@ -1,7 +1,7 @@
 """Masked language modelling, shared by pre-training and `sllm evaluate-lm`.
 
 Corpus files -> documents (`data.corpus`) -> Hugging Face `datasets` backed by memory-mapped Arrow
-files in a temporary folder (a corpus larger than memory streams through) -> word pieces, packed
+files in a folder removed afterwards (a corpus larger than memory streams through) -> word pieces, packed
 into blocks as `run_mlm.py`'s `group_texts` does, keeping the remainder -> masked by Hugging Face's
 `DataCollatorForLanguageModeling` (or `DataCollatorForWholeWordMask`), each block under a seed of its
 own -> perplexity, exp(mean cross-entropy over the masked pieces).

@@ -151,16 +151,17 @@ class _Plan:
 
 
 def pretrain(corpus: Union[PathLike, Sequence[PathLike]], output: PathLike, config: Optional[PretrainConfig] = None,
-             *, dev: Optional[Sequence[PathLike]] = None, resume: bool = False, keep_checkpoints: bool = False,
-             progress: bool = True, callbacks: Sequence[TrainerCallback] = ()) -> PretrainResult:
+             *, dev: Union[None, PathLike, Sequence[PathLike]] = None, resume: bool = False,
+             keep_checkpoints: bool = False, progress: bool = True,
+             callbacks: Sequence[TrainerCallback] = ()) -> PretrainResult:
     """Continue pre-training `config.base_model` with masked-language modelling on the corpus files and
-    write the encoder to `output`. Checkpoints go to `output/checkpoints` while training; with `resume`,
-    an interrupted run continues from the last one and ends as the uninterrupted run would have."""
+    write the encoder to `output`; `dev` files are the held-out text (default a seeded share of the
+    corpus). Checkpoints go to `output/checkpoints` while training; with `resume`, an interrupted run
+    continues from the last one and ends as the uninterrupted run would have."""
     wall_start = time.perf_counter()
     config = config or PretrainConfig()
     output = Path(output)
-    corpus = [Path(corpus)] if isinstance(corpus, (str, Path)) else [Path(p) for p in corpus]
-    dev = [Path(p) for p in dev or []]
+    corpus, dev = _paths(corpus), _paths(dev)
     with corpus_cache(beside=output) as cache, datasets_progress(progress):
         plan = _plan(corpus, dev, config, cache)
         last = check_resume(output, plan.run, resume, same=["corpus_sha256", "dev_sha256"])
@@ -226,6 +227,12 @@ def _score(trainer: MaskedLMTrainer) -> Dict[str, float]:
     """The held-out scores without logging them (a resumed run logged the base model's already)."""
     trainer.model.eval()
     return {f"eval_{k}": v for k, v in trainer.dev_scores().items()}
+
+
+def _paths(files: Union[None, PathLike, Sequence[PathLike]]) -> List[Path]:
+    if files is None:
+        return []
+    return [Path(files)] if isinstance(files, (str, Path)) else [Path(p) for p in files]
 
 
 def _total_steps(blocks: int, config: PretrainConfig) -> int:

@@ -117,6 +117,18 @@ class EvaluateAtEnd(TrainerCallback):
         return control
 
 
+class BestCheckpointOnEveryRank(TrainerCallback):
+    """Every process knows the best checkpoint. The Trainer records it only where the checkpoint folder
+    exists when it looks, which on the other processes of a torchrun run depends on how far process 0
+    got writing it; a process that missed it skips the barrier before the best model is reloaded, and
+    the run hangs there."""
+
+    def on_save(self, args, state, control, **kwargs):
+        best = getattr(state, "best_global_step", None)
+        if best:
+            state.best_model_checkpoint = os.path.join(args.output_dir, f"checkpoint-{best}")
+
+
 class JsonlLog(TrainerCallback):
     """Appends every Trainer log (loss, learning rate, dev metrics) to OUTPUT/training_log.jsonl, with the
     time it was logged."""
@@ -136,6 +148,7 @@ class TimedTrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.add_callback(BestCheckpointOnEveryRank())
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0
 
