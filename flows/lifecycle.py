@@ -1,4 +1,5 @@
-"""The lifecycle of one model: prepare data -> fine-tune -> evaluate -> register (-> promote).
+"""The lifecycle of one model: prepare data -> (pre-train the encoder on domain text ->) fine-tune ->
+evaluate -> register (-> promote).
 
 Each stage is a flow around one cached task that calls the library and records the step in
 MLflow. Task inputs are paths and content hashes, never live objects, so Prefect can cache
@@ -16,10 +17,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from spacy_llm_components import registry, runs
-from spacy_llm_components.artifacts import METRICS, sha256_file, sha256_tree
+from spacy_llm_components.artifacts import METRICS, sha256_file, sha256_model, sha256_tree
 from spacy_llm_components.data import DataError, ReadOptions, prepare
 from spacy_llm_components.evaluate import evaluate as evaluate_pipeline
 from spacy_llm_components.orchestration import is_transient
+from spacy_llm_components.pretrain import PretrainConfig, pretrain as pretrain_encoder
 from spacy_llm_components.project import code_version, project_dir
 from spacy_llm_components.train import FinetuneConfig, finetune as finetune_pipeline
 
@@ -63,7 +65,14 @@ def _existing(path: Optional[str]) -> Optional[str]:
 def _base_model_fingerprint(base_model: str) -> str:
     """A local checkpoint folder by content (retrained in place, it is another model), a hub name as is."""
     path = Path(base_model)
-    return sha256_tree(path) if path.is_dir() else base_model
+    return sha256_model(path) if path.is_dir() else base_model
+
+
+def _local_model(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A local base model as an absolute path (a scheduled run starts elsewhere)."""
+    if Path(config["base_model"]).is_dir():
+        config["base_model"] = str(Path(config["base_model"]).resolve())
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +105,34 @@ def prepare_data(task: str, train: List[str], output: str, dev: Optional[str] = 
 
 
 # ---------------------------------------------------------------------------------------------
+# pretrain
+
+
+@task(name="pretrain", cache_policy=CACHE, **RETRIES)
+def pretrain_task(corpus: List[str], dev: List[str], output: str, config: Dict[str, Any], corpus_sha256: List[str],
+                  dev_sha256: List[str], base_model_sha256: str, code_version: str,
+                  progress: bool = True) -> Dict[str, Any]:
+    result = pretrain_encoder(corpus, output, PretrainConfig(**config), dev=dev, resume=True, progress=progress)
+    run_id = runs.log_pretrain(output)
+    get_run_logger().info(result.summary())
+    out = Path(output)
+    return {"encoder": str(out), "perplexity_before": result.perplexity_before,
+            "perplexity_after": result.perplexity_after, "best_step": result.best_step, "mlflow_run_id": run_id,
+            "files": _outputs(out / METRICS, *sorted(out.glob("*.safetensors")))}
+
+
+@flow(name="pretrain")
+def pretrain(corpus: List[str], output: str, dev: Optional[List[str]] = None, config: Optional[Dict[str, Any]] = None,
+             progress: bool = True) -> Dict[str, Any]:
+    """Continue pre-training an encoder on domain text (resuming an interrupted run) and log the run to MLflow."""
+    config = _local_model(asdict(PretrainConfig(**(config or {}))))  # defaults filled in: part of the cache key
+    corpus, dev = [_existing(p) for p in corpus], [_existing(p) for p in dev or []]
+    return _cached(pretrain_task, corpus=corpus, dev=dev, output=str(Path(output).resolve()), config=config,
+                   corpus_sha256=[sha256_file(Path(p)) for p in corpus], dev_sha256=[sha256_file(Path(p)) for p in dev],
+                   base_model_sha256=_base_model_fingerprint(config["base_model"]), progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
 # finetune
 
 
@@ -115,9 +152,7 @@ def finetune_task(task_name: str, train: str, dev: str, output: str, config: Dic
 def finetune(task: str, train: str, dev: str, output: str, config: Optional[Dict[str, Any]] = None,
              data_summary: Optional[Dict[str, Any]] = None, progress: bool = True) -> Dict[str, Any]:
     """Fine-tune on prepared data (resuming an interrupted run) and log the run to MLflow."""
-    config = asdict(FinetuneConfig(**(config or {})))  # defaults filled in: part of the cache key
-    if Path(config["base_model"]).is_dir():
-        config["base_model"] = str(Path(config["base_model"]).resolve())
+    config = _local_model(asdict(FinetuneConfig(**(config or {}))))  # defaults filled in: part of the cache key
     train, dev = _existing(train), _existing(dev)
     return _cached(finetune_task, task_name=task, train=train, dev=dev, output=str(Path(output).resolve()),
                    config=config, train_sha256=sha256_file(Path(train)), dev_sha256=sha256_file(Path(dev)),
@@ -195,15 +230,25 @@ def promote(name: str, test: Optional[str] = None) -> Dict[str, Any]:
 def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = None, test: Optional[str] = None,
                    workdir: Optional[str] = None, finetune_config: Optional[Dict[str, Any]] = None,
                    promote_if_better: bool = False, text_column: str = "text", label_column: str = "label",
-                   label_sep: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
-    """prepare -> finetune -> evaluate (on `test`, else the dev split) -> register (-> promote).
-    Returns the registered version and its metrics. Outputs go to `workdir` (default
-    `<project>/training/<name>`)."""
-    for path in [*train, dev, test]:
+                   label_sep: Optional[str] = None, pretrain_corpus: Optional[List[str]] = None,
+                   pretrain_dev: Optional[List[str]] = None, pretrain_config: Optional[Dict[str, Any]] = None,
+                   progress: bool = True) -> Dict[str, Any]:
+    """prepare -> (pretrain ->) finetune -> evaluate (on `test`, else the dev split) -> register (-> promote).
+    With a `pretrain_corpus`, the fine-tune's base model is first pre-trained on it, and the fine-tune
+    starts from that encoder. Returns the registered version and its metrics. Outputs go to `workdir`
+    (default `<project>/training/<name>`)."""
+    for path in [*train, dev, test, *(pretrain_corpus or []), *(pretrain_dev or [])]:
         _existing(path)  # a missing test file fails now, not after fine-tuning
     root = Path(workdir) if workdir else project_dir() / "training" / name
     prepared = prepare_data(task, train, str(root / "corpus"), dev=dev, text_column=text_column,
                             label_column=label_column, label_sep=label_sep)
+    finetune_config = dict(finetune_config or {})
+    encoder = None
+    if pretrain_corpus:
+        base = FinetuneConfig(**finetune_config)  # the encoder starts from the fine-tune's base, on its device
+        encoder = pretrain(pretrain_corpus, str(root / "encoder"), dev=pretrain_dev, progress=progress,
+                           config={**(pretrain_config or {}), "base_model": base.base_model, "device": base.device})
+        finetune_config["base_model"] = encoder["encoder"]
     tuned = finetune(task, prepared["train"], prepared["dev"], str(root / "model"), config=finetune_config,
                      data_summary=prepared["summary"], progress=progress)
     scored = evaluate(tuned["pipeline"], test or prepared["dev"], str(root / "evaluation"), name=name)
@@ -211,6 +256,8 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
     result = {"name": name, "version": version["version"], "uri": version["uri"], "task": task,
               "primary": scored["primary"], "score": scored["score"], "scores": scored["scores"],
               "statistics": scored["statistics"], "pipeline": tuned["pipeline"]}
+    if encoder is not None:
+        result["encoder"] = {k: encoder[k] for k in ("encoder", "perplexity_before", "perplexity_after")}
     if promote_if_better:  # with a test file, both versions are scored on it now: comparable whatever changed
         result["promotion"] = promote(name, test=test)
     return result

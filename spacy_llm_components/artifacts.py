@@ -2,8 +2,9 @@
 
 One owner, so that a stage never parses another stage's file its own way:
 - prepared data: `labels.json` (task, labels, language) and `summary.json` (counts, hashes);
-- a trained model folder (pipeline or encoder): `metrics.json` (best dev scores, training speed),
-  `training_log.jsonl` (one JSON object per Trainer log) and the `sllm` block of spaCy's `meta.json`;
+- a trained model folder (pipeline or encoder): `metrics.json` (best dev scores, training speed;
+  for an encoder its perplexity and corpus), `training_log.jsonl` (one JSON object per Trainer log)
+  and the `sllm` block of spaCy's `meta.json` (with the encoder a fine-tune started from);
 - an evaluation folder: `metrics.json` (scores, statistics, per-label scores, the test set's hash).
 
 Writes are atomic: a file (or a folder's set of files) is complete or absent, never half written.
@@ -16,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 METRICS = "metrics.json"
 TRAINING_LOG = "training_log.jsonl"
@@ -41,15 +42,23 @@ def json_bytes(data: Any) -> bytes:
 def write_files(output: PathLike, files: Dict[str, bytes]) -> None:
     """Write every file to a temporary folder beside `output`, then move them in: a failure while
     writing leaves `output` as it was, never half an output."""
+    write_folder(output, lambda tmp: [(tmp / name).write_bytes(data) for name, data in files.items()])
+
+
+def write_folder(output: PathLike, fill: Callable[[Path], Any]) -> None:
+    """Let `fill` write files into a temporary folder beside `output`, then move them into `output`
+    (files of the same names are replaced, others kept): a failure while writing leaves `output` as it
+    was, never half an output."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
+        fill(tmp)
         output.mkdir(exist_ok=True)
-        for name in files:
-            os.replace(tmp / name, output / name)
+        for part in sorted(tmp.iterdir()):
+            if (output / part.name).is_dir():
+                shutil.rmtree(output / part.name)
+            os.replace(part, output / part.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -153,3 +162,25 @@ def sha256_tree(folder: PathLike, exclude: Iterable[str] = (CHECKPOINTS,)) -> st
                 digest.update(block)
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def sha256_model(folder: PathLike) -> str:
+    """The identity of a model folder by its weights, config and tokenizer: the run records beside them
+    (checkpoints, metrics.json with its timings, training_log.jsonl) do not count, so the same model
+    trained twice has one hash."""
+    return sha256_tree(folder, exclude=(CHECKPOINTS, METRICS, TRAINING_LOG))
+
+
+def encoder_lineage(base_model: str) -> Dict[str, Any]:
+    """Which encoder a fine-tune starts from, when it is a local folder: its path and content hash, and
+    for an encoder `sllm pretrain` wrote, its held-out perplexity and corpus hash. {} for a hub name.
+    The keys are the registry tags and MLflow tags they become."""
+    path = Path(base_model).expanduser()
+    if not path.is_dir():
+        return {}
+    lineage: Dict[str, Any] = {"encoder_path": str(path.resolve()), "encoder_sha256": sha256_model(path)}
+    metrics = read_json(path / METRICS)
+    if metrics.get("stage") == "pretrain":
+        lineage["encoder_perplexity"] = metrics.get("perplexity_after")
+        lineage["encoder_corpus_sha256"] = (metrics.get("corpus") or {}).get("sha256")
+    return lineage

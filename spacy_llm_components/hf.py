@@ -1,7 +1,9 @@
 """Load and save Hugging Face checkpoints: the one place that touches `from_pretrained`.
 
 Safetensors weights only, never `trust_remote_code`, fast tokenizers only (the
-components need character offsets). Errors name the path and the problem.
+components need character offsets). A checkpoint loads with a task head for the
+components, or with its masked-LM head for pre-training. Errors name the path and
+the problem.
 """
 
 import importlib
@@ -10,12 +12,15 @@ import logging
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    MODEL_FOR_MASKED_LM_MAPPING, AutoConfig, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from .tasks import TASKS, TaskSpec, task_spec
 
@@ -174,12 +179,14 @@ def _head_status(config, spec: TaskSpec, source: str) -> bool:
 
 
 class _DropNewHeadNotice(logging.Filter):
-    """transformers' "Some weights ... newly initialized ... You should probably TRAIN this model": this
-    module says it in its own words (and raising the logger's level instead would make transformers
-    run, and warn about, a tensor-parallel check)."""
+    """transformers' "Some weights ... newly initialized ... You should probably TRAIN this model" and
+    "Some weights of the model checkpoint ... were not used" (an encoder's masked-LM head, when a task
+    head is put on it): this module says what matters in its own words (and raising the logger's level
+    instead would make transformers run, and warn about, a tensor-parallel check)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "newly initialized" not in record.getMessage()
+        message = record.getMessage()
+        return "newly initialized" not in message and "were not used when initializing" not in message
 
 
 @contextmanager
@@ -196,11 +203,30 @@ def _quiet(logger_name: str) -> Iterator[None]:
 def has_head(name: Union[str, Path], task: Union[str, TaskSpec]) -> bool:
     """Whether the checkpoint already has `task`'s head (read from its config; the weights stay on disk)."""
     source = resolve_source(name)
+    return _head_status(_read_config(source), task_spec(task), str(source))
+
+
+def _read_config(source: Union[str, Path]):
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-    except Exception as err:
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except Exception as err:  # corrupt JSON, unknown model_type, no network for a hub name
+        if isinstance(source, str):
+            raise CheckpointError(
+                f"{source}: no local folder of that name, and the Hugging Face hub could not provide "
+                f"the model config (no network?): {err}"
+            ) from err
         raise CheckpointError(f"{source}: cannot read the model config: {err}") from err
-    return _head_status(config, task_spec(task), str(source))
+
+
+def _load_fast_tokenizer(source: Union[str, Path], why: str) -> PreTrainedTokenizerFast:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)
+    except Exception as err:
+        raise CheckpointError(f"{source}: cannot load the tokenizer: {err}") from err
+    if not getattr(tokenizer, "is_fast", False):
+        raise CheckpointError(f"{source}: needs a fast tokenizer (tokenizer.json) {why}; this one is "
+                              f"{type(tokenizer).__name__}")
+    return tokenizer
 
 
 def load_checkpoint(
@@ -224,15 +250,7 @@ def load_checkpoint(
         _check_local_folder(source)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-    except Exception as err:  # corrupt JSON, unknown model_type, no network for a hub name
-        if isinstance(source, str):
-            raise CheckpointError(
-                f"{source}: no local folder of that name, and the Hugging Face hub could not provide "
-                f"the model config (no network?): {err}"
-            ) from err
-        raise CheckpointError(f"{source}: cannot read the model config: {err}") from err
+    config = _read_config(source)
     has_head = _head_status(config, spec, str(source))
     if spec.has_labels:
         if has_head and labels is not None:
@@ -270,15 +288,82 @@ def load_checkpoint(
         logger.warning(
             "%s: the %s head is newly initialised (random) until fine-tuned", source, spec.hf_task
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)
-    except Exception as err:
-        raise CheckpointError(f"{source}: cannot load the tokenizer: {err}") from err
-    if not getattr(tokenizer, "is_fast", False):
-        raise CheckpointError(f"{source}: needs a fast tokenizer (tokenizer.json) for character offsets")
+    tokenizer = _load_fast_tokenizer(source, "for character offsets")
     model.to(torch_device)
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, source=str(source), head_is_new=head_is_new)
+
+
+@dataclass
+class MaskedLM(Checkpoint):
+    """An encoder with a masked-language-model head, for (continued) pre-training and perplexity."""
+
+    new_weights: List[str] = field(default_factory=list)  # head parts the checkpoint lacked, initialised here
+    # weights of the checkpoint that the masked-LM model does not use (a pooler): saved back unchanged, so a
+    # classifier fine-tuned from the pre-trained encoder starts from them as it would from the original
+    kept_weights: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def load_masked_lm(name: Union[str, Path], *, device: str = "auto") -> MaskedLM:
+    """An encoder from a local folder or hub name with its masked-LM head (`AutoModelForMaskedLM`), in
+    float32. An encoder saved without one (a sentence-embedding model such as the offline MiniLM) gets
+    the missing head parts initialised, the decoder tied to the input embeddings; the log says so."""
+    source = resolve_source(name)
+    if isinstance(source, Path):
+        _check_local_folder(source)
+    torch_device = resolve_device(device)
+    config = _read_config(source)
+    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING:
+        raise CheckpointError(
+            f"{source}: a {config.model_type!r} model has no masked-language-model architecture in transformers; "
+            "pre-training needs an encoder such as BERT, RoBERTa, DistilBERT or DeBERTa"
+        )
+    tokenizer = _load_fast_tokenizer(source, "to pack the corpus into blocks")
+    if tokenizer.mask_token is None:
+        raise CheckpointError(f"{source}: the tokenizer has no mask token, which masked-language modelling needs "
+                              "(BERT's [MASK], RoBERTa's <mask>)")
+    try:
+        with _quiet("transformers.modeling_utils"):
+            model, info = AutoModelForMaskedLM.from_pretrained(
+                source, config=config, trust_remote_code=False, use_safetensors=True, torch_dtype=torch.float32,
+                output_loading_info=True,
+            )
+    except Exception as err:
+        raise CheckpointError(f"{source}: cannot load the model weights: {err}") from err
+    new = sorted(info.get("missing_keys") or [])
+    if new:
+        logger.warning("%s has no trained masked-LM head: its %d head tensors are initialised here (the output "
+                       "layer tied to the input embeddings), and pre-training trains them", source, len(new))
+    kept = _unused_weights(source, model, info.get("unexpected_keys") or [])
+    model.to(torch_device)
+    model.eval()
+    return MaskedLM(model=model, tokenizer=tokenizer, source=str(source), head_is_new=bool(new), new_weights=new,
+                    kept_weights=kept)
+
+
+def _unused_weights(source: Union[str, Path], model: PreTrainedModel, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The tensors of a local checkpoint that `model` did not load, under the names `model` reports."""
+    from safetensors import safe_open
+
+    prefix, kept = f"{model.base_model_prefix}.", {}
+    for weights in sorted(Path(source).glob("*.safetensors")) if names and isinstance(source, Path) else []:
+        with safe_open(str(weights), "pt") as stored:
+            keys = set(stored.keys())
+            for name in names:
+                key = name if name in keys else name[len(prefix):] if name.startswith(prefix) else None
+                if key in keys:
+                    kept[name] = stored.get_tensor(key)
+    return kept
+
+
+def write_checkpoint_files(checkpoint: Checkpoint, folder: Union[str, Path]) -> None:
+    """`save_pretrained` of model (safetensors) and tokenizer into an existing folder; a masked LM's
+    kept weights go along with its own."""
+    state = None
+    if isinstance(checkpoint, MaskedLM) and checkpoint.kept_weights:
+        state = {**checkpoint.model.state_dict(), **checkpoint.kept_weights}
+    checkpoint.model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+    checkpoint.tokenizer.save_pretrained(folder)
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Union[str, Path]) -> Path:
@@ -291,8 +376,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: Union[str, Path]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        checkpoint.model.save_pretrained(tmp, safe_serialization=True)
-        checkpoint.tokenizer.save_pretrained(tmp)
+        write_checkpoint_files(checkpoint, tmp)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)

@@ -66,7 +66,8 @@ def evaluation_tags(metrics: Any, task: str) -> Dict[str, str]:
 def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[str, Path, Dict]] = None,
              experiment: Optional[str] = None) -> ModelVersionInfo:
     """Log `pipeline` as a pyfunc model and make it a new version of registered model `name`,
-    tagged with its task, data hashes and (given an evaluation's metrics.json) its scores; the
+    tagged with its task, data hashes, the encoder it was fine-tuned from (a local one: path, content
+    hash, perplexity) and (given an evaluation's metrics.json) its scores; the
     version gets the alias `challenger`. The same pipeline registered again returns its existing
     version (its metric tags refreshed) instead of a duplicate."""
     pipeline = Path(pipeline).resolve()
@@ -82,7 +83,7 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
     tags = {"task": info["task"], "base_model": base,
             **({"base_model_sha256": sha256_tree(base)} if base and Path(base).is_dir() else {}),
             "train_sha256": str(info.get("train_sha256", "")), "dev_sha256": str(info.get("dev_sha256", "")),
-            "pipeline_sha256": fingerprint, **eval_tags}
+            "pipeline_sha256": fingerprint, **{k: str(v) for k, v in (info.get("encoder") or {}).items()}, **eval_tags}
     use_tracking()
     client = MlflowClient()
     existing = _version_with_tag(client, name, "pipeline_sha256", fingerprint)

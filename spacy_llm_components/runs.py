@@ -1,7 +1,7 @@
-"""MLflow runs: one per fine-tune and one per evaluation, keyed on the files those stages write
-(a pipeline folder's meta.json `sllm` block, metrics.json and training_log.jsonl; an evaluation
-folder's metrics.json, report.md and confusion.png), so the CLI, the flows and `project.yml` log
-the same way."""
+"""MLflow runs: one per pre-training, fine-tune and evaluation, keyed on the files those stages write
+(an encoder folder's metrics.json and training_log.jsonl; a pipeline folder's meta.json `sllm` block,
+metrics.json and training_log.jsonl; an evaluation folder's metrics.json, report.md and
+confusion.png), so the CLI, the flows and `project.yml` log the same way."""
 
 import shutil
 import tempfile
@@ -19,6 +19,7 @@ from .artifacts import CHECKPOINTS, METRICS, ArtifactError
 from .project import environment_tags, experiment_id
 
 PIPELINE_ARTIFACT = "pipeline"  # the pipeline folder inside a run's (or a logged model's) artifacts
+ENCODER_ARTIFACT = "encoder"  # the encoder folder inside a pre-training run's artifacts
 
 
 def numbers(data: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
@@ -77,6 +78,32 @@ def log_finetune(pipeline: Union[str, Path], *, data_summary: Optional[Dict[str,
             mlflow.log_dict(data_summary, "data_summary.json")
         with without_checkpoints(pipeline) as folder:
             mlflow.log_artifacts(str(folder), PIPELINE_ARTIFACT)
+    return run.info.run_id
+
+
+def log_pretrain(encoder: Union[str, Path], *, run_name: Optional[str] = None,
+                 experiment: Optional[str] = None) -> str:
+    """One MLflow run for a finished pre-training: its settings as params, the held-out perplexity and
+    training loss at every logged step, perplexity before and after, the corpus' hashes and the base
+    model as tags, and the encoder folder as artifacts. Returns the run id."""
+    encoder = Path(encoder)
+    metrics = artifacts.read_json(encoder / METRICS, written_by=f"`sllm pretrain --output {encoder}`")
+    if metrics.get("stage") != "pretrain":
+        raise ArtifactError(f"{encoder / METRICS}: not the metrics of `sllm pretrain`")
+    corpus, heldout = metrics.get("corpus") or {}, metrics.get("heldout") or {}
+    tags = {"sllm.step": "pretrain", "base_model": str(metrics.get("base_model", "")),
+            "corpus_sha256": str(corpus.get("sha256", "")), "dev_sha256": str(heldout.get("sha256") or ""),
+            "heldout": str(heldout.get("from", "")), "encoder_sha256": artifacts.sha256_model(encoder),
+            **{f"corpus_sha256.{i}": f["sha256"] for i, f in enumerate(corpus.get("files") or [])},
+            **environment_tags()}
+    with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name or "pretrain", tags=tags) as run:
+        mlflow.log_params({k: ("" if v is None else v) for k, v in (metrics.get("config") or {}).items()})
+        log_steps(run.info.run_id, encoder)
+        mlflow.log_metrics({k: float(metrics[k]) for k in ("perplexity_before", "perplexity_after")})
+        mlflow.log_metrics(numbers(metrics.get("training") or {}, "training."))
+        mlflow.log_metrics(numbers({k: v for k, v in corpus.items() if k != "files"}, "corpus."))
+        with without_checkpoints(encoder) as folder:
+            mlflow.log_artifacts(str(folder), ENCODER_ARTIFACT)
     return run.info.run_id
 
 

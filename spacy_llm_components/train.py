@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import spacy
 import torch
-from accelerate.utils import broadcast_object_list
 from spacy.language import Language
 from spacy.tokens import Doc
 from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback, set_seed
@@ -123,23 +122,8 @@ class PipelineTrainer(TimedTrainer):
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return SeededLengthGroupedSampler(batch, lengths, self.args.data_seed or self.args.seed)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
-        start = time.perf_counter()
-        metrics = None
-        if self.is_world_process_zero():  # under torchrun, one process scores and tells the others
-            training = self.model.training
-            self.model.eval()
-            try:
-                result = score_pipeline(self.nlp, self.dev_docs, batch_size=self.nlp_batch_size)
-            finally:
-                self.model.train(training)
-            metrics = {f"{metric_key_prefix}_{k}": v for k, v in result.scores.items()}
-        if self.args.world_size > 1:
-            metrics = broadcast_object_list([metrics])[0]  # every process keeps the same best checkpoint
-        self.eval_seconds += time.perf_counter() - start
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+    def dev_scores(self) -> Dict[str, float]:
+        return score_pipeline(self.nlp, self.dev_docs, batch_size=self.nlp_batch_size).scores
 
 
 @dataclass
@@ -154,6 +138,7 @@ class _Plan:
     device: torch.device
     total_steps: int
     eval_steps: int
+    encoder: Dict[str, Any]  # lineage of a local base model (artifacts.encoder_lineage); {} for a hub name
 
 
 def finetune(task: str, train: Union[str, Path], dev: Union[str, Path], output: Union[str, Path],
@@ -241,7 +226,8 @@ def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> _Plan:
            "train_docs": len(train_docs), "dev_docs": len(dev_docs), "labels": info.labels,
            "multi_label": info.multi_label, "lang": info.lang, "config": asdict(config)}
     return _Plan(spec, run, nlp, features, dev_docs, device, total_steps,
-                 eval_steps=max(1, min(config.eval_steps or steps_per_epoch, total_steps)))
+                 eval_steps=max(1, min(config.eval_steps or steps_per_epoch, total_steps)),
+                 encoder=artifacts.encoder_lineage(config.base_model))
 
 
 def _best_evaluation(trainer: TimedTrainer, primary: str) -> tuple:
@@ -256,14 +242,16 @@ def _best_evaluation(trainer: TimedTrainer, primary: str) -> tuple:
 
 def _write_outputs(plan: _Plan, output: Path, config: FinetuneConfig, best_step: Optional[int],
                    dev_metrics: Dict[str, Any], training: Dict[str, Any], keep_checkpoints: bool) -> None:
-    """The pipeline folder (meta.json's `sllm` block records the run), then metrics.json."""
+    """The pipeline folder (meta.json's `sllm` block records the run and the encoder it started from),
+    then metrics.json."""
     nlp = plan.nlp
     nlp.meta.update(
         name=f"sllm_{plan.spec.name}", version="0.0.0",
         description=f"{plan.spec.name} fine-tuned from {config.base_model} with spacy-llm-components",
         performance={k: v for k, v in dev_metrics.items() if isinstance(v, (int, float))},
     )
-    nlp.meta[artifacts.META_BLOCK] = {**plan.run, "base_model": config.base_model, "best_step": best_step}
+    nlp.meta[artifacts.META_BLOCK] = {**plan.run, "base_model": config.base_model, "best_step": best_step,
+                                      **({"encoder": plan.encoder} if plan.encoder else {})}
     _save_pipeline(nlp, output)
     artifacts.write_json(output / METRICS, {"primary": plan.spec.primary, "best_step": best_step,
                                             "dev": dev_metrics, "training": training})

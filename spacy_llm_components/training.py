@@ -1,7 +1,7 @@
 """What every training stage (fine-tuning, pre-training, distillation) shares around the Hugging Face
 `Trainer`: settings declared once (and turned into CLI options), checkpoints and resume, the
-precision for a device, the JSONL log, timing that keeps evaluation and checkpointing out of the
-throughput, and the rule that one process writes under torchrun.
+precision for a device, the JSONL log, evaluation by the stage's own scores, timing that keeps
+evaluation and checkpointing out of the throughput, and the rule that one process writes under torchrun.
 """
 
 import logging
@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import broadcast_object_list
 from transformers import Trainer, TrainerCallback
 
 from . import artifacts
@@ -133,6 +134,18 @@ class EvaluateAtEnd(TrainerCallback):
         return control
 
 
+class BestCheckpointOnEveryRank(TrainerCallback):
+    """Every process knows the best checkpoint. The Trainer records it only where the checkpoint folder
+    exists when it looks, which on the other processes of a torchrun run depends on how far process 0
+    got writing it; a process that missed it skips the barrier before the best model is reloaded, and
+    the run hangs there."""
+
+    def on_save(self, args, state, control, **kwargs):
+        best = getattr(state, "best_global_step", None)
+        if best:
+            state.best_model_checkpoint = os.path.join(args.output_dir, f"checkpoint-{best}")
+
+
 class JsonlLog(TrainerCallback):
     """Appends every Trainer log (loss, learning rate, dev metrics) to OUTPUT/training_log.jsonl, with the
     time it was logged."""
@@ -147,13 +160,36 @@ class JsonlLog(TrainerCallback):
 
 
 class TimedTrainer(Trainer):
-    """A Trainer that times checkpoint saving and best-model reloading apart from training, so
-    throughput counts training only (subclasses add evaluation time to `eval_seconds`)."""
+    """A Trainer whose evaluation is the stage's own `dev_scores`, and that times evaluation, checkpoint
+    saving and best-model reloading apart from training, so throughput counts training only."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.add_callback(BestCheckpointOnEveryRank())
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0
+
+    def dev_scores(self) -> Dict[str, float]:
+        """The model's scores on the stage's dev data (called with the model in eval mode)."""
+        raise NotImplementedError
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+        start = time.perf_counter()
+        metrics = None
+        if self.is_world_process_zero():  # under torchrun, one process scores and tells the others
+            training = self.model.training
+            self.model.eval()
+            try:
+                scores = self.dev_scores()
+            finally:
+                self.model.train(training)
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
+        if self.args.world_size > 1:
+            metrics = broadcast_object_list([metrics])[0]  # every process keeps the same best checkpoint
+        self.eval_seconds += time.perf_counter() - start
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _save_checkpoint(self, model, trial):
         start = time.perf_counter()

@@ -368,3 +368,48 @@ def test_sllm_run_with_promote_registers_and_makes_the_champion(ckpts, mlflow_pr
     assert "promotion: no champion yet" in result.output
     client = MlflowClient(project.use_tracking())
     assert str(client.get_model_version_by_alias("cli-run", "champion").version) == "1"
+
+
+# -- domain-adaptive pre-training in the pipeline ------------------------------------------------------
+def test_train_pipeline_pretrains_the_encoder_first_and_caches_it(ckpts, mlflow_project, tmp_path):
+    from spacy_llm_components.artifacts import sha256_model
+
+    corpus = tmp_path / "domain.txt"
+    corpus.write_text("".join(f"Lena Hartmann joined Brightwater Foods in Lindenfeld in {1990 + i} .\n"
+                              for i in range(40)))
+    train, dev, test = demo_files("ner")
+    params = dict(task="ner", train=[str(train)], name="adapted-ner", dev=str(dev), test=str(test),
+                  finetune_config=_config(ckpts), pretrain_corpus=[str(corpus)],
+                  pretrain_config={"max_steps": 2, "eval_steps": 2, "batch_size": 8, "max_length": 32})
+    first = lifecycle.train_pipeline(**params)
+    encoder = mlflow_project / "training" / "adapted-ner" / "encoder"
+    assert first["encoder"]["encoder"] == str(encoder)
+    pretrained = json.loads((encoder / "metrics.json").read_text())
+    assert pretrained["base_model"] == str(ckpts["base"])  # the fine-tune's base model, adapted
+    assert first["encoder"]["perplexity_after"] == pretrained["perplexity_after"]
+    meta = json.loads((Path(first["pipeline"]) / "meta.json").read_text())["sllm"]
+    assert meta["base_model"] == str(encoder) and meta["encoder"]["encoder_sha256"] == sha256_model(encoder)
+    tags = MlflowClient(project.use_tracking()).get_model_version("adapted-ner", first["version"]).tags
+    assert tags["encoder_sha256"] == sha256_model(encoder) and tags["encoder_path"] == str(encoder)
+    counts = {step: len(_runs(step)) for step in ("pretrain", "finetune", "evaluate", "register")}
+    assert counts == {"pretrain": 1, "finetune": 1, "evaluate": 1, "register": 1}
+    mtime = (encoder / "model.safetensors").stat().st_mtime_ns
+
+    from typer.testing import CliRunner
+
+    from spacy_llm_components.cli import app
+
+    # the same through `sllm run`: same corpus, data and settings, so nothing is redone
+    again = CliRunner().invoke(app, [
+        "run", "ner", "--train", str(train), "--dev", str(dev), "--test", str(test), "--name", "adapted-ner",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in _config(ckpts).items()), "--pretrain-corpus", str(corpus),
+        "--pretrain-max-steps", "2", "--pretrain-eval-steps", "2", "--pretrain-batch-size", "8",
+        "--pretrain-max-length", "32"])
+    assert again.exit_code == 0, again.output
+    assert f"adapted-ner version {first['version']}:" in again.output
+    assert (encoder / "model.safetensors").stat().st_mtime_ns == mtime
+    assert {step: len(_runs(step)) for step in counts} == counts
+
+    corpus.write_text(corpus.read_text() + "Brightwater Foods opened a mill in Lindenfeld .\n")  # new domain text
+    changed = lifecycle.train_pipeline(**params)
+    assert len(_runs("pretrain")) == 2 and len(_runs("finetune")) == 2 and changed["version"] != first["version"]

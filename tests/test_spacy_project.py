@@ -42,3 +42,19 @@ def test_project_workflow_all_runs_and_skips_unchanged_steps(ckpts, tmp_path):
         assert f"Skipping '{step}': nothing changed" in again
     assert "already registered as ner-model version 1" in again
     assert "the challenger already is the champion" in again
+
+
+def test_project_workflow_all_pretrain_fine_tunes_the_adapted_encoder(ckpts, tmp_path):
+    import json
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "project.yml", project)
+    shutil.copytree(ROOT / "demo", project / "demo")
+    out = _run(project, "all-pretrain", ".", "--vars.base_model", str(ckpts["base"]), "--vars.max_steps", "2",
+               "--vars.pretrain_max_steps", "2", "--vars.name", "adapted")
+    assert "held-out perplexity" in out and "champion is now version 1" in out
+    encoder = project / "training" / "adapted" / "encoder"
+    assert (encoder / "model.safetensors").is_file()
+    meta = json.loads((project / "training" / "adapted" / "model" / "meta.json").read_text())["sllm"]
+    assert meta["base_model"] == "training/adapted/encoder" and meta["encoder"]["encoder_path"] == str(encoder)

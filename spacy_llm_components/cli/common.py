@@ -4,7 +4,7 @@ import functools
 import inspect
 import typing
 from dataclasses import fields
-from typing import Callable, NoReturn, Optional
+from typing import Callable, NoReturn, Optional, Sequence
 
 import typer
 
@@ -22,12 +22,18 @@ Strict = typer.Option(False, "--strict", help="refuse CoNLL tag sequences that b
                                                "repair them as conlleval reads them, and count the repairs)")
 Track = typer.Option(True, "--track/--no-track", help="record the run in MLflow (see `sllm ui mlflow`)")
 BatchSize = typer.Option(None, help="nlp.pipe batch size")
+GpuId = typer.Option(None, help="spaCy style: -1 for CPU, N for cuda:N (overrides --device)")
 
 
 def fail(err: Exception, code: int = 2) -> NoReturn:
     """Print the error (which names the file, line or record) and exit with `code`."""
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(code=code)
+
+
+def device_of(gpu_id: int) -> str:
+    """--device for a spaCy-style --gpu-id."""
+    return "cpu" if gpu_id < 0 else f"cuda:{gpu_id}"
 
 
 def check_task(task: str) -> str:
@@ -43,12 +49,14 @@ def read_options(text_column: str, label_column: str, label_sep: Optional[str], 
     return ReadOptions(text_column, label_column, label_sep, strict)
 
 
-def with_settings(config_class: type, name: str, prefix: str = "") -> Callable[[Callable], Callable]:
+def with_settings(config_class: type, name: str, prefix: str = "",
+                  exclude: Sequence[str] = ()) -> Callable[[Callable], Callable]:
     """Give a command one `--option` per field of the dataclass `config_class` (help text from the
     field's metadata) and call it with one instance as `name`: the options are declared once, in the
-    dataclass, for every command that takes them. `prefix` tells apart two groups on one command."""
+    dataclass, for every command that takes them. `prefix` tells apart two groups on one command;
+    `exclude` leaves out fields that another group of the command decides (they keep their defaults)."""
     hints = typing.get_type_hints(config_class)
-    group = [(f, f"{prefix.replace('-', '_')}{f.name}") for f in fields(config_class)]
+    group = [(f, f"{prefix.replace('-', '_')}{f.name}") for f in fields(config_class) if f.name not in exclude]
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command)

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from ..data import DataError
+from ..pretrain import PretrainConfig
 from ..train import FinetuneConfig
 from .common import LabelColumn, LabelSep, SkipBad, TaskArg, TextColumn, app, check_task, fail, with_settings
 
@@ -83,16 +84,31 @@ def serve_command(
 
 def _flow_parameters(task: str, train: List[Path], name: str, dev: Optional[Path], test: Optional[Path],
                      workdir: Optional[Path], promote: bool, text_column: str, label_column: str,
-                     label_sep: Optional[str], config: FinetuneConfig) -> dict:
+                     label_sep: Optional[str], config: FinetuneConfig, pretrain_corpus: Optional[List[Path]],
+                     pretrain_dev: Optional[List[Path]], pretrain_config: PretrainConfig) -> dict:
     """train_pipeline's parameters with absolute paths (a scheduled run starts elsewhere)."""
     absolute = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
+    pretraining = {}
+    if pretrain_corpus:
+        pretraining = dict(pretrain_corpus=[absolute(p) for p in pretrain_corpus],
+                           pretrain_dev=[absolute(p) for p in pretrain_dev or []] or None,
+                           pretrain_config=asdict(pretrain_config))
     return dict(task=check_task(task), train=[absolute(p) for p in train], name=name, dev=absolute(dev),
                 test=absolute(test), workdir=absolute(workdir), finetune_config=asdict(config),
-                promote_if_better=promote, text_column=text_column, label_column=label_column, label_sep=label_sep)
+                promote_if_better=promote, text_column=text_column, label_column=label_column, label_sep=label_sep,
+                **pretraining)
+
+
+PretrainCorpus = typer.Option(None, help="domain text (repeatable; any format `sllm pretrain` reads): pre-train the "
+                                         "base model on it first, and fine-tune the adapted encoder")
+PretrainDev = typer.Option(None, help="held-out text for the pre-training's perplexity; default a share of the corpus")
+# the pre-training starts from the fine-tune's --base-model, on its --device
+PretrainSettings = with_settings(PretrainConfig, "pretrain_config", prefix="pretrain-", exclude=("base_model", "device"))
 
 
 @app.command("run")
 @with_settings(FinetuneConfig, "config")
+@PretrainSettings
 def run_command(
     task: str = TaskArg,
     train: List[Path] = typer.Option(..., help="training file(s), any format `sllm prepare` reads"),
@@ -104,12 +120,15 @@ def run_command(
     text_column: str = TextColumn,
     label_column: str = LabelColumn,
     label_sep: Optional[str] = LabelSep,
+    pretrain_corpus: Optional[List[Path]] = PretrainCorpus,
+    pretrain_dev: Optional[List[Path]] = PretrainDev,
     config: FinetuneConfig = None,
+    pretrain_config: PretrainConfig = None,
 ) -> None:
-    """The whole pipeline as a Prefect flow: prepare, fine-tune, evaluate, register (and promote).
+    """The whole pipeline as a Prefect flow: prepare, (pre-train,) fine-tune, evaluate, register (and promote).
     Finished steps are skipped on a re-run with the same inputs; an interrupted fine-tune resumes."""
     params = _flow_parameters(task, train, name, dev, test, workdir, promote, text_column, label_column, label_sep,
-                              config)
+                              config, pretrain_corpus, pretrain_dev, pretrain_config)
     from ..flows.lifecycle import train_pipeline
 
     try:
@@ -123,6 +142,7 @@ def run_command(
 
 @app.command("schedule")
 @with_settings(FinetuneConfig, "config")
+@PretrainSettings
 def schedule_command(
     task: str = TaskArg,
     train: List[Path] = typer.Option(..., help="training file(s), re-read on every run"),
@@ -136,7 +156,10 @@ def schedule_command(
     text_column: str = TextColumn,
     label_column: str = LabelColumn,
     label_sep: Optional[str] = LabelSep,
+    pretrain_corpus: Optional[List[Path]] = PretrainCorpus,
+    pretrain_dev: Optional[List[Path]] = PretrainDev,
     config: FinetuneConfig = None,
+    pretrain_config: PretrainConfig = None,
 ) -> None:
     """Serve train_pipeline on a schedule (runs until stopped). Needs a Prefect server:
     `sllm ui prefect` in another shell, then PREFECT_API_URL=http://127.0.0.1:4200/api."""
@@ -149,7 +172,7 @@ def schedule_command(
         fail(ValueError("schedules need a Prefect server: start one with `sllm ui prefect` and set "
                         "PREFECT_API_URL=http://127.0.0.1:4200/api"))
     params = _flow_parameters(task, train, name, dev, test, workdir, promote, text_column, label_column, label_sep,
-                              config)
+                              config, pretrain_corpus, pretrain_dev, pretrain_config)
     from prefect.deployments.runner import EntrypointType
 
     from ..flows.lifecycle import train_pipeline

@@ -8,8 +8,8 @@ import typer
 from ..data import DataError
 from ..train import FinetuneConfig
 from .common import (
-    BatchSize, LabelColumn, LabelSep, ModelArg, SkipBad, Strict, TaskArg, TextColumn, Track, app, check_task, fail,
-    read_options, with_settings,
+    BatchSize, GpuId, LabelColumn, LabelSep, ModelArg, SkipBad, Strict, TaskArg, TextColumn, Track, app, check_task,
+    device_of, fail, read_options, with_settings,
 )
 
 
@@ -59,7 +59,7 @@ def finetune_command(
     train: Path = typer.Option(..., help="train.spacy from `sllm prepare`"),
     dev: Path = typer.Option(..., help="dev.spacy from `sllm prepare`"),
     output: Path = typer.Option(..., "--output", "-o", help="spaCy pipeline folder to write"),
-    gpu_id: Optional[int] = typer.Option(None, help="spaCy style: -1 for CPU, N for cuda:N (overrides --device)"),
+    gpu_id: Optional[int] = GpuId,
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint"),
     keep_checkpoints: bool = typer.Option(False, help="keep OUTPUT/checkpoints after a finished run"),
     track: bool = Track,
@@ -71,7 +71,7 @@ def finetune_command(
 
     task = check_task(task)
     if gpu_id is not None:
-        config.device = "cpu" if gpu_id < 0 else f"cuda:{gpu_id}"
+        config.device = device_of(gpu_id)
     try:
         result = finetune(task, train, dev, output, config, resume=resume, keep_checkpoints=keep_checkpoints)
     except KeyboardInterrupt:

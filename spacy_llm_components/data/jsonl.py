@@ -10,6 +10,7 @@ from spacy.language import Language
 from spacy.tokens import Doc
 
 from .errors import BadRecords, DataError
+from .text import decode_line
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,7 @@ def json_records(path: Path, bad: BadRecords, on_bytes: Optional[Callable[[int],
                 on_bytes(len(raw))
             where = f"line {number}"
             try:
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(path, where, f"not UTF-8 (byte 0x{raw[err.start]:02x} at column "
-                                    f"{err.start + 1}); re-save the file as UTF-8") from None
+                line = decode_line(path, number, raw)
                 if not line.strip():
                     continue
                 seen = True

@@ -30,3 +30,13 @@ def numbered_lines(text: str) -> Iterator[Tuple[int, str]]:
     """(1-based line number, line without its line ending), for LF and CRLF files."""
     for number, line in enumerate(text.split("\n"), start=1):
         yield number, line.rstrip("\r")
+
+
+def decode_line(path: Path, number: int, raw: bytes) -> str:
+    """One line of a file read as bytes (streaming), decoded as UTF-8 (a BOM is allowed on line 1);
+    a byte that is not UTF-8 is reported with its line and column."""
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"line {number}", f"not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                        f"{err.start + 1}); re-save the file as UTF-8") from None
