@@ -49,10 +49,9 @@ def minilm_path() -> Path:
 
 
 def tiny_config(**kwargs) -> BertConfig:
-    return BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, **kwargs,
-    )
+    settings = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=64)
+    return BertConfig(**{**settings, **kwargs})
 
 
 def save_tiny(model, path: Path) -> Path:
