@@ -195,12 +195,18 @@ def promote(name: str, test: Optional[str] = None) -> Dict[str, Any]:
 def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = None, test: Optional[str] = None,
                    workdir: Optional[str] = None, finetune_config: Optional[Dict[str, Any]] = None,
                    promote_if_better: bool = False, text_column: str = "text", label_column: str = "label",
-                   label_sep: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
-    """prepare -> finetune -> evaluate (on `test`, else the dev split) -> register (-> promote).
+                   label_sep: Optional[str] = None, progress: bool = True, compress_methods: Optional[List[str]] = None,
+                   max_drop: float = 0.5, distill_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """prepare -> finetune -> evaluate (on `test`, else the dev split) -> register (-> promote)
+    (-> compress: `compress_methods` variants of the new version, gated on `max_drop` points).
     Returns the registered version and its metrics. Outputs go to `workdir` (default
     `<project>/training/<name>`)."""
     for path in [*train, dev, test]:
         _existing(path)  # a missing test file fails now, not after fine-tuning
+    if compress_methods:
+        from spacy_llm_components.compress import check_methods
+
+        check_methods(compress_methods)
     root = Path(workdir) if workdir else project_dir() / "training" / name
     prepared = prepare_data(task, train, str(root / "corpus"), dev=dev, text_column=text_column,
                             label_column=label_column, label_sep=label_sep)
@@ -213,4 +219,11 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
               "statistics": scored["statistics"], "pipeline": tuned["pipeline"]}
     if promote_if_better:  # with a test file, both versions are scored on it now: comparable whatever changed
         result["promotion"] = promote(name, test=test)
+    if compress_methods:
+        from spacy_llm_components.flows.compress import compress
+
+        result["compression"] = compress(version["uri"], test or prepared["dev"], compress_methods, max_drop=max_drop,
+                                         train=prepared["train"], dev=prepared["dev"], workdir=str(root),
+                                         finetune_config=finetune_config, distill_config=distill_config,
+                                         progress=progress)
     return result

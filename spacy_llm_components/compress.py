@@ -38,6 +38,14 @@ class CompressError(ValueError):
     """A pipeline cannot be compressed as asked: the message names what is wrong."""
 
 
+def check_methods(methods: Sequence[str]) -> List[str]:
+    """The compression methods asked for, checked: one or more of METHODS."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise CompressError(f"compression methods {list(methods)}: use one or more of {', '.join(METHODS)}")
+    return list(methods)
+
+
 # ---------------------------------------------------------------------------------------------
 # int8
 
@@ -58,16 +66,15 @@ def hf_components(pipeline: Path) -> List[str]:
     return names
 
 
-def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path], *,
-                   source: Optional[str] = None) -> Path:
+def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path]) -> Path:
     """Write `pipeline` (a folder or models:/ reference) to `output` with its hf_* components set to
     `quantize = "int8"` on the CPU. The weights stay float32 and identical; metrics.json and
-    training_log.jsonl of the source come along; meta.json's `sllm` block records the source
-    (`source`, else the pinned reference) and its content hash. `output` is replaced whole, or left as
-    it was on an error."""
+    training_log.jsonl of the source come along; meta.json's `sllm` block records the source (a
+    registry reference pinned to its version, or the folder) and its content hash. `output` is
+    replaced whole, or left as it was on an error."""
     from .registry import local_pipeline, pin_model
 
-    reference = source or pin_model(pipeline)
+    reference = pin_model(pipeline)
     folder = local_pipeline(pipeline)
     output = Path(output).resolve()
     if output == folder.resolve():

@@ -4,7 +4,7 @@ import functools
 import inspect
 import typing
 from dataclasses import fields
-from typing import Callable, NoReturn, Optional
+from typing import Callable, NoReturn, Optional, Sequence
 
 import typer
 
@@ -43,12 +43,14 @@ def read_options(text_column: str, label_column: str, label_sep: Optional[str], 
     return ReadOptions(text_column, label_column, label_sep, strict)
 
 
-def with_settings(config_class: type, name: str, prefix: str = "") -> Callable[[Callable], Callable]:
+def with_settings(config_class: type, name: str, prefix: str = "", skip: Sequence[str] = ()
+                  ) -> Callable[[Callable], Callable]:
     """Give a command one `--option` per field of the dataclass `config_class` (help text from the
     field's metadata) and call it with one instance as `name`: the options are declared once, in the
-    dataclass, for every command that takes them. `prefix` tells apart two groups on one command."""
+    dataclass, for every command that takes them. `prefix` tells apart two groups on one command;
+    fields in `skip` get no option (they keep their defaults)."""
     hints = typing.get_type_hints(config_class)
-    group = [(f, f"{prefix.replace('-', '_')}{f.name}") for f in fields(config_class)]
+    group = [(f, f"{prefix.replace('-', '_')}{f.name}") for f in fields(config_class) if f.name not in skip]
 
     def decorate(command: Callable) -> Callable:
         signature = inspect.signature(command)
