@@ -375,3 +375,11 @@ def test_evaluation_reports_word_pieces_per_second(teachers, tmp_path):
     st = result.statistics
     assert st["word_pieces"] == expected > st["words"] > 0
     assert st["word_pieces_per_second"] == pytest.approx(expected / st["seconds"], rel=0.01)
+
+
+def test_run_refuses_an_unknown_compression_method_before_any_step(tmp_path):
+    train = demo_files("ner")[0]
+    result = CliRunner().invoke(app, ["run", "ner", "--train", str(train), "--name", "x", "--workdir",
+                                      str(tmp_path / "w"), "--compress", "int8,int4"])
+    assert result.exit_code == 2 and "use one or more of int8, distill" in result.output
+    assert not (tmp_path / "w").exists()
