@@ -105,8 +105,9 @@ def main() -> None:
     texts = conll_sentences(DATA / "conll2003" / "dev.conll", args.sentences)
     data = batches(tokenizer, texts, args.batch_size)
     pieces = int(sum(b["attention_mask"].sum() for b in data))
-    contenders: Dict[str, Callable] = {"pytorch fp32": torch_runner(model),
-                                       "pytorch int8 (quantize_dynamic, ours)": torch_runner(quantize_model(model, "int8"))}
+    contenders: Dict[str, Callable] = {
+        "pytorch fp32": torch_runner(model),
+        "pytorch int8 (quantize_dynamic, ours)": torch_runner(quantize_model(model, "int8"))}
     tmp = Path(tempfile.mkdtemp(prefix="sllm-onnx-"))
     try:
         contenders.update(onnx_runners(model, tmp, torch.get_num_threads()))

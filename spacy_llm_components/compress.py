@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import spacy
 import torch
@@ -23,7 +23,7 @@ from spacy.language import Language
 from transformers import TrainerCallback, set_seed
 
 from . import artifacts
-from .artifacts import CHECKPOINTS, METRICS, TRAINING_LOG, read_labels, sha256_file, sha256_tree
+from .artifacts import METRICS, TRAINING_LOG, read_labels, sha256_file, sha256_tree
 from .build import hf_component
 from .data import DataError, load_docs
 from .hf import Checkpoint, encoder_layers, keep_layers, resolve_device, save_checkpoint
@@ -165,7 +165,7 @@ class DistillTrainer(PipelineTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         spec = self.pipe.spec
-        feed = {k: v for k, v in inputs.items() if k not in ("gold", "labels", "start_positions", "end_positions")}
+        feed = {k: v for k, v in inputs.items() if k not in spec.targets and k != "gold"}
         outputs = model(**feed)
         with torch.no_grad():
             self.teacher.eval()
@@ -275,8 +275,9 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneCon
     plan = TrainingPlan(spec, run, student_nlp, features, dev_docs, device, total_steps, eval_steps,
                         description=f"{spec.name} distilled from {reference} ({len(keep)} of "
                                     f"{distillation['teacher_layers']} layers) with spacy-llm-components",
-                        meta=meta, verb="distilled", resume_keys=("task", "train_sha256", "dev_sha256", "labels", "teacher_sha256",
-                                                "kept_layers", "corpus_sha256"))
+                        meta=meta, verb="distilled",
+                        resume_keys=("task", "train_sha256", "dev_sha256", "labels", "teacher_sha256",
+                                     "kept_layers", "corpus_sha256"))
     return plan, teacher_model
 
 

@@ -46,6 +46,7 @@ class TaskSpec:
     score_weights: Dict[str, Optional[float]]  # the factory's default_score_weights (primary weighted 1)
     formats: Tuple[str, ...]  # file extensions `prepare` and `evaluate` read
     has_labels: bool = True  # whether the head has a label set of its own
+    targets: Tuple[str, ...] = ("labels",)  # the gold keys of a training feature (not model inputs)
 
     @property
     def component(self) -> str:
@@ -269,6 +270,7 @@ class QASpec(TaskSpec):
     score_weights = {"qa_f1": 1.0, "qa_exact": 0.0}
     formats = (".json", ".spacy")
     has_labels = False
+    targets = ("start_positions", "end_positions")
 
     def read(self, path, nlp, bad, options):
         pairs = read_squad(path, nlp, bad)

@@ -176,7 +176,8 @@ def finetune(task: str, train: Union[str, Path], dev: Union[str, Path], output: 
 
 def train_pipeline(plan: TrainingPlan, output: Path, config: FinetuneConfig, *, wall_start: float, resume: bool,
                    keep_checkpoints: bool, progress: bool, callbacks: Sequence[TrainerCallback] = (),
-                   trainer_class: Optional[type] = None, trainer_kwargs: Optional[Dict[str, Any]] = None) -> FinetuneResult:
+                   trainer_class: Optional[type] = None, trainer_kwargs: Optional[Dict[str, Any]] = None
+                   ) -> FinetuneResult:
     """Train the plan's pipeline with the Trainer (`trainer_class`, a PipelineTrainer) and write it to
     `output`: what fine-tuning and distillation share (resume, schedule, callbacks, best checkpoint,
     outputs)."""

@@ -9,11 +9,11 @@ import pytest
 import spacy
 import torch
 from safetensors.numpy import load_file
-from transformers import AutoModelForTokenClassification, BertForTokenClassification, TrainerCallback
+from transformers import BertForTokenClassification, TrainerCallback
 from typer.testing import CliRunner
 
 from conftest import NER_TAGS, demo_files, make_ckpt
-from spacy_llm_components.build import build_pipeline, hf_component
+from spacy_llm_components.build import hf_component
 from spacy_llm_components.cli import app
 from spacy_llm_components.compress import CompressError, DistillConfig, distill, kept_layers, quantized_copy
 from spacy_llm_components.data import DataError, prepare
@@ -166,7 +166,8 @@ def _raw_outputs(pipeline: Path, texts, task: str):
     losses): per piece for NER, per text for textcat, start and end over positions for QA."""
     import transformers
 
-    cls = {"ner": transformers.AutoModelForTokenClassification, "textcat": transformers.AutoModelForSequenceClassification,
+    cls = {"ner": transformers.AutoModelForTokenClassification,
+           "textcat": transformers.AutoModelForSequenceClassification,
            "qa": transformers.AutoModelForQuestionAnswering}[task]
     folder = next(pipeline.glob("*/model"))
     model, tok = cls.from_pretrained(folder).eval(), transformers.AutoTokenizer.from_pretrained(folder)

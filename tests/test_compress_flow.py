@@ -149,3 +149,23 @@ def test_run_with_compress_registers_the_teacher_then_its_int8_variant(ckpts, ml
     assert not (root / "compressed" / "v1-evaluation").exists()  # so it was not evaluated again
     assert (root / "compressed" / "v1-int8" / "model" / "config.cfg").is_file()
     assert _alias("run-tc", "int8") == "2" and _alias("run-tc", "challenger") == "1"
+
+
+def test_compress_command_prints_each_variant_and_its_gate(tiny_pipelines, mlflow_project):
+    from typer.testing import CliRunner
+
+    from spacy_llm_components.cli import app
+
+    parts = tiny_pipelines["textcat"]
+    registry.register(parts["pipeline"], "cli-tc", metrics=parts["evaluation"] / "metrics.json")
+    result = CliRunner().invoke(app, ["compress", "models:/cli-tc@challenger", "--test", str(parts["test"]),
+                                      "--methods", "int8", "--max-drop", "0.5"])
+    assert result.exit_code == 0, result.output
+    version = _versions("cli-tc")["2"]
+    drop = 100 * (float(version.tags["compression.source_score"]) - float(version.tags["primary_value"]))
+    promoted = drop <= 0.5 + 1e-9
+    assert f"int8: cli-tc version 2, cats_score {100 * float(version.tags['primary_value']):.2f}" in result.output
+    assert ("alias int8" in result.output) == promoted and (_alias("cli-tc", "int8") == "2") == promoted
+    result = CliRunner().invoke(app, ["compress", "models:/cli-tc/1", "--test", str(parts["test"]), "--methods",
+                                      "int8,prune"])
+    assert result.exit_code == 2 and "use one or more of int8, distill" in result.output
