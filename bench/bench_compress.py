@@ -31,7 +31,7 @@ OUT = ROOT / "bench" / "out" / "compress"
 SLLM = str(Path(sys.executable).parent / "sllm")
 
 # A budget that fits a shared 2-core CPU (bench_accuracy.py's recipes take 12-40 min per dataset on a quiet
-# machine): CoNLL 1 epoch (teacher and student), SST-2 300 steps (student 150), SQuAD 80 steps.
+# machine): CoNLL 1 epoch (teacher and student), SST-2 300 steps (student 150), SQuAD 40 steps.
 DATASETS = {
     "conll2003": dict(task="ner", train=["conll2003/train.conll"], dev="conll2003/dev.conll", prepare=[],
                       teacher=["--epochs", "1", "--batch-size", "32", "--lr", "1e-4"],
@@ -41,9 +41,9 @@ DATASETS = {
                  student=["--max-steps", "150", "--eval-steps", "150", "--batch-size", "32", "--lr", "1e-4"]),
     "squad": dict(task="qa", train=["squad/train-v1.1.partial.json", "squad/train-extra-v1.1.json"],
                   dev="squad/dev.json", prepare=[],
-                  teacher=["--max-steps", "80", "--eval-steps", "80", "--batch-size", "16", "--lr", "1e-4",
+                  teacher=["--max-steps", "40", "--eval-steps", "40", "--batch-size", "16", "--lr", "1e-4",
                            "--max-length", "256"],
-                  student=["--max-steps", "80", "--eval-steps", "80", "--batch-size", "16", "--lr", "1e-4",
+                  student=["--max-steps", "40", "--eval-steps", "40", "--batch-size", "16", "--lr", "1e-4",
                            "--max-length", "256"]),
 }
 STUDENT_LAYERS = 3
