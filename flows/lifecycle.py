@@ -232,13 +232,19 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
                    promote_if_better: bool = False, text_column: str = "text", label_column: str = "label",
                    label_sep: Optional[str] = None, pretrain_corpus: Optional[List[str]] = None,
                    pretrain_dev: Optional[List[str]] = None, pretrain_config: Optional[Dict[str, Any]] = None,
-                   progress: bool = True) -> Dict[str, Any]:
-    """prepare -> (pretrain ->) finetune -> evaluate (on `test`, else the dev split) -> register (-> promote).
+                   progress: bool = True, compress_methods: Optional[List[str]] = None,
+                   max_drop: float = 0.5, distill_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """prepare -> (pretrain ->) finetune -> evaluate (on `test`, else the dev split) -> register (-> promote)
+    (-> compress: `compress_methods` variants of the new version, gated on `max_drop` points).
     With a `pretrain_corpus`, the fine-tune's base model is first pre-trained on it, and the fine-tune
     starts from that encoder. Returns the registered version and its metrics. Outputs go to `workdir`
     (default `<project>/training/<name>`)."""
     for path in [*train, dev, test, *(pretrain_corpus or []), *(pretrain_dev or [])]:
         _existing(path)  # a missing test file fails now, not after fine-tuning
+    if compress_methods:
+        from spacy_llm_components.compress import check_methods
+
+        check_methods(compress_methods)
     root = Path(workdir) if workdir else project_dir() / "training" / name
     prepared = prepare_data(task, train, str(root / "corpus"), dev=dev, text_column=text_column,
                             label_column=label_column, label_sep=label_sep)
@@ -260,4 +266,11 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
         result["encoder"] = {k: encoder[k] for k in ("encoder", "perplexity_before", "perplexity_after")}
     if promote_if_better:  # with a test file, both versions are scored on it now: comparable whatever changed
         result["promotion"] = promote(name, test=test)
+    if compress_methods:
+        from spacy_llm_components.flows.compress import compress
+
+        result["compression"] = compress(version["uri"], test or prepared["dev"], compress_methods, max_drop=max_drop,
+                                         train=prepared["train"], dev=prepared["dev"], workdir=str(root),
+                                         finetune_config=finetune_config, distill_config=distill_config,
+                                         progress=progress)
     return result

@@ -64,12 +64,14 @@ def evaluation_tags(metrics: Any, task: str) -> Dict[str, str]:
 
 
 def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[str, Path, Dict]] = None,
-             experiment: Optional[str] = None) -> ModelVersionInfo:
+             experiment: Optional[str] = None, tags: Optional[Dict[str, str]] = None,
+             alias: Optional[str] = CHALLENGER) -> ModelVersionInfo:
     """Log `pipeline` as a pyfunc model and make it a new version of registered model `name`,
     tagged with its task, data hashes, the encoder it was fine-tuned from (a local one: path, content
-    hash, perplexity) and (given an evaluation's metrics.json) its scores; the
-    version gets the alias `challenger`. The same pipeline registered again returns its existing
-    version (its metric tags refreshed) instead of a duplicate."""
+    hash, perplexity), `tags` and (given an evaluation's metrics.json) its scores; the version gets
+    `alias` (`challenger`; None for none) and a model card as its description. The same pipeline
+    registered again returns its existing version (its metric tags and `tags` refreshed) instead of a
+    duplicate."""
     pipeline = Path(pipeline).resolve()
     if not name or any(c in name for c in "'\"\\/@"):
         raise RegistryError(f"{name!r}: a registered model name cannot be empty or hold quotes, slashes or @")
@@ -77,7 +79,7 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
     if isinstance(metrics, (str, Path)):
         metrics = read_json(metrics, written_by="`sllm evaluate -o FOLDER`")
     metrics = metrics or None
-    eval_tags = evaluation_tags(metrics, info["task"]) if metrics else {}
+    eval_tags = {**(evaluation_tags(metrics, info["task"]) if metrics else {}), **(tags or {})}
     fingerprint = sha256_tree(pipeline)
     base = str(info.get("base_model") or "")
     tags = {"task": info["task"], "base_model": base,
@@ -90,7 +92,8 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
     if existing is not None:
         for key, value in eval_tags.items():
             client.set_model_version_tag(name, existing.version, key, value)
-        client.set_registered_model_alias(name, CHALLENGER, existing.version)
+        if alias:
+            client.set_registered_model_alias(name, alias, existing.version)
         all_tags = {**existing.tags, **eval_tags}
         client.update_model_version(name, existing.version, description=model_card(
             name, str(existing.version), info, metrics, all_tags))
@@ -103,10 +106,29 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
         with without_checkpoints(pipeline) as folder:
             logged = mlflow.pyfunc.log_model(name=MODEL_NAME, **pyfunc_model(folder, info["task"]))
     version = mlflow.register_model(logged.model_uri, name, tags=tags)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
     client.update_model_version(name, version.version, description=model_card(
         name, str(version.version), info, metrics, {**tags, **environment_tags()}))
     return ModelVersionInfo(name, str(version.version), run.info.run_id, tags, True)
+
+
+def version_tags(name: str, version: str) -> Dict[str, str]:
+    use_tracking()
+    return dict(MlflowClient().get_model_version(name, version).tags)
+
+
+def set_evaluation(name: str, version: str, metrics: Union[str, Path, Dict]) -> Dict[str, str]:
+    """Record an evaluation (metrics.json of `sllm evaluate -o`) on an existing version: its evaluation
+    tags (primary metric, scores, test set hash, speed) are replaced by this one's."""
+    if isinstance(metrics, (str, Path)):
+        metrics = read_json(metrics, written_by="`sllm evaluate -o FOLDER`")
+    use_tracking()
+    client = MlflowClient()
+    tags = evaluation_tags(metrics, client.get_model_version(name, version).tags.get("task", metrics.get("task")))
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return tags
 
 
 def _version_with_tag(client: MlflowClient, name: str, key: str, value: str):
@@ -137,9 +159,10 @@ class PromotionDecision:
     metric: Optional[str]
     challenger: Optional[str]
     challenger_score: Optional[float]
-    champion: Optional[str]  # the champion before the decision
+    champion: Optional[str]  # the champion before the decision (for a compressed variant: its source version)
     champion_score: Optional[float]
     run_id: Optional[str] = None
+    alias: str = CHAMPION  # the alias the decision moves
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -190,6 +213,32 @@ def promote(name: str, *, test: Optional[Union[str, Path]] = None,
                    challenger, champion, (metric, ch_score), (metric, cp_score), experiment)
 
 
+def gate_variant(name: str, version: str, alias: str, *, max_drop: float,
+                 experiment: Optional[str] = None) -> PromotionDecision:
+    """Move `alias` (`int8`, `distilled`) to the compressed `version` if its primary metric lies within
+    `max_drop` points (percentage points: 0.5 = 0.005 of F1 or accuracy) of the version it was made from
+    (its `compression.source_version` tag), both evaluated on the same set. `champion` and `challenger`
+    are left alone. Logged like a promotion: an MLflow run and a `promotion` tag on the variant."""
+    use_tracking()
+    client = MlflowClient()
+    variant = client.get_model_version(name, version)
+    source_version = variant.tags.get("compression.source_version")
+    if not source_version:
+        raise RegistryError(f"{name} version {version} is no compressed variant (no compression.source_version tag)")
+    source = client.get_model_version(name, source_version)
+    (metric, score), (source_metric, source_score) = _tag_score(variant), _tag_score(source)
+    if metric is None or metric != source_metric or not variant.tags.get("eval_sha256") \
+            or variant.tags.get("eval_sha256") != source.tags.get("eval_sha256"):
+        raise RegistryError(f"{name} versions {version} and {source_version} were not evaluated on the same set "
+                            "with the same metric: evaluate both on one test file before gating")
+    drop = 100 * (source_score - score)
+    passed = drop <= max_drop + 1e-9
+    reason = (f"{metric} {100 * score:.2f} is {drop:.2f} points below version {source_version} "
+              f"({100 * source_score:.2f}); allowed {max_drop:g}")
+    return _decide(client, name, passed, reason, variant, source, (metric, score), (metric, source_score),
+                   experiment, alias=alias)
+
+
 def _tag_score(version) -> tuple:
     metric, value = version.tags.get("primary_metric"), version.tags.get("primary_value")
     return (metric, float(value)) if metric and value is not None else (None, None)
@@ -203,21 +252,21 @@ def _evaluate_version(name: str, version: str, test: Union[str, Path]) -> tuple:
 
 
 def _decide(client: MlflowClient, name: str, promoted: bool, reason: str, challenger, champion,
-            ch: tuple, cp: tuple, experiment: Optional[str]) -> PromotionDecision:
+            ch: tuple, cp: tuple, experiment: Optional[str], alias: str = CHAMPION) -> PromotionDecision:
     decision = PromotionDecision(name, promoted, reason, ch[0], str(challenger.version), ch[1],
-                                 str(champion.version) if champion is not None else None, cp[1])
+                                 str(champion.version) if champion is not None else None, cp[1], alias=alias)
     with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=f"promote-{name}",
                           tags={"sllm.step": "promote", "decision": "promoted" if promoted else "kept",
-                                "reason": reason}) as run:
+                                "reason": reason, "alias": alias}) as run:
         mlflow.log_params({"model": name, "metric": decision.metric, "challenger_version": decision.challenger,
                            "champion_version": decision.champion})
         mlflow.log_metrics({k: v for k, v in (("challenger_score", decision.challenger_score),
                                                ("champion_score", decision.champion_score)) if v is not None})
     decision.run_id = run.info.run_id
     client.set_model_version_tag(name, challenger.version, "promotion",
-                                 f"{'promoted' if promoted else 'not promoted'}: {reason}")
+                                 f"{'promoted' if promoted else 'not promoted'} to {alias}: {reason}")
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+        client.set_registered_model_alias(name, alias, challenger.version)
     return decision
 
 

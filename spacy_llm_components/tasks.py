@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
+import torch.nn.functional as F
 from spacy.language import Language
 from spacy.tokens import Doc
 from spacy.training import Example
@@ -44,6 +46,7 @@ class TaskSpec:
     score_weights: Dict[str, Optional[float]]  # the factory's default_score_weights (primary weighted 1)
     formats: Tuple[str, ...]  # file extensions `prepare` and `evaluate` read
     has_labels: bool = True  # whether the head has a label set of its own
+    targets: Tuple[str, ...] = ("labels",)  # the gold keys of a training feature (not model inputs)
 
     @property
     def component(self) -> str:
@@ -88,6 +91,20 @@ class TaskSpec:
 
     def collator(self, tokenizer):
         return DataCollatorWithPadding(tokenizer)
+
+    # -- distillation ------------------------------------------------------------------------------
+    def unlabelled(self, doc: Doc, pipe) -> Doc:
+        """A training doc for text without gold annotation (distillation's extra corpus): placeholder
+        gold that `pipe.features` accepts, which the gold loss leaves out (feature key `gold` = 0)."""
+        return doc
+
+    def soft_loss(self, student, teacher, batch: Dict[str, Any], temperature: float, pipe) -> torch.Tensor:
+        """KL(teacher || student) of the temperature-softened outputs, times T^2 (DistilBERT, Hinton et al.)."""
+        raise NotImplementedError
+
+    def gold_loss(self, student, batch: Dict[str, Any], pipe) -> torch.Tensor:
+        """The head's own training loss on the gold labels of the rows that have them (`gold` = 1)."""
+        raise NotImplementedError
 
     # -- evaluation --------------------------------------------------------------------------------
     def gold_for(self, loaded: Loaded, pipe) -> None:
@@ -149,6 +166,28 @@ class TextcatSpec(TaskSpec):
     def component_settings(self, labels, multi_label, train_docs):
         return {"labels": list(labels) or None, "multi_label": multi_label}
 
+    def unlabelled(self, doc, pipe):
+        doc.cats = {label: 0.0 for label in pipe.labels}
+        return doc
+
+    def soft_loss(self, student, teacher, batch, temperature, pipe):  # per window
+        s, t = student.logits.float() / temperature, teacher.logits.float() / temperature
+        if pipe.multi_label:  # one Bernoulli per label
+            p = torch.sigmoid(t)
+            kl = (F.binary_cross_entropy_with_logits(s, p, reduction="none")
+                  - F.binary_cross_entropy_with_logits(t, p, reduction="none")).mean(-1)
+            return kl.mean() * temperature ** 2
+        return _kl(s, t).mean() * temperature ** 2
+
+    def gold_loss(self, student, batch, pipe):
+        gold = batch["gold"].bool()
+        if not gold.any():
+            return student.logits.sum() * 0.0
+        logits, labels = student.logits.float()[gold], batch["labels"][gold]
+        if pipe.multi_label:
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.cross_entropy(logits, labels)
+
     def gold_for(self, loaded, pipe):
         if loaded.cat_rows and not all(d.cats for d in loaded.docs):
             set_cats(loaded, pipe.labels, pipe.multi_label)
@@ -161,6 +200,13 @@ class TextcatSpec(TaskSpec):
         per_label = {label: {**per_f[label], "auc": per_auc.get(label), "support": support[label]}
                      for label in pipe.labels}
         return scores, per_label, scores.pop("cats_confusion", None)
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the softmax distributions over the last axis, one value per row."""
+    log_student = F.log_softmax(student_logits, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits, dim=-1)
+    return (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
 
 
 def set_cats(loaded: Loaded, labels: Sequence[str], multi_label: bool) -> None:
@@ -212,6 +258,22 @@ class NerSpec(TaskSpec):
     def collator(self, tokenizer):
         return DataCollatorForTokenClassification(tokenizer)  # labels padded with -100
 
+    def soft_loss(self, student, teacher, batch, temperature, pipe):  # per piece that the tagger reads
+        from .components.base import IGNORE_INDEX
+
+        mask = batch["labels"] != IGNORE_INDEX  # first pieces of words, in gold and unlabelled rows alike
+        kl = _kl(student.logits.float()[mask] / temperature, teacher.logits.float()[mask] / temperature)
+        return kl.mean() * temperature ** 2 if kl.numel() else student.logits.sum() * 0.0
+
+    def gold_loss(self, student, batch, pipe):
+        from .components.base import IGNORE_INDEX
+
+        labels = batch["labels"].masked_fill(~batch["gold"].bool()[:, None], IGNORE_INDEX)
+        if not (labels != IGNORE_INDEX).any():
+            return student.logits.sum() * 0.0
+        logits = student.logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
     def scores(self, examples, pipe):
         if pipe.spans_key:  # gold data holds doc.ents: score the predicted span group as entities
             for eg in examples:
@@ -232,6 +294,7 @@ class QASpec(TaskSpec):
     score_weights = {"qa_f1": 1.0, "qa_exact": 0.0}
     formats = (".json", ".spacy")
     has_labels = False
+    targets = ("start_positions", "end_positions")
     gold_description = "questions with gold answers (doc._.qas)"
 
     def has_gold(self, doc):
@@ -257,6 +320,25 @@ class QASpec(TaskSpec):
     def component_settings(self, labels, multi_label, train_docs):
         impossible = any(qa["is_impossible"] for doc in train_docs for qa in doc._.qas)
         return {"handle_impossible": True} if impossible else {}  # SQuAD 2.0: the model learned to abstain
+
+    def unlabelled(self, doc, pipe):
+        doc._.qas = [{"id": f"unlabelled-{i}", "question": question, "answers": [], "is_impossible": True}
+                     for i, question in enumerate(doc._.questions or [])]
+        return doc
+
+    def soft_loss(self, student, teacher, batch, temperature, pipe):  # start and end distributions
+        padding = batch["attention_mask"] == 0
+        kl = [_kl(getattr(student, name).float().masked_fill(padding, -1e4) / temperature,
+                  getattr(teacher, name).float().masked_fill(padding, -1e4) / temperature).mean()
+              for name in ("start_logits", "end_logits")]
+        return (kl[0] + kl[1]) / 2 * temperature ** 2
+
+    def gold_loss(self, student, batch, pipe):
+        gold = batch["gold"].bool()
+        if not gold.any():
+            return student.start_logits.sum() * 0.0
+        return (F.cross_entropy(student.start_logits.float()[gold], batch["start_positions"][gold])
+                + F.cross_entropy(student.end_logits.float()[gold], batch["end_positions"][gold])) / 2
 
     def scores(self, examples, pipe):
         return score_squad(examples, spans_key=pipe.spans_key), {}, None

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import spacy
 import torch
@@ -67,6 +67,7 @@ class FinetuneResult:
     best_step: Optional[int]
     training: Dict[str, Any]  # steps, seconds, word pieces and their rate, device, precision, resumed_from
     log: List[Dict[str, Any]] = field(default_factory=list)
+    verb: str = "fine-tuned"  # what the run did, for the summary line
 
     @property
     def steps(self) -> int:
@@ -80,7 +81,7 @@ class FinetuneResult:
         t = self.training
         best = self.dev_metrics.get(self.primary)
         best_text = f"{100 * best:.2f}" if isinstance(best, (int, float)) else "n/a"
-        return (f"fine-tuned {self.task} in {duration(t['wall_seconds'])}: {t['steps']} steps, "
+        return (f"{self.verb} {self.task} in {duration(t['wall_seconds'])}: {t['steps']} steps, "
                 f"{t['word_pieces']:,} word pieces at {t['word_pieces_per_second']:,.0f}/s "
                 f"({t['device']}, {t['precision']}); best dev {self.primary} {best_text} "
                 f"at step {self.best_step}; pipeline in {self.output}")
@@ -127,8 +128,9 @@ class PipelineTrainer(TimedTrainer):
 
 
 @dataclass
-class _Plan:
-    """Everything a fine-tune needs, checked and built before anything is written."""
+class TrainingPlan:
+    """Everything a training run of a pipeline (fine-tuning, distillation) needs, checked and built
+    before anything is written."""
 
     spec: TaskSpec
     run: Dict[str, Any]  # what run.json records: task, data hashes, labels, settings
@@ -138,7 +140,10 @@ class _Plan:
     device: torch.device
     total_steps: int
     eval_steps: int
-    encoder: Dict[str, Any]  # lineage of a local base model (artifacts.encoder_lineage); {} for a hub name
+    description: str = ""  # meta.json's description of the pipeline written
+    verb: str = "fine-tuned"  # what the run does, for its summary line
+    meta: Dict[str, Any] = field(default_factory=dict)  # meta.json's `sllm` block (best_step is added)
+    resume_keys: Tuple[str, ...] = ("task", "train_sha256", "dev_sha256", "labels")  # a resume needs the same
 
 
 def finetune(task: str, train: Union[str, Path], dev: Union[str, Path], output: Union[str, Path],
@@ -153,9 +158,19 @@ def finetune(task: str, train: Union[str, Path], dev: Union[str, Path], output: 
     """
     wall_start = time.perf_counter()
     config = config or FinetuneConfig()
-    output = Path(output)
     plan = _plan(task, Path(train), Path(dev), config)
-    last = check_resume(output, plan.run, resume, same=["task", "train_sha256", "dev_sha256", "labels"])
+    return train_pipeline(plan, Path(output), config, wall_start=wall_start, resume=resume,
+                          keep_checkpoints=keep_checkpoints, progress=progress, callbacks=callbacks)
+
+
+def train_pipeline(plan: TrainingPlan, output: Path, config: FinetuneConfig, *, wall_start: float, resume: bool,
+                   keep_checkpoints: bool, progress: bool, callbacks: Sequence[TrainerCallback] = (),
+                   trainer_class: Optional[type] = None, trainer_kwargs: Optional[Dict[str, Any]] = None
+                   ) -> FinetuneResult:
+    """Train the plan's pipeline with the Trainer (`trainer_class`, a PipelineTrainer) and write it to
+    `output`: what fine-tuning and distillation share (resume, schedule, callbacks, best checkpoint,
+    outputs)."""
+    last = check_resume(output, plan.run, resume, same=list(plan.resume_keys))
     start_run(output, plan.run, last)
 
     pipe = hf_component(plan.nlp)
@@ -169,11 +184,11 @@ def finetune(task: str, train: Union[str, Path], dev: Union[str, Path], output: 
         max_steps=config.max_steps, eval_steps=plan.eval_steps, save_total_limit=config.save_total_limit,
         metric=plan.spec.primary, greater_is_better=True, progress=progress,
         group_by_length=True)  # (in the seeded order of PipelineTrainer's sampler)
-    trainer = PipelineTrainer(
+    trainer = (trainer_class or PipelineTrainer)(
         model=pipe.checkpoint.model, args=args, train_dataset=plan.features,
         eval_dataset=plan.features[:1],  # required by the Trainer; evaluation runs the pipeline on dev_docs
         data_collator=collator, callbacks=trainer_callbacks, nlp=plan.nlp, dev_docs=plan.dev_docs,
-        eval_batch_size=config.eval_batch_size)
+        eval_batch_size=config.eval_batch_size, **(trainer_kwargs or {}))
     if not progress:
         trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log dict
     train_out = trainer.train(resume_from_checkpoint=last)
@@ -185,13 +200,13 @@ def finetune(task: str, train: Union[str, Path], dev: Union[str, Path], output: 
     training = trainer.speed(train_out.metrics.get("train_runtime", 0.0), word_pieces,
                              time.perf_counter() - wall_start, plan.device, precision_for(plan.device), last)
     if trainer.is_world_process_zero():  # under torchrun, one process writes
-        _write_outputs(plan, output, config, best_step, dev_metrics, training, keep_checkpoints)
+        _write_outputs(plan, output, best_step, dev_metrics, training, keep_checkpoints)
     barrier()  # every process returns once the pipeline is written
     return FinetuneResult(output=output, task=plan.spec.name, primary=plan.spec.primary, dev_metrics=dev_metrics,
-                          best_step=best_step, training=training, log=artifacts.read_log(output))
+                          best_step=best_step, training=training, log=artifacts.read_log(output), verb=plan.verb)
 
 
-def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> _Plan:
+def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> TrainingPlan:
     """Read and check the data, build the pipeline over the base model and its training features, and
     work out the schedule: every error surfaces here, before an output folder exists."""
     spec = task_spec(task)
@@ -220,14 +235,22 @@ def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> _Plan:
     features = hf_component(nlp).features(train_docs)
     if not features:
         raise DataError(train, None, "no training features (are the docs empty?)")
-    steps_per_epoch = math.ceil(len(features) / (config.batch_size * config.grad_accum * world_size()))
-    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
+    total_steps, eval_steps = schedule(len(features), config)
     run = {"task": spec.name, "train_sha256": sha256_file(train), "dev_sha256": sha256_file(dev),
            "train_docs": len(train_docs), "dev_docs": len(dev_docs), "labels": info.labels,
            "multi_label": info.multi_label, "lang": info.lang, "config": asdict(config)}
-    return _Plan(spec, run, nlp, features, dev_docs, device, total_steps,
-                 eval_steps=max(1, min(config.eval_steps or steps_per_epoch, total_steps)),
-                 encoder=artifacts.encoder_lineage(config.base_model))
+    encoder = artifacts.encoder_lineage(config.base_model)
+    return TrainingPlan(spec, run, nlp, features, dev_docs, device, total_steps, eval_steps,
+                        description=f"{spec.name} fine-tuned from {config.base_model} with spacy-llm-components",
+                        meta={**run, "base_model": config.base_model, **({"encoder": encoder} if encoder else {})})
+
+
+def schedule(n_features: int, config: FinetuneConfig) -> Tuple[int, int]:
+    """(total optimizer steps, steps between evaluations): --max-steps or the epochs, and --eval-steps or
+    once per epoch."""
+    steps_per_epoch = math.ceil(n_features / (config.batch_size * config.grad_accum * world_size()))
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(steps_per_epoch * config.epochs)
+    return total_steps, max(1, min(config.eval_steps or steps_per_epoch, total_steps))
 
 
 def _best_evaluation(trainer: TimedTrainer, primary: str) -> tuple:
@@ -240,18 +263,16 @@ def _best_evaluation(trainer: TimedTrainer, primary: str) -> tuple:
     return (best_step if best else chosen.get("step")), metrics
 
 
-def _write_outputs(plan: _Plan, output: Path, config: FinetuneConfig, best_step: Optional[int],
-                   dev_metrics: Dict[str, Any], training: Dict[str, Any], keep_checkpoints: bool) -> None:
+def _write_outputs(plan: TrainingPlan, output: Path, best_step: Optional[int], dev_metrics: Dict[str, Any],
+                   training: Dict[str, Any], keep_checkpoints: bool) -> None:
     """The pipeline folder (meta.json's `sllm` block records the run and the encoder it started from),
     then metrics.json."""
     nlp = plan.nlp
     nlp.meta.update(
-        name=f"sllm_{plan.spec.name}", version="0.0.0",
-        description=f"{plan.spec.name} fine-tuned from {config.base_model} with spacy-llm-components",
+        name=f"sllm_{plan.spec.name}", version="0.0.0", description=plan.description,
         performance={k: v for k, v in dev_metrics.items() if isinstance(v, (int, float))},
     )
-    nlp.meta[artifacts.META_BLOCK] = {**plan.run, "base_model": config.base_model, "best_step": best_step,
-                                      **({"encoder": plan.encoder} if plan.encoder else {})}
+    nlp.meta[artifacts.META_BLOCK] = {**plan.meta, "best_step": best_step}
     _save_pipeline(nlp, output)
     artifacts.write_json(output / METRICS, {"primary": plan.spec.primary, "best_step": best_step,
                                             "dev": dev_metrics, "training": training})

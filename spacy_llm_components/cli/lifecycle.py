@@ -9,9 +9,11 @@ from typing import List, Optional
 
 import typer
 
+from ..compress import DistillConfig
 from ..data import DataError
 from ..pretrain import PretrainConfig
 from ..train import FinetuneConfig
+from .compress import Compress, MaxDrop, parse_methods, variant_line
 from .common import LabelColumn, LabelSep, SkipBad, TaskArg, TextColumn, app, check_task, fail, with_settings
 
 
@@ -84,8 +86,10 @@ def serve_command(
 
 def _flow_parameters(task: str, train: List[Path], name: str, dev: Optional[Path], test: Optional[Path],
                      workdir: Optional[Path], promote: bool, text_column: str, label_column: str,
-                     label_sep: Optional[str], config: FinetuneConfig, pretrain_corpus: Optional[List[Path]],
-                     pretrain_dev: Optional[List[Path]], pretrain_config: PretrainConfig) -> dict:
+                     label_sep: Optional[str], config: FinetuneConfig, pretrain_corpus: Optional[List[Path]] = None,
+                     pretrain_dev: Optional[List[Path]] = None, pretrain_config: Optional[PretrainConfig] = None,
+                     compress: Optional[str] = None, max_drop: float = 0.5,
+                     distill_config: Optional[DistillConfig] = None) -> dict:
     """train_pipeline's parameters with absolute paths (a scheduled run starts elsewhere)."""
     absolute = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
     pretraining = {}
@@ -93,10 +97,13 @@ def _flow_parameters(task: str, train: List[Path], name: str, dev: Optional[Path
         pretraining = dict(pretrain_corpus=[absolute(p) for p in pretrain_corpus],
                            pretrain_dev=[absolute(p) for p in pretrain_dev or []] or None,
                            pretrain_config=asdict(pretrain_config))
+    if distill_config is not None and distill_config.corpus:
+        distill_config.corpus = absolute(distill_config.corpus)
     return dict(task=check_task(task), train=[absolute(p) for p in train], name=name, dev=absolute(dev),
                 test=absolute(test), workdir=absolute(workdir), finetune_config=asdict(config),
                 promote_if_better=promote, text_column=text_column, label_column=label_column, label_sep=label_sep,
-                **pretraining)
+                compress_methods=parse_methods(compress) if compress else None, max_drop=max_drop,
+                distill_config=asdict(distill_config) if distill_config is not None else None, **pretraining)
 
 
 PretrainCorpus = typer.Option(None, help="domain text (repeatable; any format `sllm pretrain` reads): pre-train the "
@@ -107,6 +114,7 @@ PretrainSettings = with_settings(PretrainConfig, "pretrain_config", prefix="pret
 
 
 @app.command("run")
+@with_settings(DistillConfig, "distill_config", prefix="distill-")
 @with_settings(FinetuneConfig, "config")
 @PretrainSettings
 def run_command(
@@ -122,13 +130,17 @@ def run_command(
     label_sep: Optional[str] = LabelSep,
     pretrain_corpus: Optional[List[Path]] = PretrainCorpus,
     pretrain_dev: Optional[List[Path]] = PretrainDev,
+    compress: Optional[str] = Compress,
+    max_drop: float = MaxDrop,
     config: FinetuneConfig = None,
     pretrain_config: PretrainConfig = None,
+    distill_config: DistillConfig = None,
 ) -> None:
-    """The whole pipeline as a Prefect flow: prepare, (pre-train,) fine-tune, evaluate, register (and promote).
-    Finished steps are skipped on a re-run with the same inputs; an interrupted fine-tune resumes."""
+    """The whole pipeline as a Prefect flow: prepare, (pre-train,) fine-tune, evaluate, register (and promote,
+    and compress). Finished steps are skipped on a re-run with the same inputs; an interrupted fine-tune resumes."""
     params = _flow_parameters(task, train, name, dev, test, workdir, promote, text_column, label_column, label_sep,
-                              config, pretrain_corpus, pretrain_dev, pretrain_config)
+                              config, pretrain_corpus, pretrain_dev, pretrain_config, compress, max_drop,
+                              distill_config)
     from ..flows.lifecycle import train_pipeline
 
     try:
@@ -138,9 +150,12 @@ def run_command(
     typer.echo(f"{name} version {result['version']}: {result['primary']} {100 * result['score']:.2f}")
     if "promotion" in result:
         typer.echo(f"promotion: {result['promotion']['reason']}")
+    for variant in result.get("compression", {}).get("variants", []):
+        typer.echo(variant_line(variant))
 
 
 @app.command("schedule")
+@with_settings(DistillConfig, "distill_config", prefix="distill-")
 @with_settings(FinetuneConfig, "config")
 @PretrainSettings
 def schedule_command(
@@ -158,8 +173,11 @@ def schedule_command(
     label_sep: Optional[str] = LabelSep,
     pretrain_corpus: Optional[List[Path]] = PretrainCorpus,
     pretrain_dev: Optional[List[Path]] = PretrainDev,
+    compress: Optional[str] = Compress,
+    max_drop: float = MaxDrop,
     config: FinetuneConfig = None,
     pretrain_config: PretrainConfig = None,
+    distill_config: DistillConfig = None,
 ) -> None:
     """Serve train_pipeline on a schedule (runs until stopped). Needs a Prefect server:
     `sllm ui prefect` in another shell, then PREFECT_API_URL=http://127.0.0.1:4200/api."""
@@ -172,7 +190,8 @@ def schedule_command(
         fail(ValueError("schedules need a Prefect server: start one with `sllm ui prefect` and set "
                         "PREFECT_API_URL=http://127.0.0.1:4200/api"))
     params = _flow_parameters(task, train, name, dev, test, workdir, promote, text_column, label_column, label_sep,
-                              config, pretrain_corpus, pretrain_dev, pretrain_config)
+                              config, pretrain_corpus, pretrain_dev, pretrain_config, compress, max_drop,
+                              distill_config)
     from prefect.deployments.runner import EntrypointType
 
     from ..flows.lifecycle import train_pipeline

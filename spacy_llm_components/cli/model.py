@@ -122,7 +122,8 @@ def evaluate_command(
         fail(err)
     st = result.statistics
     typer.echo(f"{result.primary}: {100 * result.primary_score:.2f} on {st['docs']:,} docs "
-               f"({st['docs_per_second']:,} docs/s, {st['words_per_second']:,} words/s)")
+               f"({st['docs_per_second']:,} docs/s, {st['words_per_second']:,} words/s, "
+               f"{st['word_pieces_per_second']:,} word pieces/s)")
     typer.echo(f"wrote {output}/metrics.json and {output}/report.md")
     if track:
         from ..project import tracking_uri

@@ -1,0 +1,122 @@
+"""`sllm quantize`, `distill`, `compress`: smaller, faster variants of a pipeline for serving."""
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..compress import DistillConfig
+from ..data import DataError
+from ..train import FinetuneConfig
+from .common import ModelArg, Track, app, fail, with_settings
+
+NOT_FOR_DISTILLATION = ("base_model",)  # the student starts from the teacher
+
+
+@app.command("quantize")
+def quantize_command(
+    model: str = ModelArg,
+    output: Path = typer.Option(..., "--output", "-o", help="pipeline folder to write (the int8 copy)"),
+) -> None:
+    """Copy a pipeline with its hf_* components set to quantize = "int8" (CPU inference on int8 weights;
+    the float32 weights stay on disk)."""
+    from ..compress import quantized_copy
+
+    try:
+        path = quantized_copy(model, output)
+    except ValueError as err:
+        fail(err)
+    typer.echo(f"wrote {path} (quantize = \"int8\"; spacy.load runs it on the CPU)")
+
+
+@app.command("distill")
+@with_settings(DistillConfig, "distill_config")
+@with_settings(FinetuneConfig, "config", exclude=NOT_FOR_DISTILLATION)
+def distill_command(
+    teacher: str = ModelArg,
+    train: Path = typer.Option(..., help="train.spacy from `sllm prepare` (the teacher's labels)"),
+    dev: Path = typer.Option(..., help="dev.spacy from `sllm prepare`"),
+    output: Path = typer.Option(..., "--output", "-o", help="spaCy pipeline folder to write (the student)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint"),
+    keep_checkpoints: bool = typer.Option(False, help="keep OUTPUT/checkpoints after a finished run"),
+    track: bool = Track,
+    config: FinetuneConfig = None,
+    distill_config: DistillConfig = None,
+) -> None:
+    """Distill a pipeline into a student with fewer encoder layers (the teacher's, every other one by
+    default), trained on the teacher's soft outputs and the gold labels with the HF Trainer."""
+    from ..compress import distill
+    from ..training import is_main_process
+
+    try:
+        result = distill(teacher, train, dev, output, config, distill_config, resume=resume,
+                         keep_checkpoints=keep_checkpoints)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: continue with the same command plus --resume (checkpoints in {output}/checkpoints)",
+                   err=True)
+        raise typer.Exit(code=130)
+    except (DataError, ValueError) as err:
+        fail(err)
+    typer.echo(result.summary())
+    if track and is_main_process():
+        from ..project import tracking_uri
+        from ..runs import log_finetune
+
+        typer.echo(f"MLflow run {log_finetune(output, run_name='distill-' + result.task)} in {tracking_uri()}")
+
+
+def parse_methods(methods: str) -> List[str]:
+    """`int8,distill` -> ["int8", "distill"], or exit 2 naming the unknown method."""
+    from ..compress import check_methods
+
+    try:
+        return check_methods([m.strip() for m in methods.split(",") if m.strip()])
+    except ValueError as err:
+        fail(err)
+
+
+Compress = typer.Option(None, help="after registering, compress the new version: int8 and/or distill, "
+                                   "comma-separated (see `sllm compress`)")
+MaxDrop = typer.Option(0.5, help="a variant gets its alias (int8, distilled) only if its primary metric is at most "
+                                 "this many points below the version it came from")
+
+
+@app.command("compress")
+@with_settings(DistillConfig, "distill_config")
+@with_settings(FinetuneConfig, "config", exclude=NOT_FOR_DISTILLATION)
+def compress_command(
+    model: str = typer.Argument(..., help="the registered version to compress: models:/NAME/VERSION or "
+                                          "models:/NAME@ALIAS"),
+    test: Path = typer.Option(..., help="test file the variants and their source are evaluated on"),
+    methods: str = typer.Option("int8,distill", help="int8 and/or distill, comma-separated"),
+    max_drop: float = MaxDrop,
+    train: Optional[Path] = typer.Option(None, help="train.spacy from `sllm prepare` (for distill)"),
+    dev: Optional[Path] = typer.Option(None, help="dev.spacy from `sllm prepare` (for distill)"),
+    workdir: Optional[Path] = typer.Option(None, help="outputs (variants and evaluations); default training/NAME"),
+    config: FinetuneConfig = None,
+    distill_config: DistillConfig = None,
+) -> None:
+    """The compress flow: make the variants of a registered version, evaluate each on --test, register
+    each as a new version, and move its alias (int8, distilled) to it if it is within --max-drop."""
+    from dataclasses import asdict
+
+    chosen = parse_methods(methods)
+    from ..flows.compress import compress
+
+    absolute = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
+    try:
+        result = compress(model, str(test.resolve()), chosen, max_drop=max_drop, train=absolute(train),
+                          dev=absolute(dev), workdir=absolute(workdir), finetune_config=asdict(config),
+                          distill_config=asdict(distill_config))
+    except (DataError, ValueError, OSError) as err:
+        fail(err)
+    for variant in result["variants"]:
+        typer.echo(variant_line(variant))
+
+
+def variant_line(variant: dict) -> str:
+    gate = variant["gate"]
+    return (f"{variant['method']}: {variant['name']} version {variant['version']}, {variant['primary']} "
+            f"{100 * variant['score']:.2f} vs {100 * variant['source_score']:.2f}, "
+            f"{variant['speedup']:.2f}x the docs/s of version {variant['source_version']}; "
+            f"{'alias ' + gate['alias'] if gate['promoted'] else 'no alias'} ({gate['reason']})")

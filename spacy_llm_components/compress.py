@@ -1,0 +1,295 @@
+"""Compress a pipeline for serving: an int8 copy, or a student distilled from it.
+
+- `quantized_copy`: the same pipeline folder with the hf_* components' `quantize` setting set to
+  "int8" in config.cfg (what `spacy.load` honours: the float32 weights stay on disk, inference runs on
+  a dynamically quantized copy of the Linear layers, on the CPU).
+- `distill`: a student whose encoder keeps a subset of the teacher's layers (every other one by
+  default, as DistilBERT), with the teacher's embeddings and head, trained with the Hugging Face
+  `Trainer` on the teacher's temperature-softened outputs (KL, T^2-scaled) mixed with the gold labels,
+  optionally on extra unlabelled text that only the teacher labels. Resumable like fine-tuning; its
+  output is an ordinary pipeline of this project, whose meta.json records the teacher and the layers.
+"""
+
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
+
+import spacy
+import torch
+from spacy.language import Language
+from transformers import TrainerCallback, set_seed
+
+from . import artifacts
+from .artifacts import METRICS, TRAINING_LOG, read_labels, sha256_file, sha256_tree
+from .build import hf_component
+from .data import DataError, load_docs
+from .hf import Checkpoint, encoder_layers, keep_layers, resolve_device, save_checkpoint
+from .train import FinetuneConfig, FinetuneResult, PipelineTrainer, TrainingPlan, schedule, train_pipeline
+from .training import setting
+
+METHODS = ("int8", "distill")  # what `sllm run --compress` and the compress flow produce
+COMPRESSION = "compression"  # key of the `sllm` meta block that says how a variant was made
+
+
+class CompressError(ValueError):
+    """A pipeline cannot be compressed as asked: the message names what is wrong."""
+
+
+def check_methods(methods: Sequence[str]) -> List[str]:
+    """The compression methods asked for, checked: one or more of METHODS."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise CompressError(f"compression methods {list(methods)}: use one or more of {', '.join(METHODS)}")
+    return list(methods)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8
+
+
+def hf_components(pipeline: Path) -> List[str]:
+    """Names of the hf_* components in a pipeline folder's config.cfg, or a CompressError."""
+    from .tasks import TASKS
+
+    config_file = Path(pipeline) / "config.cfg"
+    if not config_file.is_file():
+        raise CompressError(f"{pipeline}: not a spaCy pipeline folder (no config.cfg)")
+    config = spacy.util.load_config(config_file, interpolate=False)
+    factories = {spec.factory for spec in TASKS.values()}
+    names = [name for name, block in config["components"].items() if block.get("factory") in factories]
+    if not names:
+        raise CompressError(f"{pipeline}: the pipeline has no hf_textcat, hf_ner or hf_qa component "
+                            f"(it has {list(config['components'])}): nothing to quantize")
+    return names
+
+
+def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path]) -> Path:
+    """Write `pipeline` (a folder or models:/ reference) to `output` with its hf_* components set to
+    `quantize = "int8"` on the CPU. The weights stay float32 and identical; metrics.json and
+    training_log.jsonl of the source come along; meta.json's `sllm` block records the source (a
+    registry reference pinned to its version, or the folder) and its content hash. `output` is
+    replaced whole, or left as it was on an error."""
+    from .registry import local_pipeline, pin_model
+
+    reference = pin_model(pipeline)
+    folder = local_pipeline(pipeline)
+    output = Path(output).resolve()
+    if output == folder.resolve():
+        raise CompressError(f"{output}: the int8 copy needs another folder than its source")
+    overrides = {name: {"quantize": "int8", "device": "cpu"} for name in hf_components(folder)}
+    try:
+        nlp = spacy.load(folder, config={"components": overrides})
+    except ValueError as err:  # e.g. a bfloat16 pipeline: int8 starts from float32 weights
+        raise CompressError(f"{folder}: cannot quantize: {err}") from err
+    block = dict(nlp.meta.get(artifacts.META_BLOCK) or {})
+    block[COMPRESSION] = {"method": "int8", "source": str(reference), "source_sha256": sha256_tree(folder)}
+    nlp.meta[artifacts.META_BLOCK] = block
+    _write_folder(output, lambda tmp: _to_disk_with(nlp, folder, tmp))
+    return output
+
+
+def _to_disk_with(nlp: Language, source: Path, target: Path) -> None:
+    nlp.to_disk(target)
+    for name in (METRICS, TRAINING_LOG):  # how the weights were trained: still true of the copy
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+
+
+def _write_folder(output: Path, write) -> None:
+    """`write(tmp)` into a temporary sibling of `output`, then swap it in: `output` is complete or unchanged."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        write(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# distillation
+
+
+@dataclass
+class DistillConfig:
+    """Distillation settings; each is also an option of `sllm distill` (and, prefixed, of `sllm run`)."""
+
+    layers: Optional[int] = setting(None, "student encoder layers, taken evenly from the teacher's (default: every "
+                                          "other layer, as DistilBERT)")
+    keep: Optional[str] = setting(None, "teacher layers the student keeps, by index, e.g. 0,2,4 (instead of --layers)")
+    alpha: float = setting(0.5, "weight of the teacher's soft outputs in the loss; 1 - alpha goes to the gold labels")
+    temperature: float = setting(2.0, "softmax temperature of the KL term (the term is scaled by T^2)")
+    corpus: Optional[str] = setting(None, 'extra unlabelled text that the teacher labels: JSONL {"text": ..., '
+                                          '"questions": [...]} per line, as `sllm predict` reads')
+
+
+def kept_layers(teacher_layers: int, config: DistillConfig) -> List[int]:
+    """The teacher layer indices the student keeps: `keep`, or `layers` spread evenly from the first
+    (6 -> 3 keeps 0, 2, 4), or every other layer."""
+    if config.keep is not None and config.layers is not None:
+        raise CompressError("give --layers or --keep, not both")
+    if config.keep is not None:
+        try:
+            keep = [int(part) for part in str(config.keep).split(",") if part.strip()]
+        except ValueError:
+            raise CompressError(f"--keep {config.keep!r}: expected layer indices like 0,2,4") from None
+        bad = [i for i in keep if not 0 <= i < teacher_layers]
+        if not keep or bad or len(set(keep)) != len(keep) or keep != sorted(keep):
+            raise CompressError(f"--keep {config.keep!r}: the teacher has {teacher_layers} layers; give distinct "
+                                f"indices from 0 to {teacher_layers - 1} in increasing order")
+        return keep
+    layers = config.layers if config.layers is not None else max(1, teacher_layers // 2)
+    if not 1 <= layers <= teacher_layers:
+        raise CompressError(f"--layers {layers}: the student needs 1 to {teacher_layers} layers "
+                            f"(the teacher has {teacher_layers})")
+    return [i * teacher_layers // layers for i in range(layers)]
+
+
+class DistillTrainer(PipelineTrainer):
+    """A PipelineTrainer whose loss is alpha * KL(teacher || student) at temperature T (times T^2) plus
+    (1 - alpha) * the gold loss; the teacher runs on each batch in eval mode, without gradients."""
+
+    def __init__(self, *args, teacher: torch.nn.Module, alpha: float, temperature: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.alpha = alpha
+        self.temperature = temperature
+        self.pipe = hf_component(self.nlp)
+        self.model_accepts_loss_kwargs = False  # the loss is a mean per batch: the Trainer scales it for accumulation
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        spec = self.pipe.spec
+        feed = {k: v for k, v in inputs.items() if k not in spec.targets and k != "gold"}
+        outputs = model(**feed)
+        with torch.no_grad():
+            self.teacher.eval()
+            teacher = self.teacher(**feed)
+        soft = spec.soft_loss(outputs, teacher, inputs, self.temperature, self.pipe)
+        gold = spec.gold_loss(outputs, inputs, self.pipe) if self.alpha < 1 else soft * 0.0
+        loss = self.alpha * soft + (1 - self.alpha) * gold
+        return (loss, outputs) if return_outputs else loss
+
+
+def distill(teacher: Union[str, Path], train: Union[str, Path], dev: Union[str, Path], output: Union[str, Path],
+            config: Optional[FinetuneConfig] = None, distill_config: Optional[DistillConfig] = None, *,
+            resume: bool = False, keep_checkpoints: bool = False, progress: bool = True,
+            callbacks: Sequence[TrainerCallback] = ()) -> FinetuneResult:
+    """Distill the pipeline `teacher` (a folder or models:/ reference) into a student with fewer encoder
+    layers, trained on `train` (a `.spacy` file from `prepare`, whose labels must be the teacher's) and
+    the optional extra corpus; the best checkpoint on `dev` is written to `output` as a pipeline.
+    `config` holds the training settings of `sllm finetune` (its base_model is not used)."""
+    wall_start = time.perf_counter()
+    config = config or FinetuneConfig()
+    distill_config = distill_config or DistillConfig()
+    plan, teacher_model = _plan(teacher, Path(train), Path(dev), config, distill_config)
+    return train_pipeline(plan, Path(output), config, wall_start=wall_start, resume=resume,
+                          keep_checkpoints=keep_checkpoints, progress=progress, callbacks=callbacks,
+                          trainer_class=DistillTrainer,
+                          trainer_kwargs={"teacher": teacher_model, "alpha": distill_config.alpha,
+                                          "temperature": distill_config.temperature})
+
+
+def _check_data(spec_name: str, labels: Sequence[str], train: Path, dev: Path):
+    for path in (train, dev):
+        if path.suffix != ".spacy":
+            raise DataError(path, None, "distillation reads the .spacy files that `sllm prepare` writes")
+        if not path.is_file():
+            raise DataError(path, None, "file does not exist")
+    info = read_labels(train)
+    if info.task != spec_name:
+        raise DataError(train.parent / artifacts.LABELS, None,
+                        f"the data was prepared for {info.task!r}, the teacher is a {spec_name!r} pipeline")
+    if sorted(info.labels) != sorted(labels):
+        raise DataError(train.parent / artifacts.LABELS, None,
+                        f"the teacher's labels {sorted(labels)} differ from the data's {sorted(info.labels)}: "
+                        "distill on data with the teacher's label set")
+    return info
+
+
+def _plan(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneConfig,
+          distill_config: DistillConfig):
+    """Load the teacher, check the data against it and the settings, and build the student pipeline
+    and its features: every error surfaces here, before an output folder exists."""
+    from .registry import local_pipeline, pin_model
+
+    if not 0.0 <= distill_config.alpha <= 1.0:
+        raise CompressError(f"--alpha {distill_config.alpha}: give a weight from 0 to 1")
+    if distill_config.temperature <= 0:
+        raise CompressError(f"--temperature {distill_config.temperature}: must be > 0")
+    reference = pin_model(teacher)
+    folder = local_pipeline(reference)
+    names = hf_components(folder)
+    device = resolve_device(config.device)
+    # both run in float32 on the training device (bf16 comes from the Trainer's autocast on CUDA)
+    settings = {"device": str(device), "dtype": "float32", "quantize": None}
+    if config.max_length:
+        settings["max_length"] = config.max_length
+    overrides = {"components": {name: dict(settings) for name in names}}
+    teacher_nlp = spacy.load(folder, config=overrides)
+    teacher_pipe = hf_component(teacher_nlp)
+    spec = teacher_pipe.spec
+    info = _check_data(spec.name, teacher_pipe.labels if spec.has_labels else [], train, dev)
+    corpus = Path(distill_config.corpus) if distill_config.corpus else None
+    if corpus is not None and not corpus.is_file():
+        raise DataError(corpus, None, "file does not exist")
+    teacher_model = teacher_pipe.checkpoint.model
+    keep = kept_layers(len(encoder_layers(teacher_model)), distill_config)
+
+    set_seed(config.seed)
+    student_nlp = spacy.load(folder, config=overrides)
+    student_pipe = hf_component(student_nlp)
+    with tempfile.TemporaryDirectory(prefix="sllm-student-") as tmp:  # loaded back through the public from_disk
+        checkpoint = teacher_pipe.checkpoint
+        save_checkpoint(Checkpoint(keep_layers(teacher_model, keep), checkpoint.tokenizer, checkpoint.source, False),
+                        Path(tmp) / "model")
+        student_pipe.from_disk(tmp)
+    vocab_nlp = spacy.blank(info.lang)
+    train_docs = load_docs(spec.name, train, vocab_nlp).docs
+    dev_docs = load_docs(spec.name, dev, vocab_nlp).docs
+    features = [{**f, "gold": 1} for f in student_pipe.features(train_docs)]
+    if corpus is not None:
+        features += [{**f, "gold": 0} for f in student_pipe.features(_corpus_docs(corpus, vocab_nlp, spec,
+                                                                                   student_pipe))]
+    if not features:
+        raise DataError(train, None, "no training features (are the docs empty?)")
+    total_steps, eval_steps = schedule(len(features), config)
+    run = {"task": spec.name, "train_sha256": sha256_file(train), "dev_sha256": sha256_file(dev),
+           "labels": info.labels, "multi_label": info.multi_label, "lang": info.lang,
+           "teacher_sha256": sha256_tree(folder), "kept_layers": keep,
+           "corpus_sha256": sha256_file(corpus) if corpus else None,
+           "config": asdict(config), "distill_config": asdict(distill_config)}
+    teacher_block = artifacts.read_meta_block(folder)
+    distillation = {"teacher": str(reference), "teacher_sha256": run["teacher_sha256"],
+                    "teacher_layers": len(encoder_layers(teacher_model)), "kept_layers": keep,
+                    "alpha": distill_config.alpha, "temperature": distill_config.temperature,
+                    "corpus": str(corpus) if corpus else None}
+    meta = {**run, "base_model": teacher_block.get("base_model", str(reference)),
+            COMPRESSION: {"method": "distill", "source": str(reference), "source_sha256": run["teacher_sha256"]},
+            "distillation": distillation}
+    plan = TrainingPlan(spec, run, student_nlp, features, dev_docs, device, total_steps, eval_steps,
+                        description=f"{spec.name} distilled from {reference} ({len(keep)} of "
+                                    f"{distillation['teacher_layers']} layers) with spacy-llm-components",
+                        meta=meta, verb="distilled",
+                        resume_keys=("task", "train_sha256", "dev_sha256", "labels", "teacher_sha256",
+                                     "kept_layers", "corpus_sha256"))
+    return plan, teacher_model
+
+
+def _corpus_docs(path: Path, nlp: Language, spec, pipe) -> List[Any]:
+    """The extra corpus as training docs with placeholder gold (the teacher's outputs are their only target)."""
+    from .data.errors import BadRecords
+    from .data.jsonl import json_records
+    from .predict import make_input_doc
+
+    bad = BadRecords(False)
+    docs = [spec.unlabelled(make_input_doc(nlp, record, f"line {number}", path), pipe)
+            for number, record in json_records(path, bad)]
+    if not docs:
+        raise DataError(path, None, "no records")
+    return docs
