@@ -128,3 +128,60 @@ def test_padded_batches_hold_each_row_between_its_special_tokens(tokenizer):
             seen.append(j)
         assert (batch.input_ids[batch.row, batch.col] == pieces.ids[batch.piece]).all()
     assert sorted(seen) == list(range(len(lengths)))
+
+
+TEXTS = ["Alice Smith lives in Paris.", "Bob went to Berlin yesterday with Carol.", "No names here.",
+         "The United Nations met in New York City on Monday.", "Dave", "Eve and Frank work at Acme Corp in Rome."]
+
+
+@pytest.mark.parametrize("factory,task", [("hf_ner", "ner"), ("hf_textcat", "textcat")])
+def test_tokenizing_the_next_buffer_ahead_changes_no_output_and_no_order(ckpts, nlp, monkeypatch, factory, task):
+    """On a GPU the next buffer is tokenized in a thread while this one is on the model: forced on here,
+    several buffers through `pipe` give each doc what it gets alone, in input order."""
+    import threading
+
+    from spacy_llm_components.components.base import HFPipe
+
+    pipe = nlp.add_pipe(factory, config={"model": str(ckpts[task]), "device": "cpu"})
+    alone = [nlp(text) for text in TEXTS]
+    threads = []
+    prepare = type(pipe)._prepare
+
+    def recording(self, docs):
+        threads.append(threading.current_thread().name)
+        return prepare(self, docs)
+
+    monkeypatch.setattr(HFPipe, "_run_ahead", lambda self: True)
+    monkeypatch.setattr(type(pipe), "_prepare", recording)
+    docs = list(nlp.pipe(TEXTS, batch_size=2))
+    assert len(threads) == 3 and all(name.startswith(f"{factory}-prepare") for name in threads)
+    assert [d.text for d in docs] == TEXTS
+    for got, want in zip(docs, alone):
+        assert [(e.start_char, e.end_char, e.label_) for e in got.ents] == \
+               [(e.start_char, e.end_char, e.label_) for e in want.ents]
+        assert got.cats.keys() == want.cats.keys()
+        assert all(abs(got.cats[k] - want.cats[k]) < 1e-5 for k in want.cats)
+
+
+def test_a_failing_buffer_tokenized_ahead_goes_to_the_error_handler(ckpts, nlp, monkeypatch):
+    from spacy_llm_components.components.base import HFPipe
+
+    pipe = nlp.add_pipe("hf_ner", config={"model": str(ckpts["ner"]), "device": "cpu"})
+    alone = [[(e.start_char, e.end_char, e.label_) for e in nlp(text).ents] for text in TEXTS]
+    prepare = type(pipe)._prepare
+
+    def failing(self, docs):
+        if any(d.text == "Dave" for d in docs):
+            raise ValueError("cannot tokenize Dave")
+        return prepare(self, docs)
+
+    monkeypatch.setattr(HFPipe, "_run_ahead", lambda self: True)
+    monkeypatch.setattr(type(pipe), "_prepare", failing)
+    with pytest.raises(ValueError, match="Dave"):
+        list(nlp.pipe(TEXTS, batch_size=2))
+    failed = []
+    pipe.set_error_handler(lambda name, proc, docs, err: failed.extend(d.text for d in docs))
+    docs = list(nlp.pipe(TEXTS, batch_size=2))
+    assert failed == TEXTS[4:6] and [d.text for d in docs] == TEXTS
+    assert [[(e.start_char, e.end_char, e.label_) for e in d.ents] for d in docs[:4]] == alone[:4]
+    assert sum(map(len, alone[:4])) > 0  # the random checkpoint does tag something

@@ -4,6 +4,7 @@ inference, and storing the checkpoint inside the pipeline folder."""
 import os
 import shutil
 import tempfile
+from functools import partial
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -229,28 +230,34 @@ class HFPipe(TrainablePipe):
         raise NotImplementedError
 
     def pipe(self, stream: Iterable[Doc], *, batch_size: int = 1000) -> Iterator[Doc]:
-        """Annotate docs in order; each `batch_size` docs form one buffer sorted by length. The next
-        buffer is tokenized in a background thread (the Rust tokenizer releases the GIL) while the
-        current one runs through the model and is decoded."""
+        """Annotate docs in order; each `batch_size` docs form one buffer sorted by length. With the model
+        on a GPU, the next buffer is tokenized in a background thread (the Rust tokenizer releases the GIL)
+        while the current one runs through the model and is decoded."""
         error_handler = self.get_error_handler()
-        if os.environ.get("SLLM_NO_AHEAD"):
+        if not self._run_ahead():
             for docs in minibatch(stream, size=batch_size):
-                f = Future(); f.set_result(self._prepare(docs))
-                yield from self._annotate(docs, f, error_handler)
+                yield from self._annotate(docs, partial(self._prepare, docs), error_handler)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-prepare") as ahead:
             pending: Optional[Tuple[List[Doc], Future]] = None
             for docs in minibatch(stream, size=batch_size):
                 upcoming = (docs, ahead.submit(self._prepare, docs))
                 if pending is not None:
-                    yield from self._annotate(*pending, error_handler)
+                    yield from self._annotate(pending[0], pending[1].result, error_handler)
                 pending = upcoming
             if pending is not None:
-                yield from self._annotate(*pending, error_handler)
+                yield from self._annotate(pending[0], pending[1].result, error_handler)
 
-    def _annotate(self, docs: List[Doc], prepared: Future, error_handler: Callable) -> List[Doc]:
+    def _run_ahead(self) -> bool:
+        """Tokenize the next buffer in a thread only where that overlaps with idle hardware: on a GPU. On
+        a CPU, torch's threads already use every core, and the thread measured no faster (BENCHMARKS.md,
+        overhead mode)."""
+        return self.checkpoint.device.type == "cuda"
+
+    def _annotate(self, docs: List[Doc], prepared: Callable[[], Any], error_handler: Callable) -> List[Doc]:
+        """`prepared()` gives the batch's `_prepare` result (its errors, too, go to the error handler)."""
         try:
-            self.set_annotations(docs, self._predict_prepared(docs, prepared.result()))
+            self.set_annotations(docs, self._predict_prepared(docs, prepared()))
         except Exception as err:
             error_handler(self.name, self, docs, err)
         return docs
