@@ -5,6 +5,10 @@ offline MiniLM base with a new head. Both evaluate once, at the end, on the full
 Runs the real commands (printed), reads ../shared/data, writes under bench/out/spacy-train/.
 
     .venv/bin/python bench/bench_spacy_train.py --steps 440 --batch-size 32 --lr 1e-4
+    .venv/bin/python bench/bench_spacy_train.py --steps 40 --out bench/out/spacy-train-speed   # speed only
+
+`--arms spacy` runs one arm only (the other's earlier output in --out is read for the table), so the two
+long runs can be made at different times; their speed figures are comparable only from one quiet run.
 """
 
 import argparse
@@ -35,35 +39,45 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=440)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--arms", default="finetune,spacy", help="which to run: finetune, spacy or both")
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    out, arms = args.out.resolve(), args.arms.split(",")
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} not found: the benchmarks read the shared data folder")
-    OUT.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     warmup = max(1, round(0.1 * args.steps))
     data = OUT / "data"
     if not (data / "train.spacy").is_file():
         run([BIN / "sllm", "prepare", "ner", DATA / "train.conll", "--dev", DATA / "dev.conll", "-o", data])
-    finetune_wall = run([BIN / "sllm", "finetune", "ner", "--train", data / "train.spacy", "--dev", data / "dev.spacy",
-                         "--output", OUT / "finetune", "--max-steps", args.steps, "--eval-steps", args.steps,
-                         "--batch-size", args.batch_size, "--lr", args.lr, "--warmup-ratio", 0.1, "--device", "cpu",
-                         "--no-track"])
-    spacy_wall = run([sys.executable, "-m", "spacy", "train", ROOT / "pipelines" / "train-ner.cfg",
-                      "--paths.train", data / "train.spacy", "--paths.dev", data / "dev.spacy",
-                      "--output", OUT / "spacy", "--training.max_steps", args.steps,
-                      "--training.eval_frequency", args.steps, "--training.batcher.size", args.batch_size,
-                      "--training.optimizer.learn_rate.initial_rate", args.lr,
-                      "--training.optimizer.learn_rate.warmup_steps", warmup, "--components.ner.device", "cpu"])
-    finetune = json.loads((OUT / "finetune" / "metrics.json").read_text())
-    spacy_f = json.loads((OUT / "spacy" / "model-last" / "meta.json").read_text())["performance"]["ents_f"]
+    walls = {}
+    if "finetune" in arms:
+        walls["finetune"] = run([BIN / "sllm", "finetune", "ner", "--train", data / "train.spacy", "--dev", data / "dev.spacy",
+                                 "--output", out / "finetune", "--max-steps", args.steps, "--eval-steps", args.steps,
+                                 "--batch-size", args.batch_size, "--lr", args.lr, "--warmup-ratio", 0.1,
+                                 "--device", "cpu", "--no-track"])
+    if "spacy" in arms:
+        walls["spacy"] = run([sys.executable, "-m", "spacy", "train", ROOT / "pipelines" / "train-ner.cfg",
+                              "--paths.train", data / "train.spacy", "--paths.dev", data / "dev.spacy",
+                              "--output", out / "spacy", "--training.max_steps", args.steps,
+                              "--training.eval_frequency", args.steps, "--training.batcher.size", args.batch_size,
+                              "--training.optimizer.learn_rate.initial_rate", args.lr,
+                              "--training.optimizer.learn_rate.warmup_steps", warmup, "--components.ner.device", "cpu"])
+    finetune = json.loads((out / "finetune" / "metrics.json").read_text())
+    if finetune["training"]["steps"] != args.steps:
+        raise SystemExit(f"{out / 'finetune'} ran {finetune['training']['steps']} steps, not {args.steps}")
+    spacy_f = json.loads((out / "spacy" / "model-last" / "meta.json").read_text())["performance"]["ents_f"]
+    wall = {arm: f"{walls[arm]:.0f} s" if arm in walls else "(earlier run)" for arm in ("finetune", "spacy")}
+    rate = {arm: f"{args.steps / walls[arm]:.2f}" if arm in walls else "-" for arm in ("finetune", "spacy")}
     print(f"\nCoNLL-2003, MiniLM + new head, {args.steps} steps x {args.batch_size} sentences, peak lr {args.lr}, "
           f"warmup {warmup} steps then linear decay, CPU\n")
     print("| trainer | dev entity F1 | wall time (prepare excluded) | steps/s (wall) | train word pieces/s |")
     print("| --- | ---: | ---: | ---: | ---: |")
     t = finetune["training"]
-    print(f"| sllm finetune (HF Trainer, AdamW) | {100 * finetune['dev']['ents_f']:.2f} | {finetune_wall:.0f} s | "
-          f"{args.steps / finetune_wall:.2f} | {t['word_pieces_per_second']:,.0f} |")
-    print(f"| spacy train (thinc Adam, L2 0.01 as weight decay) | {100 * spacy_f:.2f} | {spacy_wall:.0f} s | "
-          f"{args.steps / spacy_wall:.2f} | n/a |")
+    print(f"| sllm finetune (HF Trainer, AdamW) | {100 * finetune['dev']['ents_f']:.2f} | {wall['finetune']} | "
+          f"{rate['finetune']} | {t['word_pieces_per_second']:,.0f} |")
+    print(f"| spacy train (thinc Adam, L2 0.01 as weight decay) | {100 * spacy_f:.2f} | {wall['spacy']} | "
+          f"{rate['spacy']} | n/a |")
     print(f"\ndifference: {100 * (spacy_f - finetune['dev']['ents_f']):+.2f} points")
 
 
