@@ -273,3 +273,19 @@ def test_promote_with_a_test_file_scores_both_versions_on_it(tiny_pipelines, mlf
     from mlflow.tracking import MlflowClient
 
     assert str(MlflowClient().get_model_version_by_alias("swap", "champion").version) == "2"
+
+
+@pytest.mark.parametrize("command,module,function", [("finetune", "spacy_llm_components.train", "finetune"),
+                                                     ("pretrain", "spacy_llm_components.pretrain", "pretrain"),
+                                                     ("distill", "spacy_llm_components.compress", "distill")])
+def test_an_interrupted_training_command_says_how_to_resume(tmp_path, monkeypatch, command, module, function):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(f"{module}.{function}", interrupted)
+    out = tmp_path / "out"
+    args = {"finetune": ["finetune", "ner", "--train", "t.spacy", "--dev", "d.spacy", "-o", out],
+            "pretrain": ["pretrain", "--corpus", "c.txt", "-o", out],
+            "distill": ["distill", tmp_path, "--train", "t.spacy", "--dev", "d.spacy", "-o", out]}[command]
+    result = invoke(*args, "--no-track", code=130)
+    assert f"--resume (checkpoints in {out}/checkpoints)" in result.output

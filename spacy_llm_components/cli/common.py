@@ -3,8 +3,10 @@
 import functools
 import inspect
 import typing
+from contextlib import contextmanager
 from dataclasses import fields
-from typing import Callable, NoReturn, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 import typer
 
@@ -23,12 +25,29 @@ Strict = typer.Option(False, "--strict", help="refuse CoNLL tag sequences that b
 Track = typer.Option(True, "--track/--no-track", help="record the run in MLflow (see `sllm ui mlflow`)")
 BatchSize = typer.Option(None, help="nlp.pipe batch size")
 GpuId = typer.Option(None, help="spaCy style: -1 for CPU, N for cuda:N (overrides --device)")
+Resume = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint")
+KeepCheckpoints = typer.Option(False, help="keep OUTPUT/checkpoints after a finished run")
 
 
 def fail(err: Exception, code: int = 2) -> NoReturn:
     """Print the error (which names the file, line or record) and exit with `code`."""
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(code=code)
+
+
+@contextmanager
+def training_errors(output: Path) -> Iterator[None]:
+    """A training command's failures: Ctrl-C says how to resume (exit 130), bad input is an exit-2 error."""
+    from ..data import DataError
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: continue with the same command plus --resume (checkpoints in {output}/checkpoints)",
+                   err=True)
+        raise typer.Exit(code=130)
+    except (DataError, ValueError) as err:
+        fail(err)
 
 
 def device_of(gpu_id: int) -> str:

@@ -8,7 +8,7 @@ import typer
 from ..compress import DistillConfig
 from ..data import DataError
 from ..train import FinetuneConfig
-from .common import ModelArg, Track, app, fail, with_settings
+from .common import KeepCheckpoints, ModelArg, Resume, Track, app, fail, training_errors, with_settings
 
 NOT_FOR_DISTILLATION = ("base_model",)  # the student starts from the teacher
 
@@ -37,8 +37,8 @@ def distill_command(
     train: Path = typer.Option(..., help="train.spacy from `sllm prepare` (the teacher's labels)"),
     dev: Path = typer.Option(..., help="dev.spacy from `sllm prepare`"),
     output: Path = typer.Option(..., "--output", "-o", help="spaCy pipeline folder to write (the student)"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint"),
-    keep_checkpoints: bool = typer.Option(False, help="keep OUTPUT/checkpoints after a finished run"),
+    resume: bool = Resume,
+    keep_checkpoints: bool = KeepCheckpoints,
     track: bool = Track,
     config: FinetuneConfig = None,
     distill_config: DistillConfig = None,
@@ -48,15 +48,9 @@ def distill_command(
     from ..compress import distill
     from ..training import is_main_process
 
-    try:
+    with training_errors(output):
         result = distill(teacher, train, dev, output, config, distill_config, resume=resume,
                          keep_checkpoints=keep_checkpoints)
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted: continue with the same command plus --resume (checkpoints in {output}/checkpoints)",
-                   err=True)
-        raise typer.Exit(code=130)
-    except (DataError, ValueError) as err:
-        fail(err)
     typer.echo(result.summary())
     if track and is_main_process():
         from ..project import tracking_uri

@@ -8,7 +8,8 @@ import typer
 from ..data import DataError
 from ..train import FinetuneConfig
 from .common import (
-    BatchSize, GpuId, LabelColumn, LabelSep, ModelArg, SkipBad, Strict, TaskArg, TextColumn, Track, app, check_task,
+    BatchSize, GpuId, KeepCheckpoints, LabelColumn, LabelSep, ModelArg, Resume, SkipBad, Strict, TaskArg, TextColumn,
+    Track, app, check_task, training_errors,
     device_of, fail, read_options, with_settings,
 )
 
@@ -60,8 +61,8 @@ def finetune_command(
     dev: Path = typer.Option(..., help="dev.spacy from `sllm prepare`"),
     output: Path = typer.Option(..., "--output", "-o", help="spaCy pipeline folder to write"),
     gpu_id: Optional[int] = GpuId,
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint"),
-    keep_checkpoints: bool = typer.Option(False, help="keep OUTPUT/checkpoints after a finished run"),
+    resume: bool = Resume,
+    keep_checkpoints: bool = KeepCheckpoints,
     track: bool = Track,
     config: FinetuneConfig = None,
 ) -> None:
@@ -72,14 +73,8 @@ def finetune_command(
     task = check_task(task)
     if gpu_id is not None:
         config.device = device_of(gpu_id)
-    try:
+    with training_errors(output):
         result = finetune(task, train, dev, output, config, resume=resume, keep_checkpoints=keep_checkpoints)
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted: continue with the same command plus --resume (checkpoints in {output}/checkpoints)",
-                   err=True)
-        raise typer.Exit(code=130)
-    except (DataError, ValueError) as err:
-        fail(err)
     if not is_main_process():  # under torchrun, one process reports and logs
         return
     typer.echo(result.summary())

@@ -8,7 +8,7 @@ import typer
 from ..data import DataError
 from ..lm import LMDataConfig
 from ..pretrain import PretrainConfig
-from .common import GpuId, Track, app, device_of, fail, with_settings
+from .common import GpuId, KeepCheckpoints, Resume, Track, app, device_of, fail, training_errors, with_settings
 
 CORPUS_HELP = ("plain text (.txt and others: a document per line, or per paragraph with --text-unit paragraph), "
                "JSONL, CSV/TSV (--text-column), CoNLL sentences, SQuAD contexts (.json) or .spacy")
@@ -22,8 +22,8 @@ def pretrain_command(
     dev: Optional[List[Path]] = typer.Option(None, help="held-out text for perplexity (repeatable); default a "
                                                         "seeded share of the corpus (--dev-fraction)"),
     gpu_id: Optional[int] = GpuId,
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last checkpoint"),
-    keep_checkpoints: bool = typer.Option(False, help="keep OUTPUT/checkpoints after a finished run"),
+    resume: bool = Resume,
+    keep_checkpoints: bool = KeepCheckpoints,
     track: bool = Track,
     config: PretrainConfig = None,
 ) -> None:
@@ -34,14 +34,8 @@ def pretrain_command(
 
     if gpu_id is not None:
         config.device = device_of(gpu_id)
-    try:
+    with training_errors(output):
         result = pretrain(corpus, output, config, dev=dev, resume=resume, keep_checkpoints=keep_checkpoints)
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted: continue with the same command plus --resume (checkpoints in {output}/checkpoints)",
-                   err=True)
-        raise typer.Exit(code=130)
-    except (DataError, ValueError) as err:
-        fail(err)
     typer.echo(result.summary())
     if track and is_main_process():  # under torchrun, one process logs
         from ..project import tracking_uri
