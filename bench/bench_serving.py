@@ -71,7 +71,7 @@ def measure(url: str, bodies: List, clients: int) -> dict:
         wall = time.perf_counter() - start
     ok = [(seconds, answer) for seconds, answer, _ in results if answer is not None]
     errors = [error for _, _, error in results if error]
-    return {"wall": wall, "latencies": [s for s, _ in ok], "answers": [a for _, a in results],
+    return {"wall": wall, "latencies": [s for s, _ in ok], "answers": [answer for _, answer, _ in results],
             "failed": len(errors), "first_error": errors[0] if errors else None}
 
 
