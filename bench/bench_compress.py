@@ -13,6 +13,7 @@ keeping the best run. Data is read from ../shared/data; outputs go to bench/out/
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -96,7 +97,11 @@ def variants(name: str) -> Dict[str, tuple]:
     return {"fp32": (out / "teacher", {}), "bf16": (out / "teacher", {"dtype": "bfloat16"}),
             "int8": (out / "teacher", {"quantize": "int8"}),
             f"student-{STUDENT_LAYERS}L fp32": (out / "student", {}),
-            f"student-{STUDENT_LAYERS}L int8": (out / "student", {"quantize": "int8"})}
+            f"student-{STUDENT_LAYERS}L int8": (out / "student", {"quantize": "int8"}),
+            **({"int8 onnxruntime": (out / "teacher", {"quantize": "int8", "runtime": "onnxruntime"}),
+                f"student-{STUDENT_LAYERS}L int8 onnxruntime": (out / "student", {"quantize": "int8",
+                                                                                  "runtime": "onnxruntime"})}
+               if importlib.util.find_spec("onnxruntime") else {})}
 
 
 def measure_ours(folder: Path, overrides: dict, references, repeats: int) -> dict:

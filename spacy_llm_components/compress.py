@@ -66,9 +66,9 @@ def hf_components(pipeline: Path) -> List[str]:
     return names
 
 
-def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path]) -> Path:
+def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path], runtime: str = "torch") -> Path:
     """Write `pipeline` (a folder or models:/ reference) to `output` with its hf_* components set to
-    `quantize = "int8"` on the CPU. The weights stay float32 and identical; metrics.json and
+    `quantize = "int8"` on the CPU, in PyTorch or (`runtime = "onnxruntime"`) ONNX Runtime. The weights stay float32 and identical; metrics.json and
     training_log.jsonl of the source come along; meta.json's `sllm` block records the source (a
     registry reference pinned to its version, or the folder) and its content hash. `output` is
     replaced whole, or left as it was on an error."""
@@ -79,13 +79,13 @@ def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path]) -> Path
     output = Path(output).resolve()
     if output == folder.resolve():
         raise CompressError(f"{output}: the int8 copy needs another folder than its source")
-    overrides = {name: {"quantize": "int8", "device": "cpu"} for name in hf_components(folder)}
+    overrides = {name: {"quantize": "int8", "runtime": runtime, "device": "cpu"} for name in hf_components(folder)}
     try:
         nlp = spacy.load(folder, config={"components": overrides})
     except ValueError as err:  # e.g. a bfloat16 pipeline: int8 starts from float32 weights
         raise CompressError(f"{folder}: cannot quantize: {err}") from err
     block = dict(nlp.meta.get(artifacts.META_BLOCK) or {})
-    block[COMPRESSION] = {"method": "int8", "source": str(reference), "source_sha256": sha256_tree(folder)}
+    block[COMPRESSION] = {"method": "int8", "runtime": runtime, "source": str(reference), "source_sha256": sha256_tree(folder)}
     nlp.meta[artifacts.META_BLOCK] = block
     _write_folder(output, lambda tmp: _to_disk_with(nlp, folder, tmp))
     return output
@@ -227,7 +227,7 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneCon
     names = hf_components(folder)
     device = resolve_device(config.device)
     # both run in float32 on the training device (bf16 comes from the Trainer's autocast on CUDA)
-    settings = {"device": str(device), "dtype": "float32", "quantize": None}
+    settings = {"device": str(device), "dtype": "float32", "quantize": None, "runtime": "torch"}
     if config.max_length:
         settings["max_length"] = config.max_length
     overrides = {"components": {name: dict(settings) for name in names}}

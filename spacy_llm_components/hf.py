@@ -123,40 +123,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-QUANTIZATIONS = ("int8",)
-
-
-def check_quantize(quantize: Optional[str], device: torch.device, dtype: torch.dtype) -> None:
-    """`quantize = "int8"`: PyTorch dynamic quantization of the Linear layers, which runs on the CPU
-    (its int8 kernels use VNNI / AMX where the CPU has them) and starts from float32 weights."""
-    if quantize is None:
-        return
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"quantize {quantize!r}: use null or one of {QUANTIZATIONS}")
-    if device.type != "cpu":
-        raise ValueError(f"quantize {quantize!r} runs on the CPU (PyTorch dynamic quantization has no CUDA "
-                         f"kernels); on {device} use dtype 'bfloat16' or 'float16' instead, or device 'cpu'")
-    if dtype != torch.float32:
-        raise ValueError(f"quantize {quantize!r} quantizes float32 weights; use dtype 'float32' with it")
-
-
-def quantize_model(model: PreTrainedModel, quantize: Optional[str]) -> torch.nn.Module:
-    """The model inference runs: `model` itself, or (int8) a copy whose Linear layers hold int8 weights
-    (one scale per output channel: on CoNLL-2003 NER, 0.35 F1 points lost where one scale per matrix lost
-    1.04, at the same speed) and quantize their inputs on the fly. `model` keeps its float32 weights (to
-    save, export or train)."""
-    if quantize is None:
-        return model
-    import copy
-    import warnings
-
-    with warnings.catch_warnings():  # torch 2.10+ points to torchao; torch.ao's dynamic quantization still works
-        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear: per_channel_dynamic_qconfig}).eval()
-
-
 def _check_local_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a Hugging Face checkpoint (no config.json)")

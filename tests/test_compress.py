@@ -101,6 +101,101 @@ def test_quantizing_a_pipeline_without_hf_component_is_refused(tmp_path):
     assert result.exit_code == 2 and "nothing to quantize" in result.output
 
 
+# -- ONNX Runtime ------------------------------------------------------------------------------------
+def predictions(nlp, task):
+    """Each doc's predictions as data (QA: two questions per text)."""
+    docs = []
+    for text in TEXTS:
+        doc = nlp.make_doc(text)
+        if task == "qa":
+            doc._.questions = ["Who joined?", "Where is the mill?"]
+        docs.append(doc)
+    return [doc_predictions(doc, nlp) for doc in nlp.pipe(docs)]
+
+
+def scores_of(records):
+    """Every probability or score in the predictions, in order."""
+    out = []
+    for record in records:
+        out += [record["cats"][k] for k in sorted(record.get("cats", {}))]
+        out += [e["score"] for e in record.get("ents", [])]
+        out += [a["score"] for group in record.get("answers", []) for a in group.get("answers", [group])]
+    return np.array(out, dtype=float)
+
+
+def without_scores(value):
+    """The predictions with every score left out (cats: the label names only)."""
+    if isinstance(value, dict):
+        return {k: (sorted(v) if k == "cats" else without_scores(v)) for k, v in value.items() if k != "score"}
+    if isinstance(value, list):
+        return [without_scores(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("task", ["ner", "textcat", "qa"])
+def test_onnxruntime_float32_predicts_what_pytorch_does(teachers, task):
+    """The ONNX export run by ONNX Runtime gives the PyTorch model's predictions (same spans, labels and
+    answers; scores within float32 rounding), and it is what runs."""
+    from spacy_llm_components.runtimes import OnnxModel
+
+    source = teachers[task]["pipeline"]
+    torch_nlp = spacy.load(source)
+    name = hf_component(torch_nlp).name
+    onnx_nlp = spacy.load(source, config={"components": {name: {"runtime": "onnxruntime", "device": "cpu"}}})
+    model = hf_component(onnx_nlp)._model
+    assert isinstance(model, OnnxModel) and not {"MatMulInteger", "DynamicQuantizeLinear"} & model.operators
+    calls = []
+    run = model.session.run
+    model.session = type("Counting", (), {"run": lambda self, *a: calls.append(1) or run(*a)})()
+    want, got = predictions(torch_nlp, task), predictions(onnx_nlp, task)
+    assert calls, "ONNX Runtime did not run"
+    assert without_scores(got) == without_scores(want)
+    assert len(scores_of(want)) > 0 and np.allclose(scores_of(got), scores_of(want), atol=1e-4)
+
+
+def test_onnxruntime_int8_runs_int8_operators_close_to_float32(teachers, tmp_path):
+    source = teachers["textcat"]["pipeline"]
+    copy = quantized_copy(source, tmp_path / "int8-onnx", runtime="onnxruntime")
+    cfg = spacy.util.load_config(copy / "config.cfg")["components"]["textcat"]
+    assert (cfg["quantize"], cfg["runtime"], cfg["device"]) == ("int8", "onnxruntime", "cpu")
+    assert json.loads((copy / "meta.json").read_text())["sllm"]["compression"]["runtime"] == "onnxruntime"
+    for name, value in weights(copy).items():  # float32 weights on disk, as for PyTorch int8
+        assert value.dtype == np.float32 and np.array_equal(value, weights(source)[name]), name
+    reloaded = spacy.load(copy)
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & hf_component(reloaded)._model.operators
+    fp32 = scores_of(predictions(spacy.load(source), "textcat"))
+    int8 = scores_of(predictions(reloaded, "textcat"))
+    assert not np.array_equal(int8, fp32) and np.abs(int8 - fp32).max() < 0.05
+
+
+def test_onnxruntime_setting_is_checked_when_the_component_is_made(ckpts, monkeypatch):
+    from spacy_llm_components.runtimes import check_runtime
+
+    nlp = spacy.blank("en")
+    with pytest.raises(ValueError, match="runtime 'tensorrt': use one of"):
+        nlp.add_pipe("hf_textcat", config={"model": str(ckpts["textcat"]), "runtime": "tensorrt"})
+    with pytest.raises(ValueError, match="runtime 'onnxruntime' starts from float32 weights"):
+        nlp.add_pipe("hf_textcat", config={"model": str(ckpts["textcat"]), "runtime": "onnxruntime",
+                                           "dtype": "bfloat16", "device": "cpu"})
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        check_runtime("onnxruntime", None, torch.device("cuda:0"), torch.float32)
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else
+                        find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"needs the optional package\(s\) onnxruntime: pip install"):
+        nlp.add_pipe("hf_textcat", config={"model": str(ckpts["textcat"]), "runtime": "onnxruntime", "device": "cpu"})
+    monkeypatch.undo()
+    pipe = nlp.add_pipe("hf_textcat", config={"model": str(ckpts["textcat"]), "runtime": "onnxruntime", "device": "cpu"})
+    from spacy.training import Example
+
+    doc = nlp.make_doc("good")
+    doc.cats = {"neg": 0.0, "pos": 1.0}
+    with pytest.raises(ValueError, match="cannot be trained"):
+        pipe.update([Example(nlp.make_doc("good"), doc)])
+
+
 # -- layers ------------------------------------------------------------------------------------------
 def test_kept_layers_default_to_every_other_and_check_their_range():
     assert kept_layers(6, DistillConfig()) == [0, 2, 4]

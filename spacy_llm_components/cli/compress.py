@@ -17,16 +17,19 @@ NOT_FOR_DISTILLATION = ("base_model",)  # the student starts from the teacher
 def quantize_command(
     model: str = ModelArg,
     output: Path = typer.Option(..., "--output", "-o", help="pipeline folder to write (the int8 copy)"),
+    runtime: str = typer.Option("torch", help="torch (PyTorch dynamic quantization) or onnxruntime (an ONNX export "
+                                              "quantized by ONNX Runtime at load; pip install "
+                                              "'spacy-llm-components[onnx]')"),
 ) -> None:
     """Copy a pipeline with its hf_* components set to quantize = "int8" (CPU inference on int8 weights;
     the float32 weights stay on disk)."""
     from ..compress import quantized_copy
 
     try:
-        path = quantized_copy(model, output)
+        path = quantized_copy(model, output, runtime=runtime)
     except ValueError as err:
         fail(err)
-    typer.echo(f"wrote {path} (quantize = \"int8\"; spacy.load runs it on the CPU)")
+    typer.echo(f"wrote {path} (quantize = \"int8\", runtime = \"{runtime}\"; spacy.load runs it on the CPU)")
 
 
 @app.command("distill")

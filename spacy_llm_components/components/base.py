@@ -20,9 +20,10 @@ from spacy.util import ensure_path, minibatch
 from thinc.api import Model, Optimizer
 
 from ..hf import (
-    Checkpoint, check_quantize, has_head, load_checkpoint, peek_labels, quantize_model, resolve_device, resolve_dtype,
+    Checkpoint, has_head, load_checkpoint, peek_labels, resolve_device, resolve_dtype,
     save_checkpoint,
 )
+from ..runtimes import check_runtime, inference_model
 from ..tasks import TaskSpec
 from ..training import CountingCollator
 from .trainable import check_labels, loss_model, training_docs
@@ -44,7 +45,7 @@ os.register_at_fork(after_in_child=_one_thread_after_fork)
 def shared_settings(*, batch_size: int, max_length: Optional[int], scorer: str) -> Dict[str, Any]:
     """The default_config entries every hf_* factory has: batching, device, precision and the scorer."""
     return {"batch_size": batch_size, "max_length": max_length, "device": "auto", "dtype": "float32", "quantize": None,
-            "mixed_precision": False, "scorer": {"@scorers": scorer}}
+            "runtime": "torch", "mixed_precision": False, "scorer": {"@scorers": scorer}}
 
 
 def span_record(span, **extra: Any) -> Dict[str, Any]:
@@ -77,6 +78,7 @@ class HFPipe(TrainablePipe):
         device: str,
         dtype: str,
         quantize: Optional[str],
+        runtime: str,
         mixed_precision: bool,
         scorer: Optional[Callable],
     ) -> None:
@@ -84,7 +86,8 @@ class HFPipe(TrainablePipe):
             raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
         if max_length is not None and max_length < 8:
             raise ValueError(f"{name}: max_length must be >= 8 or null, got {max_length}")
-        check_quantize(quantize, resolve_device(device), resolve_dtype(dtype, resolve_device(device)))  # at add_pipe
+        resolved = resolve_device(device)
+        check_runtime(runtime, quantize, resolved, resolve_dtype(dtype, resolved))  # refused at add_pipe
         self.vocab = nlp.vocab
         self.name = name
         self.model_name = model
@@ -93,6 +96,7 @@ class HFPipe(TrainablePipe):
         self.device = device
         self.dtype = dtype
         self.quantize = quantize
+        self.runtime = runtime
         self.mixed_precision = mixed_precision
         self.model: Optional[Model] = None  # spaCy's trainable model: set when the checkpoint loads
         self.scorer = scorer
@@ -115,13 +119,15 @@ class HFPipe(TrainablePipe):
         from tokenizers import Tokenizer
 
         self._checkpoint = checkpoint
-        # what inference runs: the checkpoint's model, or an int8 copy of it (the float32 weights stay, for
-        # to_disk, export and fine-tuning)
-        self._model = quantize_model(checkpoint.model, self.quantize)
+        # what inference runs: the checkpoint's model, an int8 copy of it, or an ONNX Runtime session (the
+        # float32 weights stay, for to_disk, export and fine-tuning)
+        self._model = inference_model(checkpoint.model, quantize=self.quantize, runtime=self.runtime,
+                                      input_names=self._input_names(checkpoint), output_names=self.output_names)
         # what `spacy train` updates: the checkpoint's model wrapped for thinc (features in, loss out)
         collate = CountingCollator(self.spec.collator(checkpoint.tokenizer), checkpoint.tokenizer)
-        self.model = None if self.quantize else loss_model(checkpoint.model, collate, checkpoint.device,
-                                                            self.mixed_precision)
+        trainable = self.quantize is None and self.runtime == "torch"
+        self.model = (loss_model(checkpoint.model, collate, checkpoint.device, self.mixed_precision)
+                      if trainable else None)
         self._specials = SpecialTokens.of(checkpoint.tokenizer)
         # the Rust tokenizer itself, on a copy without truncation or padding: what the Hugging Face
         # tokenizer's __call__ runs, without building its per-text Python lists we do not use
@@ -190,9 +196,10 @@ class HFPipe(TrainablePipe):
         (`drop` is not applied: the checkpoint's own dropout settings are.)"""
         losses = {} if losses is None else losses
         losses.setdefault(self.name, 0.0)
-        if self.quantize:
-            raise ValueError(f"{self.name}: a component with quantize = {self.quantize!r} cannot be trained; "
-                             "train the float32 pipeline and quantize it at load")
+        if self.quantize or self.runtime != "torch":
+            raise ValueError(f"{self.name}: a component with quantize = {self.quantize!r} and runtime = "
+                             f"{self.runtime!r} cannot be trained; train the float32 PyTorch pipeline and set "
+                             "these for inference")
         features = self.features([eg.reference for eg in examples])
         if not features:
             return losses
@@ -273,11 +280,17 @@ class HFPipe(TrainablePipe):
     def _single(self, ids: Sequence[int]) -> ModelInput:
         return self.specials.single(ids)
 
+    @staticmethod
+    def _input_names(checkpoint: Checkpoint) -> Tuple[str, ...]:
+        """The model inputs `_feed` gives (token type ids where the tokenizer has them)."""
+        types = ("token_type_ids",) if "token_type_ids" in checkpoint.tokenizer.model_input_names else ()
+        return ("input_ids", "attention_mask", *types)
+
     def _feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: Optional[np.ndarray] = None):
         ck = self.checkpoint
         feed = {"input_ids": torch.from_numpy(input_ids).to(ck.device),
                 "attention_mask": torch.from_numpy(attention_mask).to(ck.device)}
-        if "token_type_ids" in ck.tokenizer.model_input_names:
+        if "token_type_ids" in self._input_names(ck):
             types = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
             feed["token_type_ids"] = torch.from_numpy(types).to(ck.device)
         return feed

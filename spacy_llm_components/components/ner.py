@@ -77,13 +77,14 @@ def make_hf_ner(
     device: str,
     dtype: str,
     quantize: Optional[str],
+    runtime: str,
     mixed_precision: bool,
     scorer: Optional[Callable],
 ) -> "HFEntityRecognizer":
     return HFEntityRecognizer(
         nlp, name, model=model, labels=labels, scheme=scheme, aggregation=aggregation, decoder=decoder,
         spans_key=spans_key, overwrite_ents=overwrite_ents, stride=stride, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
+        device=device, dtype=dtype, quantize=quantize, runtime=runtime, mixed_precision=mixed_precision, scorer=scorer,
     )
 
 

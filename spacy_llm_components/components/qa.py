@@ -49,6 +49,7 @@ def make_hf_qa(
     device: str,
     dtype: str,
     quantize: Optional[str],
+    runtime: str,
     mixed_precision: bool,
     scorer: Optional[Callable],
 ) -> "HFQuestionAnswerer":
@@ -56,7 +57,8 @@ def make_hf_qa(
         nlp, name, model=model, questions=questions, spans_key=spans_key, top_k=top_k,
         max_answer_len=max_answer_len, max_question_len=max_question_len, doc_stride=doc_stride,
         handle_impossible=handle_impossible, null_threshold=null_threshold, batch_size=batch_size,
-        max_length=max_length, device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
+        max_length=max_length, device=device, dtype=dtype, quantize=quantize, runtime=runtime,
+        mixed_precision=mixed_precision, scorer=scorer,
     )
 
 

@@ -45,13 +45,14 @@ def make_hf_textcat(
     device: str,
     dtype: str,
     quantize: Optional[str],
+    runtime: str,
     mixed_precision: bool,
     scorer: Optional[Callable],
 ) -> "HFTextCategorizer":
     return HFTextCategorizer(
         nlp, name, model=model, labels=labels, multi_label=multi_label, threshold=threshold,
         thresholds=thresholds, pooling=pooling, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, quantize=quantize, mixed_precision=mixed_precision, scorer=scorer,
+        device=device, dtype=dtype, quantize=quantize, runtime=runtime, mixed_precision=mixed_precision, scorer=scorer,
     )
 
 
