@@ -63,6 +63,23 @@ def write_folder(output: PathLike, fill: Callable[[Path], Any]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replace_folder(output: PathLike, fill: Callable[[Path], Any]) -> Path:
+    """Let `fill` write a whole folder in a temporary sibling of `output`, then swap it in place of
+    `output`: afterwards `output` is the new folder, or (on any failure) exactly what it was."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        fill(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
 def write_json(path: PathLike, data: Any) -> Path:
     """One JSON file, written to a temporary sibling and renamed into place."""
     path = Path(path)

@@ -87,7 +87,7 @@ def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path], runtime
     block = dict(nlp.meta.get(artifacts.META_BLOCK) or {})
     block[COMPRESSION] = {"method": "int8", "runtime": runtime, "source": str(reference), "source_sha256": sha256_tree(folder)}
     nlp.meta[artifacts.META_BLOCK] = block
-    _write_folder(output, lambda tmp: _to_disk_with(nlp, folder, tmp))
+    artifacts.replace_folder(output, lambda tmp: _to_disk_with(nlp, folder, tmp))
     return output
 
 
@@ -96,20 +96,6 @@ def _to_disk_with(nlp: Language, source: Path, target: Path) -> None:
     for name in (METRICS, TRAINING_LOG):  # how the weights were trained: still true of the copy
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
-
-
-def _write_folder(output: Path, write) -> None:
-    """`write(tmp)` into a temporary sibling of `output`, then swap it in: `output` is complete or unchanged."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        write(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ the problem.
 import importlib
 import json
 import logging
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .artifacts import replace_folder
 from .tasks import TASKS, TaskSpec, task_spec
 
 logger = logging.getLogger("spacy_llm_components")
@@ -340,18 +339,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: Union[str, Path]) -> Path:
     Written to a temporary sibling first and moved into place, so a failure
     never leaves half a checkpoint at `path`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        write_checkpoint_files(checkpoint, tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return replace_folder(path, lambda folder: write_checkpoint_files(checkpoint, folder))
 
 
 def peek_labels(name: Union[str, Path]) -> Optional[List[str]]:

@@ -88,3 +88,18 @@ def test_save_writes_a_plain_safetensors_folder(ckpts, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "config.json").read_text())["id2label"]["1"] == "B-PER"
     assert not list(tmp_path.glob(".out.*"))  # no temporary folder left behind
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(ckpts, tmp_path, monkeypatch):
+    checkpoint = load_checkpoint(ckpts["textcat"], "textcat", device="cpu")
+    target = save_checkpoint(checkpoint, tmp_path / "saved")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def half_written(*args, **kwargs):  # the tokenizer's save fails after the weights were written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(checkpoint.tokenizer), "save_pretrained", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(checkpoint, tmp_path / "saved")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # no temporary folder left behind
