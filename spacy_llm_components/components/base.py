@@ -4,8 +4,8 @@ inference, and storing the checkpoint inside the pipeline folder."""
 import os
 import shutil
 import tempfile
-from functools import partial
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
