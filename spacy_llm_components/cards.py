@@ -48,9 +48,13 @@ def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Option
         lines.append(f"- **Fine-tuning**: {training.get('steps')} steps (batch {config.get('batch_size')}, lr "
                      f"{config.get('lr')}), best dev {finetune.get('primary')} {_pct((finetune.get('dev') or {}).get(finetune.get('primary')))} "
                      f"at step {finetune.get('best_step')}; {training.get('precision')} on {training.get('device')}")
-    for key in ("method", "teacher"):
-        if tags.get(key):
-            lines.append(f"- **{key.capitalize()}**: {tags[key]}")
+    if tags.get("compression"):  # a variant the compress flow registered
+        kept, score, speedup = (tags.get(f"compression.{k}") for k in ("kept_layers", "source_score", "speedup"))
+        source = tags.get("compression.source_version", "?")
+        lines.append(f"- **Compression**: {tags['compression']} of version {source}"
+                     + (f", keeping encoder layers {kept}" if kept else "")
+                     + (f" (its score {_pct(float(score))})" if score else "")
+                     + (f"; {float(speedup):.2f}x its docs/s" if speedup else ""))
     if evaluation:
         scores, stats = evaluation.get("scores") or {}, evaluation.get("statistics") or {}
         primary = evaluation.get("primary")

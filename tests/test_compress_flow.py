@@ -64,6 +64,12 @@ def test_compress_registers_gated_variants_with_their_tags(tiny_pipelines, mlflo
         assert variant["gate"]["promoted"] and _alias("small-ner", alias) == variant["version"]
         assert tags["promotion"].startswith(f"promoted to {alias}: ents_f")
     assert versions[result["variants"][1]["version"]].tags["compression.kept_layers"] == "0"
+    cards = [versions[v["version"]].description for v in result["variants"]]
+    source_score = f"(its score {100 * float(teacher.tags['primary_value']):.2f})"
+    assert f"**Compression**: int8 of version 1 {source_score}" in cards[0]
+    assert f"**Compression**: distill of version 1, keeping encoder layers 0 {source_score}" in cards[1]
+    speedup = float(versions[result["variants"][0]["version"]].tags["compression.speedup"])
+    assert f"; {speedup:.2f}x its docs/s" in cards[0]
     # champion and challenger rank full models: compression leaves them alone
     assert _alias("small-ner", "challenger") == "1" and _alias("small-ner", "champion") is None
     int8 = spacy.load(registry.local_pipeline("models:/small-ner@int8"))
