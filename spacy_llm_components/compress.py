@@ -23,11 +23,13 @@ from spacy.language import Language
 from transformers import TrainerCallback, set_seed
 
 from . import artifacts
-from .artifacts import METRICS, TRAINING_LOG, read_labels, sha256_file, sha256_tree
+from .artifacts import METRICS, TRAINING_LOG, sha256_file, sha256_tree
 from .build import hf_component
 from .data import DataError, load_docs
 from .hf import Checkpoint, encoder_layers, keep_layers, resolve_device, save_checkpoint
-from .train import FinetuneConfig, FinetuneResult, PipelineTrainer, TrainingPlan, schedule, train_pipeline
+from .train import (
+    FinetuneConfig, FinetuneResult, PipelineTrainer, TrainingPlan, check_prepared, schedule, train_pipeline,
+)
 from .training import setting
 
 METHODS = ("int8", "distill")  # what `sllm run --compress` and the compress flow produce
@@ -182,15 +184,7 @@ def distill(teacher: Union[str, Path], train: Union[str, Path], dev: Union[str, 
 
 
 def _check_data(spec_name: str, labels: Sequence[str], train: Path, dev: Path):
-    for path in (train, dev):
-        if path.suffix != ".spacy":
-            raise DataError(path, None, "distillation reads the .spacy files that `sllm prepare` writes")
-        if not path.is_file():
-            raise DataError(path, None, "file does not exist")
-    info = read_labels(train)
-    if info.task != spec_name:
-        raise DataError(train.parent / artifacts.LABELS, None,
-                        f"the data was prepared for {info.task!r}, the teacher is a {spec_name!r} pipeline")
+    info = check_prepared(spec_name, train, dev, "distillation", whose="the teacher's task")
     if sorted(info.labels) != sorted(labels):
         raise DataError(train.parent / artifacts.LABELS, None,
                         f"the teacher's labels {sorted(labels)} differ from the data's {sorted(info.labels)}: "

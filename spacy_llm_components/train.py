@@ -23,7 +23,7 @@ from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from . import artifacts
-from .artifacts import CHECKPOINTS, METRICS, read_labels, sha256_file
+from .artifacts import CHECKPOINTS, METRICS, LabelInfo, read_labels, sha256_file
 from .build import build_pipeline, hf_component
 from .data import DataError, load_docs
 from .evaluate import score_pipeline
@@ -206,19 +206,26 @@ def train_pipeline(plan: TrainingPlan, output: Path, config: FinetuneConfig, *, 
                           best_step=best_step, training=training, log=artifacts.read_log(output), verb=plan.verb)
 
 
+def check_prepared(task: str, train: Path, dev: Path, stage: str, whose: str = "") -> LabelInfo:
+    """The labels.json of the train/dev DocBins that `sllm prepare` wrote for `task`; a DataError naming
+    the file when they are not that (another format, a missing file, data of another task)."""
+    for path in (train, dev):
+        if path.suffix != ".spacy":
+            raise DataError(path, None, f"{stage} reads the .spacy files that `sllm prepare` writes")
+        if not path.is_file():
+            raise DataError(path, None, "file does not exist")
+    info = read_labels(train)
+    if info.task != task:
+        raise DataError(train.parent / artifacts.LABELS, None,
+                        f"the data was prepared for {info.task!r}, not {task!r}" + (f" ({whose})" if whose else ""))
+    return info
+
+
 def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> TrainingPlan:
     """Read and check the data, build the pipeline over the base model and its training features, and
     work out the schedule: every error surfaces here, before an output folder exists."""
     spec = task_spec(task)
-    for path in (train, dev):
-        if path.suffix != ".spacy":
-            raise DataError(path, None, "fine-tuning reads the .spacy files that `sllm prepare` writes")
-        if not path.is_file():
-            raise DataError(path, None, "file does not exist")
-    info = read_labels(train)
-    if info.task != spec.name:
-        raise DataError(train.parent / artifacts.LABELS, None,
-                        f"the data was prepared for {info.task!r}, not {spec.name!r}")
+    info = check_prepared(spec.name, train, dev, "fine-tuning")
     device = resolve_device(config.device)
     if device.type == "cuda" and world_size() > 1:  # under torchrun, each process trains on its own GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
