@@ -30,12 +30,13 @@ def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Option
     if base:
         lines.append(f"- **Base model**: `{base}`" + (f" (content {_short(tags['base_model_sha256'])})"
                                                        if tags.get("base_model_sha256") else ""))
-    encoder = info.get("encoder") or {}
+    encoder = info.get("encoder") or {}  # artifacts.encoder_lineage: a local encoder, ours or not
     if encoder:
-        ppl = (f"; perplexity {encoder['perplexity_before']:.2f} -> {encoder['perplexity_after']:.2f}"
-               if isinstance(encoder.get("perplexity_after"), (int, float)) else "")
-        lines.append(f"- **Encoder lineage**: pre-trained from `{encoder.get('base_model', '?')}` into "
-                     f"`{encoder.get('path', '?')}` (content {_short(encoder.get('sha256'))}){ppl}")
+        ppl = encoder.get("encoder_perplexity")
+        pretrained = (f"; pre-trained by `sllm pretrain` on corpus {_short(encoder.get('encoder_corpus_sha256'))}, "
+                      f"held-out perplexity {ppl:.2f}" if isinstance(ppl, (int, float)) else "")
+        lines.append(f"- **Encoder lineage**: `{encoder.get('encoder_path', '?')}` (content "
+                     f"{_short(encoder.get('encoder_sha256'))}){pretrained}")
     if info.get("train_sha256"):
         sizes = (f" ({info['train_docs']:,} docs / {info['dev_docs']:,} docs)"
                  if isinstance(info.get("train_docs"), int) and isinstance(info.get("dev_docs"), int) else "")

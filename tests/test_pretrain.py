@@ -324,6 +324,10 @@ def test_the_encoder_is_a_base_model_for_finetune_and_its_lineage_is_recorded(en
     client = MlflowClient()
     tags = client.get_model_version("adapted", version.version).tags
     assert {k: tags[k] for k in lineage} == {k: str(v) for k, v in lineage.items()}  # as meta.json has them
+    card = client.get_model_version("adapted", version.version).description
+    assert (f"**Encoder lineage**: `{out.resolve()}` (content `{sha256_model(out)[:12]}`); pre-trained by "
+            f"`sllm pretrain` on corpus `{result.corpus['sha256'][:12]}`, held-out perplexity "
+            f"{result.perplexity_after:.2f}") in card
     finetune_run = client.get_run(runs.log_finetune(tmp_path / "model"))
     assert finetune_run.data.tags["encoder_sha256"] == sha256_model(out)
 
