@@ -19,7 +19,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizerFast, GPT2Config, GPT2Model, TrainerCallback
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizerFast, GPT2Config, GPT2Model
 from transformers import set_seed
 from typer.testing import CliRunner
 
@@ -35,6 +35,7 @@ from spacy_llm_components.lm import (
 )
 from spacy_llm_components.pretrain import PretrainConfig, pretrain
 from spacy_llm_components.training import TrainingError, last_complete_checkpoint
+from test_train import _Interrupt
 
 runner = CliRunner()
 ANIMALS, PLACES = ["cat", "dog", "bird", "horse"], ["mat", "roof", "chair", "table", "bed"]
@@ -273,15 +274,6 @@ def test_pretraining_is_deterministic_and_resumes_as_if_never_interrupted(encode
     assert resumed.perplexity_after == pytest.approx(result.perplexity_after, rel=1e-5)
     steps = [json.loads(line)["step"] for line in (interrupted / "training_log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(0) == 1  # the base model's score is logged once
-
-
-class _Interrupt(TrainerCallback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.at_step:
-            raise KeyboardInterrupt  # what Ctrl-C does mid-training
 
 
 def test_a_seeded_share_of_the_corpus_is_held_out(ckpts, texts, tmp_path):
