@@ -1,5 +1,6 @@
 """Compression on real data: accuracy and CPU docs/s of fp32, bf16, int8, a 3-layer student and the
-student in int8, against `transformers.pipeline` fp32 on the same inputs, in one process.
+student in int8, against `transformers.pipeline` fp32 on the same inputs, in one process; and each
+variant's resident memory (step `memory`, a fresh process per variant).
 
 Step `train` (nice -n 19: the machine is shared) runs the real CLI per dataset: `sllm prepare`, then
 `sllm finetune` (the teacher) and `sllm distill --layers 3` (the student), skipping what exists. Step
@@ -10,6 +11,7 @@ keeping the best run. Data is read from ../shared/data; outputs go to bench/out/
 
     .venv/bin/python bench/bench_compress.py train                 # teachers and students (long)
     .venv/bin/python bench/bench_compress.py measure               # the table
+    .venv/bin/python bench/bench_compress.py memory                # resident memory
 """
 
 import argparse
@@ -194,6 +196,39 @@ def measure(name: str, args) -> List[dict]:
     return rows
 
 
+MEMORY_PROBE = """
+import gc, json, sys
+import psutil, spacy
+from spacy_llm_components.compress import hf_components
+folder, overrides = sys.argv[1], json.loads(sys.argv[2])
+process = psutil.Process()
+before = process.memory_info().rss
+nlp = spacy.load(folder, config={"components": {hf_components(folder)[0]: {"device": "cpu", **overrides}}})
+list(nlp.pipe(sys.argv[3:]))
+gc.collect()
+after = process.memory_info().rss
+print(json.dumps({"rss_mib": after / 2**20, "loaded_mib": (after - before) / 2**20}))
+"""
+
+
+def memory(name: str) -> List[dict]:
+    """Resident memory of each variant, each in a fresh process: after `spacy.load` and one batch of dev texts."""
+    import spacy
+
+    from spacy_llm_components.data import ReadOptions, load_docs
+
+    d = DATASETS[name]
+    options = ReadOptions(text_column="sentence") if d["task"] == "textcat" else ReadOptions()
+    texts = [doc.text for doc in load_docs(d["task"], DATA / d["dev"], spacy.blank("en"), options=options).docs[:32]]
+    rows = []
+    for variant, (folder, overrides) in variants(name).items():
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(folder), json.dumps(overrides), *texts],
+                             capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip().splitlines()[-1]
+        rows.append({"dataset": name, "variant": variant, **json.loads(out)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def table(rows: List[dict]) -> str:
     lines = ["| dataset | variant | metric | dev score | points lost | docs/s | x fp32 | x transformers.pipeline | "
              "load avg before |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -208,7 +243,7 @@ def table(rows: List[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["train", "measure"])
+    parser.add_argument("step", choices=["train", "measure", "memory"])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per contender (the best counts)")
     parser.add_argument("--hf-batch-size", type=int, default=32, help="transformers.pipeline batch size")
@@ -220,6 +255,12 @@ def main() -> None:
     if args.step == "train":
         for name in args.datasets:
             train(name)
+        return
+    if args.step == "memory":
+        rows = [row for name in args.datasets for row in memory(name)]
+        print("| dataset | variant | resident MiB | of which the loaded pipeline |\n| --- | --- | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['dataset']} | {r['variant']} | {r['rss_mib']:.0f} | {r['loaded_mib']:.0f} |")
         return
     import torch
 

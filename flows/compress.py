@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger, task
 from spacy_llm_components import registry, runs
 from spacy_llm_components.artifacts import METRICS, read_json, sha256_file, sha256_tree
 from spacy_llm_components.compress import (
-    CompressError, DistillConfig, check_methods, distill as distill_pipeline, quantized_copy,
+    CompressError, DistillConfig, check_distillation, check_max_drop, check_methods, distill as distill_pipeline,
+    quantized_copy,
 )
 from spacy_llm_components.data import load_docs
 from spacy_llm_components.flows.lifecycle import CACHE, RETRIES, _cached, _existing, _outputs, evaluate
@@ -63,8 +64,7 @@ def compress(model: str, test: str, methods: List[str], max_drop: float = 0.5, t
     trains on `train` / `dev` (prepared .spacy files) with `finetune_config` and `distill_config`.
     Outputs go to `workdir/compressed/vVERSION-METHOD` (default workdir: `<project>/training/NAME`)."""
     methods = check_methods(methods)
-    if max_drop < 0:
-        raise CompressError(f"max_drop {max_drop}: give the points a variant may lose, >= 0")
+    check_max_drop(max_drop)
     test = _existing(test)
     if "distill" in methods and not (train and dev):
         raise CompressError("distillation needs the prepared training data: pass train and dev (.spacy files)")
@@ -79,18 +79,20 @@ def compress(model: str, test: str, methods: List[str], max_drop: float = 0.5, t
     import spacy
 
     load_docs(spec.name, test, spacy.blank("en"))  # a test file of another task fails here, before any variant
+    config, dconfig = _filled(FinetuneConfig, finetune_config), _filled(DistillConfig, distill_config)
+    if "distill" in methods:  # bad settings or data fail now, before any variant is made or registered
+        dconfig["corpus"] = _existing(dconfig.get("corpus"))
+        check_distillation(source, train, dev, DistillConfig(**dconfig), FinetuneConfig(**config))
     root = Path(workdir).resolve() if workdir else project_dir() / "training" / ref.name
     source_tags = _source_evaluation(ref, folder, test, root, spec.primary)
     source_sha = sha256_tree(folder)
-    config, dconfig = _filled(FinetuneConfig, finetune_config), _filled(DistillConfig, distill_config)
     variants = []
     for method in methods:
         out = root / "compressed" / f"v{ref.version}-{ALIASES[method]}"
         if method == "int8":
             made = _cached(quantize_task, source=source, output=str(out / "model"), source_sha256=source_sha)
         else:
-            corpus = _existing(dconfig.get("corpus"))
-            dconfig["corpus"] = corpus
+            corpus = dconfig["corpus"]
             made = _cached(distill_task, source=source, train=train, dev=dev, output=str(out / "model"),
                            config=config, distill_config=dconfig, source_sha256=source_sha,
                            train_sha256=sha256_file(Path(train)), dev_sha256=sha256_file(Path(dev)),
@@ -101,6 +103,10 @@ def compress(model: str, test: str, methods: List[str], max_drop: float = 0.5, t
         speedup = _speedup(scored["statistics"], source_tags)
         if speedup is not None:
             tags["compression.speedup"] = f"{speedup:.3f}"
+        else:
+            get_run_logger().info("%s: no speed-up recorded: the source was timed on %s (%s), the variant on %s (%s)",
+                                  method, source_tags.get("speed.device"), source_tags.get("speed.machine"),
+                                  scored["statistics"].get("device"), scored["statistics"].get("machine"))
         if method == "distill":
             block = read_json(Path(made["pipeline"]) / "meta.json").get("sllm", {})
             tags["compression.kept_layers"] = ",".join(map(str, block.get("kept_layers", [])))
@@ -135,7 +141,9 @@ def _source_evaluation(ref, folder: Path, test: str, root: Path, primary: str) -
 
 
 def _speedup(statistics: Dict[str, Any], source_tags: Dict[str, str]) -> Optional[float]:
-    """The variant's docs/s over its source's, as each evaluation measured them."""
+    """The variant's docs/s over its source's, as each evaluation measured them; None unless both ran on
+    the same device of the same machine (a source evaluated on a GPU says nothing of a CPU int8 variant)."""
     source_rate = source_tags.get("speed.docs_per_second")
     rate = statistics.get("docs_per_second")
-    return rate / float(source_rate) if rate and source_rate else None
+    same = all(source_tags.get(f"speed.{k}") == str(statistics.get(k)) for k in ("device", "machine"))
+    return rate / float(source_rate) if rate and source_rate and same else None

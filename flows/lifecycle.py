@@ -241,10 +241,16 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
     (default `<project>/training/<name>`)."""
     for path in [*train, dev, test, *(pretrain_corpus or []), *(pretrain_dev or [])]:
         _existing(path)  # a missing test file fails now, not after fine-tuning
-    if compress_methods:
-        from spacy_llm_components.compress import check_methods
+    if compress_methods:  # bad compression settings fail now, not after fine-tuning and registering
+        from spacy_llm_components.compress import DistillConfig, check_distill_config, check_max_drop, check_methods
 
         check_methods(compress_methods)
+        check_max_drop(max_drop)
+        if "distill" in compress_methods:  # the teacher will have its base model's layers
+            from spacy_llm_components.hf import peek_config
+
+            base = FinetuneConfig(**(finetune_config or {})).base_model
+            check_distill_config(DistillConfig(**(distill_config or {})), peek_config(base).get("num_hidden_layers"))
     root = Path(workdir) if workdir else project_dir() / "training" / name
     prepared = prepare_data(task, train, str(root / "corpus"), dev=dev, text_column=text_column,
                             label_column=label_column, label_sep=label_sep)

@@ -13,7 +13,7 @@
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
@@ -48,6 +48,13 @@ def check_methods(methods: Sequence[str]) -> List[str]:
     return list(methods)
 
 
+def check_max_drop(max_drop: float) -> float:
+    """The points a variant may lose against its source and still get its alias: >= 0."""
+    if not max_drop >= 0:
+        raise CompressError(f"max_drop {max_drop}: give the points a variant may lose, >= 0")
+    return max_drop
+
+
 # ---------------------------------------------------------------------------------------------
 # int8
 
@@ -70,26 +77,35 @@ def hf_components(pipeline: Path) -> List[str]:
 
 def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path], runtime: str = "torch") -> Path:
     """Write `pipeline` (a folder or models:/ reference) to `output` with its hf_* components set to
-    `quantize = "int8"` on the CPU, in PyTorch or (`runtime = "onnxruntime"`) ONNX Runtime. The weights stay float32 and identical; metrics.json and
-    training_log.jsonl of the source come along; meta.json's `sllm` block records the source (a
-    registry reference pinned to its version, or the folder) and its content hash. `output` is
-    replaced whole, or left as it was on an error."""
+    `quantize = "int8"` on the CPU, in PyTorch or (`runtime = "onnxruntime"`) ONNX Runtime. The weights
+    stay float32 and identical; metrics.json and training_log.jsonl of the source come along; meta.json's
+    `sllm` block records the source (a registry reference pinned to its version, or the folder) and its
+    content hash. `output` is replaced whole, or left as it was on an error; it may not be the source or
+    a folder around it."""
     from .registry import local_pipeline, pin_model
 
     reference = pin_model(pipeline)
     folder = local_pipeline(pipeline)
-    output = Path(output).resolve()
-    if output == folder.resolve():
-        raise CompressError(f"{output}: the int8 copy needs another folder than its source")
+    output = _apart(output, folder, "the int8 copy")
     overrides = {name: {"quantize": "int8", "runtime": runtime, "device": "cpu"} for name in hf_components(folder)}
     try:
         nlp = spacy.load(folder, config={"components": overrides})
     except ValueError as err:  # e.g. a bfloat16 pipeline: int8 starts from float32 weights
         raise CompressError(f"{folder}: cannot quantize: {err}") from err
     block = dict(nlp.meta.get(artifacts.META_BLOCK) or {})
-    block[COMPRESSION] = {"method": "int8", "runtime": runtime, "source": str(reference), "source_sha256": sha256_tree(folder)}
+    block[COMPRESSION] = {"method": "int8", "runtime": runtime, "source": str(reference),
+                          "source_sha256": sha256_tree(folder)}
     nlp.meta[artifacts.META_BLOCK] = block
     artifacts.replace_folder(output, lambda tmp: _to_disk_with(nlp, folder, tmp))
+    return output
+
+
+def _apart(output: Union[str, Path], source: Path, what: str) -> Path:
+    """`output`, resolved, if replacing it whole cannot delete `source` (the same folder or one inside it)."""
+    output, source = Path(output).resolve(), Path(source).resolve()
+    if output == source or source.is_relative_to(output):
+        raise CompressError(f"{output}: {what} needs a folder apart from its source {source} (writing there would "
+                            "replace the source)")
     return output
 
 
@@ -117,16 +133,39 @@ class DistillConfig:
                                           '"questions": [...]} per line, as `sllm predict` reads')
 
 
+def check_distill_config(config: DistillConfig, teacher_layers: Optional[int] = None) -> Optional[List[int]]:
+    """Refuse bad distillation settings before any work: alpha, temperature, the corpus file, --layers /
+    --keep; with the teacher's layer count, also their range, and return the kept layer indices."""
+    if not 0.0 <= config.alpha <= 1.0:
+        raise CompressError(f"--alpha {config.alpha}: give a weight from 0 to 1")
+    if config.temperature <= 0:
+        raise CompressError(f"--temperature {config.temperature}: must be > 0")
+    if config.corpus and not Path(config.corpus).is_file():
+        raise DataError(Path(config.corpus), None, "file does not exist")
+    if teacher_layers is not None:
+        return kept_layers(teacher_layers, config)
+    _keep_indices(config)
+    if config.layers is not None and config.layers < 1:
+        raise CompressError(f"--layers {config.layers}: the student needs at least 1 layer")
+    return None
+
+
+def _keep_indices(config: DistillConfig) -> Optional[List[int]]:
+    if config.keep is not None and config.layers is not None:
+        raise CompressError("give --layers or --keep, not both")
+    if config.keep is None:
+        return None
+    try:
+        return [int(part) for part in str(config.keep).split(",") if part.strip()]
+    except ValueError:
+        raise CompressError(f"--keep {config.keep!r}: expected layer indices like 0,2,4") from None
+
+
 def kept_layers(teacher_layers: int, config: DistillConfig) -> List[int]:
     """The teacher layer indices the student keeps: `keep`, or `layers` spread evenly from the first
     (6 -> 3 keeps 0, 2, 4), or every other layer."""
-    if config.keep is not None and config.layers is not None:
-        raise CompressError("give --layers or --keep, not both")
-    if config.keep is not None:
-        try:
-            keep = [int(part) for part in str(config.keep).split(",") if part.strip()]
-        except ValueError:
-            raise CompressError(f"--keep {config.keep!r}: expected layer indices like 0,2,4") from None
+    keep = _keep_indices(config)
+    if keep is not None:
         bad = [i for i in keep if not 0 <= i < teacher_layers]
         if not keep or bad or len(set(keep)) != len(keep) or keep != sorted(keep):
             raise CompressError(f"--keep {config.keep!r}: the teacher has {teacher_layers} layers; give distinct "
@@ -175,7 +214,7 @@ def distill(teacher: Union[str, Path], train: Union[str, Path], dev: Union[str, 
     wall_start = time.perf_counter()
     config = config or FinetuneConfig()
     distill_config = distill_config or DistillConfig()
-    plan, teacher_model = _plan(teacher, Path(train), Path(dev), config, distill_config)
+    plan, teacher_model = _plan(teacher, Path(train), Path(dev), Path(output), config, distill_config)
     return train_pipeline(plan, Path(output), config, wall_start=wall_start, resume=resume,
                           keep_checkpoints=keep_checkpoints, progress=progress, callbacks=callbacks,
                           trainer_class=DistillTrainer,
@@ -183,25 +222,34 @@ def distill(teacher: Union[str, Path], train: Union[str, Path], dev: Union[str, 
                                           "temperature": distill_config.temperature})
 
 
-def _check_data(spec_name: str, labels: Sequence[str], train: Path, dev: Path):
+def _check_data(spec_name: str, labels: Sequence[str], multi_label: Optional[bool], train: Path, dev: Path):
     info = check_prepared(spec_name, train, dev, "distillation", whose="the teacher's task")
     if sorted(info.labels) != sorted(labels):
         raise DataError(train.parent / artifacts.LABELS, None,
                         f"the teacher's labels {sorted(labels)} differ from the data's {sorted(info.labels)}: "
                         "distill on data with the teacher's label set")
+    if multi_label is not None and bool(info.multi_label) != multi_label:
+        kinds = {True: "multi-label", False: "single-label"}
+        raise DataError(train.parent / artifacts.LABELS, None,
+                        f"the teacher is {kinds[multi_label]}, the data is {kinds[bool(info.multi_label)]}: "
+                        "distill on data of the teacher's kind")
     return info
 
 
-def _plan(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneConfig,
-          distill_config: DistillConfig):
-    """Load the teacher, check the data against it and the settings, and build the student pipeline
-    and its features: every error surfaces here, before an output folder exists."""
+def check_distillation(teacher: Union[str, Path], train: Union[str, Path], dev: Union[str, Path],
+                       distill_config: DistillConfig, config: Optional[FinetuneConfig] = None) -> List[int]:
+    """Everything `distill` refuses (the settings, the layers against the teacher's, the data's task,
+    labels and label kind against the teacher's), checked without training: the compress flow runs it
+    before it makes any variant. Returns the kept layer indices."""
+    config = replace(config or FinetuneConfig(), device="cpu")
+    return _load_and_check(teacher, Path(train), Path(dev), config, distill_config)[-1]
+
+
+def _load_and_check(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneConfig,
+                    distill_config: DistillConfig):
     from .registry import local_pipeline, pin_model
 
-    if not 0.0 <= distill_config.alpha <= 1.0:
-        raise CompressError(f"--alpha {distill_config.alpha}: give a weight from 0 to 1")
-    if distill_config.temperature <= 0:
-        raise CompressError(f"--temperature {distill_config.temperature}: must be > 0")
+    check_distill_config(distill_config)
     reference = pin_model(teacher)
     folder = local_pipeline(reference)
     names = hf_components(folder)
@@ -211,15 +259,24 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneCon
     if config.max_length:
         settings["max_length"] = config.max_length
     overrides = {"components": {name: dict(settings) for name in names}}
-    teacher_nlp = spacy.load(folder, config=overrides)
-    teacher_pipe = hf_component(teacher_nlp)
+    teacher_pipe = hf_component(spacy.load(folder, config=overrides))
     spec = teacher_pipe.spec
-    info = _check_data(spec.name, teacher_pipe.labels if spec.has_labels else [], train, dev)
+    info = _check_data(spec.name, teacher_pipe.labels if spec.has_labels else [],
+                       teacher_pipe.multi_label if spec.name == "textcat" else None, train, dev)
+    keep = kept_layers(len(encoder_layers(teacher_pipe.checkpoint.model)), distill_config)
+    return reference, folder, overrides, device, teacher_pipe, info, keep
+
+
+def _plan(teacher: Union[str, Path], train: Path, dev: Path, output: Path, config: FinetuneConfig,
+          distill_config: DistillConfig):
+    """Load the teacher, check the data against it and the settings, and build the student pipeline
+    and its features: every error surfaces here, before an output folder exists."""
+    reference, folder, overrides, device, teacher_pipe, info, keep = _load_and_check(teacher, train, dev, config,
+                                                                                   distill_config)
+    _apart(output, folder, "the student")
+    spec = teacher_pipe.spec
     corpus = Path(distill_config.corpus) if distill_config.corpus else None
-    if corpus is not None and not corpus.is_file():
-        raise DataError(corpus, None, "file does not exist")
     teacher_model = teacher_pipe.checkpoint.model
-    keep = kept_layers(len(encoder_layers(teacher_model)), distill_config)
 
     set_seed(config.seed)
     student_nlp = spacy.load(folder, config=overrides)
@@ -243,6 +300,7 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneCon
            "labels": info.labels, "multi_label": info.multi_label, "lang": info.lang,
            "teacher_sha256": sha256_tree(folder), "kept_layers": keep,
            "corpus_sha256": sha256_file(corpus) if corpus else None,
+           "distill_loss": {"alpha": distill_config.alpha, "temperature": distill_config.temperature},
            "config": asdict(config), "distill_config": asdict(distill_config)}
     teacher_block = artifacts.read_meta_block(folder)
     distillation = {"teacher": str(reference), "teacher_sha256": run["teacher_sha256"],
@@ -257,7 +315,7 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneCon
                                     f"{distillation['teacher_layers']} layers) with spacy-llm-components",
                         meta=meta, verb="distilled",
                         resume_keys=("task", "train_sha256", "dev_sha256", "labels", "teacher_sha256",
-                                     "kept_layers", "corpus_sha256"))
+                                     "kept_layers", "corpus_sha256", "distill_loss"))
     return plan, teacher_model
 
 

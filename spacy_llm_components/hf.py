@@ -12,7 +12,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from transformers import (
@@ -342,13 +342,20 @@ def save_checkpoint(checkpoint: Checkpoint, path: Union[str, Path]) -> Path:
     return replace_folder(path, lambda folder: write_checkpoint_files(checkpoint, folder))
 
 
+def peek_config(name: Union[str, Path]) -> Dict[str, Any]:
+    """config.json of a local checkpoint without loading it ({} when unknown or not local)."""
+    try:
+        config = json.loads((Path(resolve_source(name)) / "config.json").read_text(encoding="utf8"))
+    except (CheckpointError, OSError, TypeError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def peek_labels(name: Union[str, Path]) -> Optional[List[str]]:
     """id2label of a local checkpoint without loading it (None when unknown or not local)."""
     try:
-        source = resolve_source(name)
-        config = json.loads((Path(source) / "config.json").read_text(encoding="utf8"))
-        id2label = {int(k): v for k, v in config["id2label"].items()}
-    except (CheckpointError, OSError, TypeError, ValueError, KeyError):
+        id2label = {int(k): v for k, v in peek_config(name)["id2label"].items()}
+    except (AttributeError, TypeError, ValueError, KeyError):
         return None
     return [id2label[i] for i in sorted(id2label)]
 

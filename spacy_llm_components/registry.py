@@ -60,6 +60,7 @@ def evaluation_tags(metrics: Any, task: str) -> Dict[str, str]:
                  if isinstance(v, (int, float)) and not isinstance(v, bool)})
     tags.update({f"speed.{k}": repr(statistics[k]) for k in ("docs_per_second", "words_per_second",
                                                                "word_pieces_per_second") if statistics.get(k)})
+    tags.update({f"speed.{k}": str(statistics[k]) for k in ("device", "machine") if statistics.get(k)})
     return tags
 
 
@@ -125,7 +126,11 @@ def set_evaluation(name: str, version: str, metrics: Union[str, Path, Dict]) -> 
         metrics = read_json(metrics, written_by="`sllm evaluate -o FOLDER`")
     use_tracking()
     client = MlflowClient()
-    tags = evaluation_tags(metrics, client.get_model_version(name, version).tags.get("task", metrics.get("task")))
+    existing = client.get_model_version(name, version).tags
+    tags = evaluation_tags(metrics, existing.get("task", metrics.get("task")))
+    for key in existing:  # the previous evaluation's scores and speed go with it
+        if key.startswith(("metric.", "speed.")) and key not in tags:
+            client.delete_model_version_tag(name, version, key)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     return tags

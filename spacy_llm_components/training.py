@@ -106,8 +106,10 @@ def check_resume(output: Path, run: Dict[str, Any], resume: bool, same: List[str
     previous = read_json(checkpoints / RUN_FILE)
     for key in same:
         if previous.get(key) != run[key]:
-            raise TrainingError(f"{checkpoints}: the interrupted run used another {key.split('_')[0]} "
-                                f"({str(previous.get(key))[:80]!r}); resume with the same data, or delete the folder")
+            what = key[:-len("_sha256")] if key.endswith("_sha256") else key
+            raise TrainingError(f"{checkpoints}: the interrupted run used another {what} "
+                                f"({str(previous.get(key))[:80]!r}); resume with the same data and settings, "
+                                "or delete the folder")
     changed = sorted(k for k in run["config"] if previous.get("config", {}).get(k) != run["config"][k])
     if changed:
         logger.warning("resuming with changed settings %s: the result differs from an uninterrupted run", changed)

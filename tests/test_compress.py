@@ -81,6 +81,33 @@ def test_int8_copy_round_trips_with_float32_weights_and_int8_predictions(teacher
     assert not np.array_equal(probs, fp32_probs) and np.abs(probs - fp32_probs).max() < 0.05
 
 
+def test_int8_is_torch_dynamic_quantization_sharing_the_float32_tensors(teachers):
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = teachers["textcat"]["pipeline"]
+    nlp = spacy.load(source, config={"components": {"textcat": {"quantize": "int8", "device": "cpu"}}})
+    pipe = hf_component(nlp)
+    int8, fp32 = pipe._model, pipe.checkpoint.model
+    assert isinstance(int8.bert.encoder.layer[0].output.dense, torch.ao.nn.quantized.dynamic.Linear)
+    assert type(fp32.bert.encoder.layer[0].output.dense) is torch.nn.Linear  # kept for to_disk
+    shared = {id(t) for t in fp32.parameters()}  # the embeddings and norms are held once
+    words = [m.bert.embeddings.word_embeddings.weight for m in (int8, fp32)]
+    assert words[0].data_ptr() == words[1].data_ptr()
+    assert all(id(t) in shared for t in int8.parameters())
+    # the reference: torch's own dynamic quantization of the raw checkpoint, one text at a time
+    folder = next(source.glob("*/model"))
+    raw = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    reference = quantize_dynamic(raw, {torch.nn.Linear: per_channel_dynamic_qconfig})
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    labels = [raw.config.id2label[i] for i in range(raw.config.num_labels)]
+    for text in TEXTS:
+        with torch.no_grad():
+            want = torch.softmax(reference(**tokenizer(text, return_tensors="pt")).logits[0], -1).numpy()
+        got = nlp(text).cats
+        np.testing.assert_allclose([got[label] for label in labels], want, atol=1e-5, err_msg=text)
+
+
 def test_int8_ner_copy_predicts_like_the_in_memory_int8_pipeline(teachers, tmp_path):
     source = teachers["ner"]["pipeline"]
     copy = quantized_copy(source, tmp_path / "int8")
@@ -99,6 +126,15 @@ def test_quantizing_a_pipeline_without_hf_component_is_refused(tmp_path):
     assert not (tmp_path / "int8").exists()
     result = CliRunner().invoke(app, ["quantize", str(tmp_path / "plain"), "-o", str(tmp_path / "int8")])
     assert result.exit_code == 2 and "nothing to quantize" in result.output
+
+
+def test_quantizing_into_the_source_or_a_folder_around_it_is_refused(teachers):
+    pipeline = teachers["textcat"]["pipeline"]
+    before = sorted(p.name for p in pipeline.parent.iterdir())
+    for output in (pipeline, pipeline.parent):
+        with pytest.raises(CompressError, match="apart from its source"):
+            quantized_copy(pipeline, output)
+    assert sorted(p.name for p in pipeline.parent.iterdir()) == before and (pipeline / "config.cfg").is_file()
 
 
 # -- ONNX Runtime ------------------------------------------------------------------------------------
@@ -177,8 +213,13 @@ def test_onnxruntime_setting_is_checked_when_the_component_is_made(ckpts, monkey
     with pytest.raises(ValueError, match="runtime 'onnxruntime' starts from float32 weights"):
         nlp.add_pipe("hf_textcat", config={"model": str(ckpts["textcat"]), "runtime": "onnxruntime",
                                            "dtype": "bfloat16", "device": "cpu"})
-    with pytest.raises(ValueError, match="runs on the CPU"):
+    with pytest.raises(ValueError, match="runtime 'onnxruntime' runs on the CPU"):
         check_runtime("onnxruntime", None, torch.device("cuda:0"), torch.float32)
+    with pytest.raises(ValueError, match="quantize 'int8' runs on the CPU .* use dtype 'bfloat16'"):
+        check_runtime("torch", "int8", torch.device("cuda:0"), torch.float32)  # no silent fallback to fp32
+    with pytest.raises(ValueError, match="quantize 'int8' starts from float32 weights"):
+        nlp.add_pipe("hf_textcat", config={"model": str(ckpts["textcat"]), "quantize": "int8", "dtype": "bfloat16",
+                                           "device": "cpu"})
     import importlib.util
 
     find_spec = importlib.util.find_spec
@@ -305,9 +346,13 @@ def test_student_outputs_track_the_teachers_on_its_training_data(teachers, tmp_p
             settings, progress=False)
     distill(parts["pipeline"], parts["train"], parts["dev"], tmp_path / "trained",
             config(lr=3e-3, max_steps=30, eval_steps=30), settings, progress=False)
+    distill(parts["pipeline"], parts["train"], parts["dev"], tmp_path / "gold", config(lr=3e-3, max_steps=30,
+            eval_steps=30), DistillConfig(layers=1, alpha=0.0, temperature=1.0), progress=False)  # the control
     before = _kl(teacher, _raw_outputs(tmp_path / "init", inputs, task))
     after = _kl(teacher, _raw_outputs(tmp_path / "trained", inputs, task))
+    gold_only = _kl(teacher, _raw_outputs(tmp_path / "gold", inputs, task))
     assert before > 1e-5 and after < 0.5 * before, (before, after)
+    assert after < 0.8 * gold_only, (after, gold_only)  # the teacher's outputs, not the gold labels, did that
 
 
 def test_unlabelled_corpus_adds_rows_the_teacher_labels(teachers, tmp_path):
@@ -403,6 +448,9 @@ def test_distillation_resumes_to_the_uninterrupted_weights(teachers, tmp_path):
     with pytest.raises(FinetuneError, match="another kept"):  # another student cannot continue these checkpoints
         distill(parts["pipeline"], parts["train"], parts["dev"], out, settings, DistillConfig(keep="1,3"),
                 resume=True, progress=False)
+    with pytest.raises(FinetuneError, match="another distill_loss"):  # nor another loss
+        distill(parts["pipeline"], parts["train"], parts["dev"], out, settings, DistillConfig(layers=2, alpha=0.9),
+                resume=True, progress=False)
     result = distill(parts["pipeline"], parts["train"], parts["dev"], out, settings, DistillConfig(layers=2),
                      resume=True, progress=False)
     assert result.steps == 6 and result.resumed_from == 2
@@ -417,6 +465,8 @@ def test_bad_distillation_input_fails_before_writing(teachers, tmp_path):
     other = tmp_path / "other.conll"
     other.write_text("Lena B-MISC\nHartmann I-MISC\nsang O\n\nTomas B-MISC\nsang O\n")
     mismatched = prepare("ner", [other], tmp_path / "mismatched", dev=other)
+    textcat_train, textcat_dev, _ = demo_files("textcat")
+    multi = prepare("textcat", [textcat_train], tmp_path / "multi", dev=textcat_dev, multi_label=True)
     plain = tmp_path / "plain"
     nlp = spacy.blank("en")
     nlp.add_pipe("sentencizer")
@@ -425,6 +475,11 @@ def test_bad_distillation_input_fails_before_writing(teachers, tmp_path):
         (ner["pipeline"], ner["train"], ner["dev"], DistillConfig(layers=0), CompressError, "--layers 0"),
         (ner["pipeline"], ner["train"], ner["dev"], DistillConfig(layers=5), CompressError, "the teacher has 4"),
         (ner["pipeline"], ner["train"], ner["dev"], DistillConfig(keep="0,4"), CompressError, "--keep '0,4'"),
+        (ner["pipeline"], ner["train"], ner["dev"], DistillConfig(keep="-1,2"), CompressError, "--keep '-1,2'"),
+        (ner["pipeline"], ner["train"], ner["dev"], DistillConfig(keep="2,0"), CompressError, "increasing order"),
+        (ner["pipeline"], ner["train"], ner["dev"], DistillConfig(keep="1,1"), CompressError, "distinct"),
+        (textcat["pipeline"], multi.train, multi.dev, DistillConfig(), DataError,
+         "the teacher is single-label, the data is multi-label"),
         (ner["pipeline"], mismatched.train, mismatched.dev, DistillConfig(), DataError,
          r"labels.json: the teacher's labels \[.*\] differ from the data's \['MISC'\]"),
         (ner["pipeline"], textcat["train"], textcat["dev"], DistillConfig(), DataError, "prepared for 'textcat'"),
@@ -437,6 +492,9 @@ def test_bad_distillation_input_fails_before_writing(teachers, tmp_path):
         with pytest.raises(error, match=match):
             distill(teacher, train, dev, tmp_path / "out", config(), settings, progress=False)
         assert not (tmp_path / "out").exists(), match
+    with pytest.raises(CompressError, match="apart from its source"):  # replacing the folder would delete it
+        distill(ner["pipeline"], ner["train"], ner["dev"], ner["pipeline"].parent, config(), progress=False)
+    assert (ner["pipeline"] / "config.cfg").is_file()
     result = CliRunner().invoke(app, ["distill", str(ner["pipeline"]), "--train", str(ner["train"]), "--dev",
                                       str(ner["dev"]), "-o", str(tmp_path / "out"), "--layers", "9", "--no-track"])
     assert result.exit_code == 2 and "--layers 9: the student needs 1 to 4 layers" in result.output

@@ -14,7 +14,7 @@ from spacy_llm_components.artifacts import sha256_file
 from spacy_llm_components.compress import CompressError, quantized_copy
 from spacy_llm_components.data import DataError
 from spacy_llm_components.flows import lifecycle
-from spacy_llm_components.flows.compress import compress
+from spacy_llm_components.flows.compress import _speedup, compress
 
 pytestmark = pytest.mark.slow
 TRAINING = {"max_steps": 2, "batch_size": 8, "eval_steps": 2, "device": "cpu"}
@@ -61,6 +61,7 @@ def test_compress_registers_gated_variants_with_their_tags(tiny_pipelines, mlflo
         assert tags["eval_sha256"] == test_hash == teacher.tags["eval_sha256"]  # the teacher's test file
         for key in ("docs_per_second", "words_per_second", "word_pieces_per_second"):
             assert float(tags[f"speed.{key}"]) == evaluation["statistics"][key] > 0
+        assert tags["speed.device"] == "cpu" and tags["speed.machine"] == evaluation["statistics"]["machine"]
         assert variant["gate"]["promoted"] and _alias("small-ner", alias) == variant["version"]
         assert tags["promotion"].startswith(f"promoted to {alias}: ents_f")
     assert versions[result["variants"][1]["version"]].tags["compression.kept_layers"] == "0"
@@ -139,7 +140,46 @@ def test_bad_compress_input_writes_no_version(tiny_pipelines, mlflow_project, tm
         compress("models:/refused/1", str(parts["test"]), ["int4"], workdir=str(workdir))
     with pytest.raises(CompressError, match="distillation needs the prepared training data"):
         compress("models:/refused/1", str(parts["test"]), ["distill"], workdir=str(workdir))
+    with pytest.raises(CompressError, match="max_drop -1"):
+        compress("models:/refused/1", str(parts["test"]), ["int8"], max_drop=-1, workdir=str(workdir))
+    corpus = parts["corpus"]
+    data = {"train": str(corpus / "train.spacy"), "dev": str(corpus / "dev.spacy"), "workdir": str(workdir)}
+    for settings, message in (({"layers": 0}, "--layers 0: the student needs"),
+                              ({"layers": 3}, "--layers 3: the student needs 1 to 2 layers"),
+                              ({"keep": "0,2"}, "--keep '0,2': the teacher has 2 layers"),
+                              ({"alpha": 1.5}, "--alpha 1.5"), ({"temperature": 0}, "--temperature 0")):
+        # int8 is listed first: the distillation settings are refused before any variant is made
+        with pytest.raises(CompressError, match=message):
+            compress("models:/refused/1", str(parts["test"]), ["int8", "distill"], distill_config=settings, **data)
+    other = tiny_pipelines["textcat"]["corpus"]  # another task's prepared data
+    with pytest.raises(DataError, match="teacher's task"):
+        compress("models:/refused/1", str(parts["test"]), ["int8", "distill"], train=str(other / "train.spacy"),
+                 dev=str(other / "dev.spacy"), workdir=str(workdir))
     assert sorted(_versions("refused")) == ["1"] and not workdir.exists()
+
+
+def test_speedup_is_recorded_only_between_evaluations_on_one_device_and_machine():
+    statistics = {"docs_per_second": 300.0, "device": "cpu", "machine": "AMD EPYC (2 cores)"}
+    source = {"speed.docs_per_second": "100.0", "speed.device": "cpu", "speed.machine": "AMD EPYC (2 cores)"}
+    assert _speedup(statistics, source) == 3.0
+    assert _speedup(statistics, {**source, "speed.device": "cuda:0", "speed.machine": "NVIDIA H100"}) is None
+    assert _speedup(statistics, {**source, "speed.machine": "Intel Xeon (2 cores)"}) is None
+    assert _speedup(statistics, {"speed.docs_per_second": "100.0"}) is None  # registered before devices were tagged
+
+
+def test_run_refuses_bad_compression_settings_before_preparing_anything(ckpts, mlflow_project):
+    train, dev, test = demo_files("textcat")
+    params = dict(task="textcat", train=[str(train)], name="run-refused", dev=str(dev), test=str(test),
+                  finetune_config={"base_model": str(ckpts["base"]), **TRAINING}, progress=False)
+    layers = json.loads((Path(ckpts["base"]) / "config.json").read_text())["num_hidden_layers"]
+    for extra, message in (({"max_drop": -0.5}, "max_drop -0.5"),
+                           ({"distill_config": {"layers": 0}}, "--layers 0"),
+                           ({"distill_config": {"layers": layers + 1}}, f"--layers {layers + 1}"),
+                           ({"distill_config": {"alpha": -1}}, "--alpha -1")):
+        with pytest.raises(CompressError, match=message):
+            lifecycle.train_pipeline(**params, compress_methods=["int8", "distill"], **extra)
+    assert not (mlflow_project / "training" / "run-refused").exists()
+    assert _versions("run-refused") == {}
 
 
 def test_run_with_compress_registers_the_teacher_then_its_int8_variant(ckpts, mlflow_project):

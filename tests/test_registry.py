@@ -46,6 +46,24 @@ def test_register_tags_aliases_and_is_idempotent(tiny_pipelines, mlflow_project)
     assert len(client.search_model_versions("name = 'ner-model'")) == 1
 
 
+def test_a_new_evaluation_replaces_the_old_ones_tags_whole(tiny_pipelines, mlflow_project):
+    ner = tiny_pipelines["ner"]
+    registry.register(ner["pipeline"], "re-evaluated", metrics=ner["evaluation"] / "metrics.json")
+    client = MlflowClient(project.use_tracking())
+    before = client.get_model_version("re-evaluated", "1").tags
+    assert {"metric.ents_p", "speed.docs_per_second", "speed.device", "speed.machine"} <= set(before)
+    assert before["speed.device"] == "cpu"
+    later = {"task": "ner", "primary": "ents_f", "scores": {"ents_f": 0.25}, "test_sha256": "other",
+             "statistics": {"docs": 3, "docs_per_second": 12.5}}
+    registry.set_evaluation("re-evaluated", "1", later)
+    tags = client.get_model_version("re-evaluated", "1").tags
+    assert (tags["primary_value"], tags["eval_sha256"], tags["speed.docs_per_second"]) == ("0.25", "other", "12.5")
+    # the earlier evaluation's other scores and its device are gone, not left to be read as this one's
+    assert not [k for k in tags if k.startswith(("metric.", "speed.")) and k not in ("metric.ents_f",
+                                                                                      "speed.docs_per_second")]
+    assert tags["task"] == "ner" and tags["train_sha256"] == before["train_sha256"]  # the rest is kept
+
+
 def test_register_rejects_bad_input(tiny_pipelines, mlflow_project, tmp_path):
     with pytest.raises(ValueError, match="not a spaCy pipeline folder"):
         registry.register(tmp_path, "x")
