@@ -30,7 +30,7 @@ from .hf import Checkpoint, encoder_layers, keep_layers, resolve_device, save_ch
 from .train import (
     FinetuneConfig, FinetuneResult, PipelineTrainer, TrainingPlan, check_prepared, schedule, train_pipeline,
 )
-from .training import setting
+from .training import setting, training_device
 
 METHODS = ("int8", "distill")  # what `sllm run --compress` and the compress flow produce
 COMPRESSION = "compression"  # key of the `sllm` meta block that says how a variant was made
@@ -241,8 +241,9 @@ def check_distillation(teacher: Union[str, Path], train: Union[str, Path], dev: 
     """Everything `distill` refuses (the settings, the layers against the teacher's, the data's task,
     labels and label kind against the teacher's), checked without training: the compress flow runs it
     before it makes any variant. Returns the kept layer indices."""
-    config = replace(config or FinetuneConfig(), device="cpu")
-    return _load_and_check(teacher, Path(train), Path(dev), config, distill_config)[-1]
+    config = config or FinetuneConfig()
+    resolve_device(config.device)  # a device this machine lacks fails here too; the check itself runs on the CPU
+    return _load_and_check(teacher, Path(train), Path(dev), replace(config, device="cpu"), distill_config)[-1]
 
 
 def _load_and_check(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneConfig,
@@ -253,7 +254,7 @@ def _load_and_check(teacher: Union[str, Path], train: Path, dev: Path, config: F
     reference = pin_model(teacher)
     folder = local_pipeline(reference)
     names = hf_components(folder)
-    device = resolve_device(config.device)
+    device = training_device(config.device)
     # both run in float32 on the training device (bf16 comes from the Trainer's autocast on CUDA)
     settings = {"device": str(device), "dtype": "float32", "quantize": None, "runtime": "torch"}
     if config.max_length:

@@ -27,11 +27,12 @@ from .artifacts import CHECKPOINTS, METRICS, LabelInfo, read_labels, sha256_file
 from .build import build_pipeline, hf_component
 from .data import DataError, load_docs
 from .evaluate import score_pipeline
-from .hf import DEFAULT_MODEL, resolve_device
+from .hf import DEFAULT_MODEL
 from .tasks import TaskSpec, task_spec
 from .training import (
     CountingCollator, EvaluateAtEnd, JsonlLog, TimedTrainer, TrainingError, barrier, check_resume, checkpoint_step,
-    duration, precision_for, setting, start_run, sum_over_processes, training_arguments, world_size,
+    duration, precision_for, setting, start_run, sum_over_processes, training_arguments, training_device,
+    world_size,
 )
 
 FinetuneError = TrainingError  # the name callers of `finetune` catch
@@ -226,11 +227,7 @@ def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> Training
     work out the schedule: every error surfaces here, before an output folder exists."""
     spec = task_spec(task)
     info = check_prepared(spec.name, train, dev, "fine-tuning")
-    device = resolve_device(config.device)
-    if device.type == "cuda" and world_size() > 1:  # under torchrun, each process trains on its own GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda" and device.index:
-        torch.cuda.set_device(device)
+    device = training_device(config.device)
     vocab_nlp = spacy.blank(info.lang)
     train_docs = load_docs(spec.name, train, vocab_nlp).docs
     dev_docs = load_docs(spec.name, dev, vocab_nlp).docs

@@ -43,6 +43,19 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def training_device(device: str) -> torch.device:
+    """The device a training process puts its models on: `device` resolved ('auto', 'cpu', 'cuda:N'),
+    except that under torchrun each process trains on its own GPU (cuda:LOCAL_RANK)."""
+    from .hf import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and world_size() > 1:
+        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if resolved.type == "cuda" and resolved.index:
+        torch.cuda.set_device(resolved)
+    return resolved
+
+
 def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 

@@ -499,6 +499,11 @@ def test_bad_distillation_input_fails_before_writing(teachers, tmp_path):
                                       str(ner["dev"]), "-o", str(tmp_path / "out"), "--layers", "9", "--no-track"])
     assert result.exit_code == 2 and "--layers 9: the student needs 1 to 4 layers" in result.output
     assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():  # --gpu-id is honoured: a GPU this machine lacks is named
+        result = CliRunner().invoke(app, ["distill", str(ner["pipeline"]), "--train", str(ner["train"]), "--dev",
+                                          str(ner["dev"]), "-o", str(tmp_path / "out"), "--gpu-id", "0", "--no-track"])
+        assert result.exit_code == 2 and "device 'cuda:0': no CUDA device" in result.output, result.output
+        assert not (tmp_path / "out").exists()
 
 
 def test_distill_command_writes_a_student(teachers, tmp_path):

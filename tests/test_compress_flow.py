@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import spacy
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import demo_files
@@ -151,6 +152,10 @@ def test_bad_compress_input_writes_no_version(tiny_pipelines, mlflow_project, tm
         # int8 is listed first: the distillation settings are refused before any variant is made
         with pytest.raises(CompressError, match=message):
             compress("models:/refused/1", str(parts["test"]), ["int8", "distill"], distill_config=settings, **data)
+    if not torch.cuda.is_available():  # distillation's device is checked before any variant too
+        with pytest.raises(ValueError, match="device 'cuda:0': no CUDA device"):
+            compress("models:/refused/1", str(parts["test"]), ["int8", "distill"],
+                     finetune_config={**TRAINING, "device": "cuda:0"}, **data)
     other = tiny_pipelines["textcat"]["corpus"]  # another task's prepared data
     with pytest.raises(DataError, match="teacher's task"):
         compress("models:/refused/1", str(parts["test"]), ["int8", "distill"], train=str(other / "train.spacy"),

@@ -8,7 +8,9 @@ import typer
 from ..compress import DistillConfig
 from ..data import DataError
 from ..train import FinetuneConfig
-from .common import KeepCheckpoints, ModelArg, Resume, Track, app, fail, training_errors, with_settings
+from .common import (
+    GpuId, KeepCheckpoints, ModelArg, Resume, Track, app, device_of, fail, training_errors, with_settings,
+)
 
 NOT_FOR_DISTILLATION = ("base_model",)  # the student starts from the teacher
 
@@ -40,6 +42,7 @@ def distill_command(
     train: Path = typer.Option(..., help="train.spacy from `sllm prepare` (the teacher's labels)"),
     dev: Path = typer.Option(..., help="dev.spacy from `sllm prepare`"),
     output: Path = typer.Option(..., "--output", "-o", help="spaCy pipeline folder to write (the student)"),
+    gpu_id: Optional[int] = GpuId,
     resume: bool = Resume,
     keep_checkpoints: bool = KeepCheckpoints,
     track: bool = Track,
@@ -51,6 +54,8 @@ def distill_command(
     from ..compress import distill
     from ..training import is_main_process
 
+    if gpu_id is not None:
+        config.device = device_of(gpu_id)
     with training_errors(output):
         result = distill(teacher, train, dev, output, config, distill_config, resume=resume,
                          keep_checkpoints=keep_checkpoints)
@@ -90,6 +95,7 @@ def compress_command(
     train: Optional[Path] = typer.Option(None, help="train.spacy from `sllm prepare` (for distill)"),
     dev: Optional[Path] = typer.Option(None, help="dev.spacy from `sllm prepare` (for distill)"),
     workdir: Optional[Path] = typer.Option(None, help="outputs (variants and evaluations); default training/NAME"),
+    gpu_id: Optional[int] = GpuId,
     config: FinetuneConfig = None,
     distill_config: DistillConfig = None,
 ) -> None:
@@ -99,6 +105,9 @@ def compress_command(
 
     chosen = parse_methods(methods)
     from ..flows.compress import compress
+
+    if gpu_id is not None:  # where distillation trains (int8 variants run on the CPU)
+        config.device = device_of(gpu_id)
 
     absolute = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
     try:
