@@ -61,8 +61,7 @@ def server(tmp_path_factory):
         _wait(healthy, 180, "the Prefect server did not answer")
         yield api
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +83,18 @@ def deployed(server, tmp_path_factory):
     try:
         yield folder, env
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+        _stop(worker)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group; on a busy machine a Prefect process can miss that for a minute (seen
+    once as a teardown error), so then SIGKILL."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
 
 
 def _run(deployed, deployment: str, params: dict) -> dict:
