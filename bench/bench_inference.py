@@ -49,7 +49,7 @@ from transformers import (  # noqa: E402
 )
 
 import spacy_llm_components  # noqa: E402,F401
-from spacy_llm_components.decode import tags_for_types  # noqa: E402
+from spacy_llm_components.core.decode import tags_for_types  # noqa: E402
 from spacy_llm_components.hf import DEFAULT_MODEL, resolve_source  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

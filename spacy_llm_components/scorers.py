@@ -13,8 +13,8 @@ from spacy.scorer import get_ner_prf
 from spacy.training import Example
 from spacy.util import registry
 
-from .decode import decide_labels, label_thresholds
-from .metrics import classification_scores, confusion_matrix, squad_scores
+from .core.decode import decide_labels, label_thresholds
+from .core.metrics import classification_scores, confusion_matrix, squad_scores
 
 
 def score_squad(examples: Iterable[Example], *, spans_key: str = "answers", **_: Any) -> Dict[str, Any]:

@@ -25,6 +25,7 @@ from transformers import (
     DataCollatorWithPadding,
 )
 
+from .core.constants import IGNORE_INDEX
 from .data.conll import read_conll
 from .data.errors import BadRecords, DataError
 from .data.jsonl import read_cats_jsonl, read_ner_jsonl
@@ -259,15 +260,11 @@ class NerSpec(TaskSpec):
         return DataCollatorForTokenClassification(tokenizer)  # labels padded with -100
 
     def soft_loss(self, student, teacher, batch, temperature, pipe):  # per piece that the tagger reads
-        from .components.base import IGNORE_INDEX
-
         mask = batch["labels"] != IGNORE_INDEX  # first pieces of words, in gold and unlabelled rows alike
         kl = _kl(student.logits.float()[mask] / temperature, teacher.logits.float()[mask] / temperature)
         return kl.mean() * temperature ** 2 if kl.numel() else student.logits.sum() * 0.0
 
     def gold_loss(self, student, batch, pipe):
-        from .components.base import IGNORE_INDEX
-
         labels = batch["labels"].masked_fill(~batch["gold"].bool()[:, None], IGNORE_INDEX)
         if not (labels != IGNORE_INDEX).any():
             return student.logits.sum() * 0.0

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spacy_llm_components.align import (
+from spacy_llm_components.core.align import (
     group_words,
     merge_window_scores,
     pack_units,

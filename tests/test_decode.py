@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from spacy_llm_components.decode import (
+from spacy_llm_components.core.decode import (
     LabelSchemeError,
     answer_candidates,
     decode_entities,

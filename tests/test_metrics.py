@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spacy_llm_components.metrics import exact_match, normalize_answer, roc_auc, squad_scores, token_f1
+from spacy_llm_components.core.metrics import exact_match, normalize_answer, roc_auc, squad_scores, token_f1
 
 
 def pairwise_auc(gold, score):

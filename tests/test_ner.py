@@ -12,8 +12,8 @@ from spacy.training import Example
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from spacy_llm_components import CheckpointError
-from spacy_llm_components.align import window_spans
-from spacy_llm_components.decode import decode_entities, log_softmax, transitions
+from spacy_llm_components.core.align import window_spans
+from spacy_llm_components.core.decode import decode_entities, log_softmax, transitions
 
 from conftest import model_inputs
 

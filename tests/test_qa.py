@@ -5,7 +5,7 @@ import spacy
 from spacy.training import Example
 
 from spacy_llm_components import ask
-from spacy_llm_components.metrics import exact_match, token_f1
+from spacy_llm_components.core.metrics import exact_match, token_f1
 
 from conftest import model_inputs
 

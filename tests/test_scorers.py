@@ -60,7 +60,7 @@ def test_multilabel_accuracy_is_exact_set_match(nlp):
 
 def _tags_to_doc(nlp, words, tags) -> Doc:
     doc = Doc(nlp.vocab, words=words)
-    from spacy_llm_components.decode import tags_to_entities
+    from spacy_llm_components.core.decode import tags_to_entities
 
     doc.ents = [Span(doc, s, e, label=t) for s, e, t in tags_to_entities(tags)]
     return doc

@@ -30,7 +30,6 @@ from .trainable import check_labels, loss_model, training_docs
 from .inputs import Batch, Feature, ModelInput, Pieces, Rows, SpecialTokens, pad_inputs, padded_batches
 
 MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
-IGNORE_INDEX = -100  # label of positions the loss skips (torch's CrossEntropyLoss default)
 
 def _one_thread_after_fork() -> None:
     """Forked children (spaCy's `nlp.pipe(n_process=N)`) cannot use the parent's OpenMP

@@ -9,7 +9,7 @@ import numpy as np
 from spacy.attrs import ENT_IOB, ENT_TYPE, IDX, LENGTH
 from spacy.tokens import Doc, Span
 
-from ..align import range_positions, resolve_overlaps, snap_many
+from ..core.align import range_positions, resolve_overlaps, snap_many
 from .inputs import Words
 
 

@@ -10,7 +10,7 @@ from spacy.tokens import Doc, Span, SpanGroup
 import torch
 from spacy.attrs import ENT_IOB
 
-from ..align import (
+from ..core.align import (
     group_words,
     merge_window_scores,
     padded_ranges,
@@ -19,7 +19,7 @@ from ..align import (
     window_spans,
     word_char_spans,
 )
-from ..decode import (
+from ..core.decode import (
     DECODERS,
     SCHEMES,
     LabelSchemeError,
@@ -37,7 +37,8 @@ from ..decode import (
 from ..extensions import value_key
 from ..hf import DEFAULT_MODEL, CheckpointError
 from ..tasks import TASKS
-from .base import IGNORE_INDEX, Feature, HFPipe, shared_settings, span_record
+from ..core.constants import IGNORE_INDEX
+from .base import Feature, HFPipe, shared_settings, span_record
 from .entities import Entities, combine, locate, set_ents_arrays
 from .inputs import Pieces, Rows, Words
 

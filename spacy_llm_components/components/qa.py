@@ -6,8 +6,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from spacy.language import Language
 from spacy.tokens import Doc, Span, SpanGroup
 
-from ..align import snap_to_tokens, unit_piece_ranges, window_spans
-from ..decode import answer_candidates
+from ..core.align import snap_to_tokens, unit_piece_ranges, window_spans
+from ..core.decode import answer_candidates
 from ..hf import DEFAULT_MODEL
 from ..tasks import TASKS
 from .base import Feature, HFPipe, ModelInput, shared_settings, span_record

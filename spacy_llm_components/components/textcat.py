@@ -7,8 +7,8 @@ import torch
 from spacy.language import Language
 from spacy.tokens import Doc
 
-from ..align import pack_units, refine_units, unit_piece_ranges
-from ..decode import decide_labels, label_thresholds, softmax
+from ..core.align import pack_units, refine_units, unit_piece_ranges
+from ..core.decode import decide_labels, label_thresholds, softmax
 from ..hf import DEFAULT_MODEL
 from ..tasks import TASKS
 from .base import Feature, HFPipe, ModelInput, shared_settings

@@ -12,7 +12,7 @@ from typing import List, Tuple
 from spacy.tokens import Doc, Span
 from spacy.vocab import Vocab
 
-from ..decode import LabelSchemeError, detect_scheme, parse_tag, tags_for_types, tags_to_entities, transitions
+from ..core.decode import LabelSchemeError, detect_scheme, parse_tag, tags_for_types, tags_to_entities, transitions
 from .errors import BadRecord, BadRecords, DataError
 from .text import numbered_lines, read_text
 
