@@ -50,7 +50,7 @@ from transformers import (  # noqa: E402
 
 import spacy_llm_components  # noqa: E402,F401
 from spacy_llm_components.core.decode import tags_for_types  # noqa: E402
-from spacy_llm_components.hf import DEFAULT_MODEL, resolve_source  # noqa: E402
+from spacy_llm_components.models.checkpoint import DEFAULT_MODEL, resolve_source  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUT = Path(__file__).resolve().parent / "out"

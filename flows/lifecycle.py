@@ -247,7 +247,7 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
         check_methods(compress_methods)
         check_max_drop(max_drop)
         if "distill" in compress_methods:  # the teacher will have its base model's layers
-            from spacy_llm_components.hf import peek_config
+            from spacy_llm_components.models.checkpoint import peek_config
 
             base = FinetuneConfig(**(finetune_config or {})).base_model
             check_distill_config(DistillConfig(**(distill_config or {})), peek_config(base).get("num_hidden_layers"))

@@ -14,7 +14,7 @@ from .components.ner import HFEntityRecognizer  # noqa: E402
 from .components.qa import HFQuestionAnswerer, ask  # noqa: E402
 from .components.textcat import HFTextCategorizer  # noqa: E402
 from .export import export_hf  # noqa: E402
-from .hf import CheckpointError  # noqa: E402
+from .models.checkpoint import CheckpointError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ask", "export_hf", "CheckpointError", "HFEntityRecognizer", "HFQuestionAnswerer", "HFTextCategorizer"]

@@ -26,7 +26,9 @@ from . import artifacts
 from .artifacts import METRICS, TRAINING_LOG, sha256_file, sha256_tree
 from .build import hf_component
 from .data import DataError, load_docs
-from .hf import Checkpoint, encoder_layers, keep_layers, resolve_device, save_checkpoint
+from .models.devices import resolve_device
+from .models.encoder import encoder_layers
+from .models.task_model import save_task_checkpoint, with_layers
 from .train import (
     FinetuneConfig, FinetuneResult, PipelineTrainer, TrainingPlan, check_prepared, schedule, train_pipeline,
 )
@@ -264,7 +266,7 @@ def _load_and_check(teacher: Union[str, Path], train: Path, dev: Path, config: F
     spec = teacher_pipe.spec
     info = _check_data(spec.name, teacher_pipe.labels if spec.has_labels else [],
                        teacher_pipe.multi_label if spec.name == "textcat" else None, train, dev)
-    keep = kept_layers(len(encoder_layers(teacher_pipe.checkpoint.model)), distill_config)
+    keep = kept_layers(len(encoder_layers(teacher_pipe.checkpoint.encoder.model)), distill_config)
     return reference, folder, overrides, device, teacher_pipe, info, keep
 
 
@@ -283,9 +285,7 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, output: Path, confi
     student_nlp = spacy.load(folder, config=overrides)
     student_pipe = hf_component(student_nlp)
     with tempfile.TemporaryDirectory(prefix="sllm-student-") as tmp:  # loaded back through the public from_disk
-        checkpoint = teacher_pipe.checkpoint
-        save_checkpoint(Checkpoint(keep_layers(teacher_model, keep), checkpoint.tokenizer, checkpoint.source, False),
-                        Path(tmp) / "model")
+        save_task_checkpoint(with_layers(teacher_pipe.checkpoint, keep), Path(tmp) / "model")
         student_pipe.from_disk(tmp)
     vocab_nlp = spacy.blank(info.lang)
     train_docs = load_docs(spec.name, train, vocab_nlp).docs
@@ -305,7 +305,7 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, output: Path, confi
            "config": asdict(config), "distill_config": asdict(distill_config)}
     teacher_block = artifacts.read_meta_block(folder)
     distillation = {"teacher": str(reference), "teacher_sha256": run["teacher_sha256"],
-                    "teacher_layers": len(encoder_layers(teacher_model)), "kept_layers": keep,
+                    "teacher_layers": len(encoder_layers(teacher_pipe.checkpoint.encoder.model)), "kept_layers": keep,
                     "alpha": distill_config.alpha, "temperature": distill_config.temperature,
                     "corpus": str(corpus) if corpus else None}
     meta = {**run, "base_model": teacher_block.get("base_model", str(reference)),

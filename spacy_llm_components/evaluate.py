@@ -20,7 +20,7 @@ from spacy.training import Example
 
 from .artifacts import METRICS, json_bytes, sha256_file, write_files
 from .build import hf_component
-from .project import machine
+from .models.devices import machine
 from .data import ReadOptions, load_docs
 
 

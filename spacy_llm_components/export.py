@@ -6,7 +6,7 @@ from typing import Union
 from spacy.language import Language
 
 from .components.base import HFPipe
-from .hf import save_checkpoint
+from .models.task_model import save_task_checkpoint
 
 
 def export_hf(nlp: Language, component: str, output: Union[str, Path]) -> Path:
@@ -17,4 +17,4 @@ def export_hf(nlp: Language, component: str, output: Union[str, Path]) -> Path:
     pipe = nlp.get_pipe(component)
     if not isinstance(pipe, HFPipe):
         raise ValueError(f"component {component!r} is a {type(pipe).__name__}, not an hf_* component")
-    return save_checkpoint(pipe.checkpoint, output)
+    return save_task_checkpoint(pipe.checkpoint, output)

@@ -30,7 +30,7 @@ from transformers import DataCollatorForLanguageModeling, DataCollatorForWholeWo
 
 from .data import DataError
 from .data.corpus import TEXT_UNITS, corpus_texts
-from .hf import MaskedLM, load_masked_lm
+from .models.masked_lm import MaskedLM, load_masked_lm
 from .training import TrainingError, setting
 
 PathLike = Union[str, Path]

@@ -27,7 +27,9 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from . import artifacts
 from .artifacts import CHECKPOINTS, METRICS, sha256_file
 from .data import DataError
-from .hf import DEFAULT_MODEL, MaskedLM, load_masked_lm, resolve_device, write_checkpoint_files
+from .models.checkpoint import DEFAULT_MODEL
+from .models.devices import resolve_device
+from .models.masked_lm import MaskedLM, load_masked_lm, write_masked_lm
 from .lm import (
     BlockMasking, LMDataConfig, block_length, check_settings, check_whole_word_tokenizer, corpus_cache, count_pieces,
     datasets_progress, derived_seed, heldout_masking, masked_batches, masked_loss_sum, mlm_head, perplexity,
@@ -309,7 +311,7 @@ def _write_outputs(plan: _Plan, output: Path, config: PretrainConfig, result: Pr
     plan.lm.model.to("cpu").eval()
 
     def fill(folder: Path) -> None:
-        write_checkpoint_files(plan.lm, folder)
+        write_masked_lm(plan.lm, folder)
         (folder / METRICS).write_bytes(artifacts.json_bytes(metrics))
 
     artifacts.write_folder(output, fill)

@@ -96,23 +96,3 @@ def code_version() -> str:
     """The package version and git commit: what a cached result of a flow step depends on beyond its inputs."""
     tags = environment_tags()
     return f"{tags.get('version.spacy-llm-components')}+{tags.get('git.commit', '')}"
-
-
-def machine(device=None) -> str:
-    """What a speed figure was measured on: the GPU's name for a CUDA device, else the CPU model and
-    its core count (from /proc/cpuinfo where there is one)."""
-    import platform
-
-    if device is not None and str(device).startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-

@@ -17,13 +17,7 @@ from spacy.language import Language
 from spacy.tokens import Doc
 from spacy.training import Example
 from spacy.util import filter_spans
-from transformers import (
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    DataCollatorForTokenClassification,
-    DataCollatorWithPadding,
-)
+from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
 
 from .core.constants import IGNORE_INDEX
 from .data.conll import read_conll
@@ -41,8 +35,7 @@ class TaskSpec:
     name: str  # what users type: sllm prepare NAME, project.yml's task
     hf_task: str  # the Hugging Face pipeline task name
     factory: str  # the spaCy factory of its component
-    head: str  # architecture suffix of a checkpoint with this head, e.g. "ForTokenClassification"
-    auto_class: type  # the transformers Auto class that loads it
+    head: str  # the kind of head on the encoder (models.heads): token, sequence or span
     primary: str  # the score that ranks checkpoints, model versions and promotion
     score_weights: Dict[str, Optional[float]]  # the factory's default_score_weights (primary weighted 1)
     formats: Tuple[str, ...]  # file extensions `prepare` and `evaluate` read
@@ -120,7 +113,7 @@ class TaskSpec:
 
 class TextcatSpec(TaskSpec):
     name, hf_task, factory = "textcat", "text-classification", "hf_textcat"
-    head, auto_class = "ForSequenceClassification", AutoModelForSequenceClassification
+    head = "sequence"
     primary = "cats_score"  # accuracy for exclusive classes, macro F for multi-label (see score_textcat)
     score_weights = {"cats_score": 1.0}
     formats = (".csv", ".tsv", ".jsonl", ".spacy")
@@ -223,7 +216,7 @@ def set_cats(loaded: Loaded, labels: Sequence[str], multi_label: bool) -> None:
 
 class NerSpec(TaskSpec):
     name, hf_task, factory = "ner", "token-classification", "hf_ner"
-    head, auto_class = "ForTokenClassification", AutoModelForTokenClassification
+    head = "token"
     primary = "ents_f"
     score_weights = {"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None}
     formats = (".conll", ".iob", ".bio", ".txt", ".tsv", ".jsonl", ".spacy")
@@ -286,7 +279,7 @@ class NerSpec(TaskSpec):
 
 class QASpec(TaskSpec):
     name, hf_task, factory = "qa", "question-answering", "hf_qa"
-    head, auto_class = "ForQuestionAnswering", AutoModelForQuestionAnswering
+    head = "span"
     primary = "qa_f1"
     score_weights = {"qa_f1": 1.0, "qa_exact": 0.0}
     formats = (".json", ".spacy")

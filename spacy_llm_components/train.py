@@ -27,7 +27,7 @@ from .artifacts import CHECKPOINTS, METRICS, LabelInfo, read_labels, sha256_file
 from .build import build_pipeline, hf_component
 from .data import DataError, load_docs
 from .evaluate import score_pipeline
-from .hf import DEFAULT_MODEL
+from .models.checkpoint import DEFAULT_MODEL
 from .tasks import TaskSpec, task_spec
 from .training import (
     CountingCollator, EvaluateAtEnd, JsonlLog, TimedTrainer, TrainingError, barrier, check_resume, checkpoint_step,

@@ -18,6 +18,8 @@ from transformers import Trainer, TrainerCallback
 
 from . import artifacts
 from .artifacts import CHECKPOINTS, read_json, write_json
+from .models.collate import CountingCollator  # noqa: F401  (the collator every training stage counts with)
+from .models.devices import precision_for, resolve_device
 
 logger = logging.getLogger("spacy_llm_components")
 
@@ -46,8 +48,6 @@ def world_size() -> int:
 def training_device(device: str) -> torch.device:
     """The device a training process puts its models on: `device` resolved ('auto', 'cpu', 'cuda:N'),
     except that under torchrun each process trains on its own GPU (cuda:LOCAL_RANK)."""
-    from .hf import resolve_device
-
     resolved = resolve_device(device)
     if resolved.type == "cuda" and world_size() > 1:
         resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -73,13 +73,6 @@ def sum_over_processes(value: int, device: torch.device) -> int:
     total = torch.tensor(value, dtype=torch.int64, device=device)
     dist.all_reduce(total)
     return int(total.item())
-
-
-def precision_for(device: torch.device) -> str:
-    """bf16 on CUDA devices that support it, fp16 on older ones, fp32 on CPU."""
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def distributed_backend(device: torch.device) -> Optional[str]:
@@ -239,23 +232,6 @@ class TimedTrainer(Trainer):
                 "word_pieces_per_second": round(word_pieces / train_seconds, 1) if train_seconds else 0.0,
                 "device": str(device), "precision": precision, "world_size": world_size(),
                 "resumed_from": checkpoint_step(resumed_from) if resumed_from else None}
-
-
-class CountingCollator:
-    """A collator that counts the real (unpadded) word pieces of the batches it makes, and drops
-    token_type_ids for models that take none."""
-
-    def __init__(self, pad, tokenizer) -> None:
-        self.pad = pad
-        self.keep_types = "token_type_ids" in tokenizer.model_input_names
-        self.word_pieces = 0
-
-    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-        if not self.keep_types:
-            features = [{k: v for k, v in f.items() if k != "token_type_ids"} for f in features]
-        batch = self.pad(features)
-        self.word_pieces += int(batch["attention_mask"].sum())
-        return batch
 
 
 def duration(seconds: float) -> str:

@@ -44,7 +44,7 @@ from transformers import (  # noqa: E402
     BertTokenizerFast,
 )
 
-from spacy_llm_components.hf import DEFAULT_MODEL, resolve_source  # noqa: E402
+from spacy_llm_components.models.checkpoint import DEFAULT_MODEL, resolve_source  # noqa: E402
 
 # No per-example deadline: on a loaded 2-core machine a slow example is noise, not a bug.
 settings.register_profile("sllm", deadline=None)

@@ -37,7 +37,7 @@ POSITIONS = 64  # usable positions of every family
 
 
 def _minilm_vocab() -> List[str]:
-    from spacy_llm_components.hf import DEFAULT_MODEL, resolve_source
+    from spacy_llm_components.models.checkpoint import DEFAULT_MODEL, resolve_source
 
     return (Path(resolve_source(DEFAULT_MODEL)) / "vocab.txt").read_text(encoding="utf8").split("\n")
 
@@ -92,7 +92,7 @@ def config(family: str, vocab_size: int, **head):
     if family == "electra":
         return ElectraConfig(embedding_size=16, max_position_embeddings=POSITIONS, **common)
     if family == "mpnet":  # positions start after the padding index, as in RoBERTa
-        return MPNetConfig(max_position_embeddings=POSITIONS + 2, relative_attention_num_buckets=8, pad_token_id=1,
+        return MPNetConfig(max_position_embeddings=POSITIONS + 2, relative_attention_num_buckets=32, pad_token_id=1,
                            bos_token_id=0, eos_token_id=2, **common)
     return RobertaConfig(max_position_embeddings=POSITIONS + 2, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
                          eos_token_id=2, **common)

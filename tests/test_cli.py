@@ -63,8 +63,9 @@ def test_prepare_finetune_evaluate_predict_export(ckpts, mlflow_project):
 
     invoke("export-hf", tmp_path / "model", "ner", tmp_path / "hf")
     exported = AutoModelForTokenClassification.from_pretrained(tmp_path / "hf").eval()
-    original = hf_component(spacy.load(tmp_path / "model")).checkpoint.model
-    assert exported.config.id2label == original.config.id2label
+    loaded = hf_component(spacy.load(tmp_path / "model")).checkpoint
+    original = loaded.model
+    assert exported.config.id2label == dict(enumerate(loaded.id2label))
     enc = AutoTokenizer.from_pretrained(tmp_path / "hf")(records[0]["text"], return_tensors="pt")
     with torch.no_grad():
         np.testing.assert_array_equal(exported(**enc).logits.numpy(), original(**enc).logits.numpy())
@@ -253,7 +254,7 @@ def test_promote_with_a_test_file_scores_both_versions_on_it(tiny_pipelines, mlf
     test = tmp_path / "test.csv"
     test.write_text("text,label\n" + "".join(line for line in parts["test"].read_text().splitlines(True)[1:6]))
     nlp = spacy.load(parts["pipeline"])
-    head = hf_component(nlp).checkpoint.model.classifier
+    head = hf_component(nlp).checkpoint.head.classifier
     with torch.no_grad():
         head.weight.copy_(head.weight.flip(0))
         head.bias.copy_(head.bias.flip(0))

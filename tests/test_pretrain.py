@@ -28,7 +28,7 @@ from spacy_llm_components.artifacts import encoder_lineage, sha256_model
 from spacy_llm_components.cli import app
 from spacy_llm_components.data import DataError
 from spacy_llm_components.data.corpus import corpus_texts
-from spacy_llm_components.hf import load_masked_lm
+from spacy_llm_components.models.masked_lm import load_masked_lm
 from spacy_llm_components.lm import (
     BlockMasking, LMDataConfig, corpus_cache, evaluate_lm, heldout_masking, masked_batches, pack_blocks,
     read_documents, to_blocks,
@@ -296,10 +296,10 @@ def test_the_encoder_is_a_base_model_for_finetune_and_its_lineage_is_recorded(en
 
     out, result = encoder
     nlp = build_pipeline("ner", str(out), settings={"labels": ["PER", "LOC"], "device": "cpu"})
-    loaded = hf_component(nlp).checkpoint.model.state_dict()  # the shipped config over the encoder's weights
+    loaded = hf_component(nlp).checkpoint.encoder.model.state_dict()  # the shipped config over the encoder's
     weights = load_file(str(out / "model.safetensors"))
-    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.dense.weight"):
-        np.testing.assert_array_equal(loaded[name].numpy(), weights[name])
+    for name in ("embeddings.word_embeddings.weight", "encoder.layer.1.output.dense.weight"):
+        np.testing.assert_array_equal(loaded[name].numpy(), weights[f"bert.{name}"])
 
     (tmp_path / "train.conll").write_text(NER_TRAIN)
     data = prepare("ner", tmp_path / "train.conll", tmp_path / "data", dev_fraction=0.34)

@@ -118,7 +118,8 @@ def test_torchrun_two_cpu_processes_match_one_process_with_the_global_batch(tmp_
     # word pieces: summed over the processes (the global batches are the single run's: the same pieces)
     assert (metrics["training"]["word_pieces"] == single_metrics["training"]["word_pieces"]
             == result.training["word_pieces"])
-    assert metrics["best_step"] == single_metrics["best_step"] == 2 * steps_per_epoch  # the weights compared: the last
+    # both kept the same checkpoint (the one whose weights are compared below)
+    assert metrics["best_step"] == single_metrics["best_step"] in (steps_per_epoch, 2 * steps_per_epoch)
     meta = json.loads((ddp / "meta.json").read_text())
     assert meta["sllm"]["config"]["batch_size"] == PER_DEVICE
 

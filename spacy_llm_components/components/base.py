@@ -19,13 +19,12 @@ from spacy.tokens import Doc
 from spacy.util import ensure_path, minibatch
 from thinc.api import Model, Optimizer
 
-from ..hf import (
-    Checkpoint, has_head, load_checkpoint, peek_labels, resolve_device, resolve_dtype,
-    save_checkpoint,
-)
-from ..runtimes import check_runtime, inference_model
+from ..models.checkpoint import peek_labels
+from ..models.collate import CountingCollator
+from ..models.devices import resolve_device, resolve_dtype
+from ..models.runtimes import check_runtime, inference_model
+from ..models.task_model import TaskCheckpoint, has_head, load_task_checkpoint, save_task_checkpoint
 from ..tasks import TaskSpec
-from ..training import CountingCollator
 from .trainable import check_labels, loss_model, training_docs
 from .inputs import Batch, Feature, ModelInput, Pieces, Rows, SpecialTokens, pad_inputs, padded_batches
 
@@ -100,7 +99,7 @@ class HFPipe(TrainablePipe):
         self.model: Optional[Model] = None  # spaCy's trainable model: set when the checkpoint loads
         self.scorer = scorer
         self.cfg: dict = {}
-        self._checkpoint: Optional[Checkpoint] = None
+        self._checkpoint: Optional[TaskCheckpoint] = None
         self._specials: Optional[SpecialTokens] = None
 
     # -- loading -----------------------------------------------------------------
@@ -114,14 +113,14 @@ class HFPipe(TrainablePipe):
     def _on_load(self) -> None:
         """Read what the component needs from a freshly loaded checkpoint (labels, scheme)."""
 
-    def _set_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def _set_checkpoint(self, checkpoint: TaskCheckpoint) -> None:
         from tokenizers import Tokenizer
 
         self._checkpoint = checkpoint
         # what inference runs: the checkpoint's model, an int8 copy of it, or an ONNX Runtime session (the
         # float32 weights stay, for to_disk, export and fine-tuning)
         self._model = inference_model(checkpoint.model, quantize=self.quantize, runtime=self.runtime,
-                                      input_names=self._input_names(checkpoint), output_names=self.output_names)
+                                      input_names=checkpoint.encoder.input_names, output_names=self.output_names)
         # what `spacy train` updates: the checkpoint's model wrapped for thinc (features in, loss out)
         collate = CountingCollator(self.spec.collator(checkpoint.tokenizer), checkpoint.tokenizer)
         trainable = self.quantize is None and self.runtime == "torch"
@@ -136,12 +135,12 @@ class HFPipe(TrainablePipe):
         self._on_load()
 
     @property
-    def checkpoint(self) -> Checkpoint:
+    def checkpoint(self) -> TaskCheckpoint:
         if self._checkpoint is None:
             self._set_checkpoint(
-                load_checkpoint(
+                load_task_checkpoint(
                     self.model_name,
-                    self.spec,
+                    self.spec.head,
                     labels=self._new_head_labels(),
                     problem_type=self._new_head_problem_type(),
                     device=self.device,
@@ -175,7 +174,7 @@ class HFPipe(TrainablePipe):
         examples (`spacy train`), check that they hold this task's annotation and labels the component
         has; a new head (a base encoder with no labels configured) takes the data's labels."""
         docs = training_docs(self.name, self.spec, get_examples)
-        if docs and self._checkpoint is None and not has_head(self.model_name, self.spec):
+        if docs and self._checkpoint is None and not has_head(self.model_name, self.spec.head):
             self._labels_from_data(docs)
         self.checkpoint
         if docs and self.spec.has_labels:
@@ -279,17 +278,11 @@ class HFPipe(TrainablePipe):
     def _single(self, ids: Sequence[int]) -> ModelInput:
         return self.specials.single(ids)
 
-    @staticmethod
-    def _input_names(checkpoint: Checkpoint) -> Tuple[str, ...]:
-        """The model inputs `_feed` gives (token type ids where the tokenizer has them)."""
-        types = ("token_type_ids",) if "token_type_ids" in checkpoint.tokenizer.model_input_names else ()
-        return ("input_ids", "attention_mask", *types)
-
     def _feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: Optional[np.ndarray] = None):
         ck = self.checkpoint
         feed = {"input_ids": torch.from_numpy(input_ids).to(ck.device),
                 "attention_mask": torch.from_numpy(attention_mask).to(ck.device)}
-        if "token_type_ids" in self._input_names(ck):
+        if "token_type_ids" in ck.encoder.input_names:
             types = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
             feed["token_type_ids"] = torch.from_numpy(types).to(ck.device)
         return feed
@@ -337,7 +330,7 @@ class HFPipe(TrainablePipe):
         path = ensure_path(path)
         path.mkdir(parents=True, exist_ok=True)
         if MODEL_DIR not in exclude:
-            save_checkpoint(self.checkpoint, path / MODEL_DIR)
+            save_task_checkpoint(self.checkpoint, path / MODEL_DIR)
 
     def from_disk(self, path, *, exclude: Iterable[str] = tuple()) -> "HFPipe":
         if MODEL_DIR in exclude:
@@ -345,7 +338,7 @@ class HFPipe(TrainablePipe):
         model_dir = ensure_path(path) / MODEL_DIR
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{self.name}: no checkpoint folder at {model_dir}")
-        self._set_checkpoint(load_checkpoint(model_dir, self.spec, device=self.device, dtype=self.dtype))
+        self._set_checkpoint(load_task_checkpoint(model_dir, self.spec.head, device=self.device, dtype=self.dtype))
         return self
 
     def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:

@@ -35,7 +35,7 @@ from ..core.decode import (
     viterbi_batch,
 )
 from ..extensions import value_key
-from ..hf import DEFAULT_MODEL, CheckpointError
+from ..models.checkpoint import DEFAULT_MODEL, CheckpointError
 from ..tasks import TASKS
 from ..core.constants import IGNORE_INDEX
 from .base import Feature, HFPipe, shared_settings, span_record

@@ -8,7 +8,7 @@ from spacy.tokens import Doc, Span, SpanGroup
 
 from ..core.align import snap_to_tokens, unit_piece_ranges, window_spans
 from ..core.decode import answer_candidates
-from ..hf import DEFAULT_MODEL
+from ..models.checkpoint import DEFAULT_MODEL
 from ..tasks import TASKS
 from .base import Feature, HFPipe, ModelInput, shared_settings, span_record
 

@@ -9,7 +9,7 @@ from spacy.tokens import Doc
 
 from ..core.align import pack_units, refine_units, unit_piece_ranges
 from ..core.decode import decide_labels, label_thresholds, softmax
-from ..hf import DEFAULT_MODEL
+from ..models.checkpoint import DEFAULT_MODEL
 from ..tasks import TASKS
 from .base import Feature, HFPipe, ModelInput, shared_settings
 from .inputs import Pieces, Rows
@@ -114,7 +114,7 @@ class HFTextCategorizer(HFPipe):
     def multi_label(self) -> bool:
         if self.multi_label_cfg is not None:
             return self.multi_label_cfg
-        return self.checkpoint.model.config.problem_type == "multi_label_classification"
+        return self.checkpoint.head.problem_type == "multi_label_classification"
 
     def _windows(self, doc: Doc, offsets: Sequence, window: int):
         if len(offsets) <= window:

@@ -6,23 +6,26 @@ import shutil
 import pytest
 import torch
 
-from spacy_llm_components.hf import CheckpointError, load_checkpoint, resolve_device, resolve_dtype, save_checkpoint
+from spacy_llm_components.models.checkpoint import CheckpointError
+from spacy_llm_components.models.devices import resolve_device, resolve_dtype
+from spacy_llm_components.models.task_model import load_task_checkpoint as load_checkpoint
+from spacy_llm_components.models.task_model import save_task_checkpoint as save_checkpoint
 
 
 def test_loads_head_labels_and_limits(ckpts):
-    ck = load_checkpoint(ckpts["ner"], "token-classification", device="cpu")
+    ck = load_checkpoint(ckpts["ner"], "token", device="cpu")
     assert ck.id2label[:3] == ["O", "B-PER", "I-PER"]
     assert ck.max_length == 64 and not ck.head_is_new and ck.tokenizer.is_fast
 
 
 def test_missing_folder_names_the_path(tmp_path):
     with pytest.raises(CheckpointError, match="does-not-exist.*does not exist"):
-        load_checkpoint(tmp_path / "does-not-exist", "token-classification")
+        load_checkpoint(tmp_path / "does-not-exist", "token")
 
 
 def test_folder_without_config(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
-        load_checkpoint(tmp_path, "token-classification")
+        load_checkpoint(tmp_path, "token")
 
 
 def test_pickle_weights_are_refused(ckpts, tmp_path):
@@ -30,43 +33,43 @@ def test_pickle_weights_are_refused(ckpts, tmp_path):
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 not loaded")
     with pytest.raises(CheckpointError, match="only safetensors.*pytorch_model.bin"):
-        load_checkpoint(folder, "token-classification")
+        load_checkpoint(folder, "token")
 
 
 def test_corrupt_weights_name_the_path(ckpts, tmp_path):
     folder = shutil.copytree(ckpts["ner"], tmp_path / "corrupt")
     (folder / "model.safetensors").write_bytes(b"garbage" * 10)
     with pytest.raises(CheckpointError, match=f"{folder}.*cannot load the model weights"):
-        load_checkpoint(folder, "token-classification")
+        load_checkpoint(folder, "token")
 
 
 def test_corrupt_config_names_the_path(ckpts, tmp_path):
     folder = shutil.copytree(ckpts["ner"], tmp_path / "badcfg")
     (folder / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="badcfg.*config"):
-        load_checkpoint(folder, "token-classification")
+        load_checkpoint(folder, "token")
 
 
 def test_wrong_head_type(ckpts):
-    with pytest.raises(CheckpointError, match="ForSequenceClassification head.*TokenClassification"):
-        load_checkpoint(ckpts["textcat"], "token-classification")
+    with pytest.raises(CheckpointError, match="BertForSequenceClassification head.*TokenClassification"):
+        load_checkpoint(ckpts["textcat"], "token")
 
 
 def test_base_encoder_needs_labels_for_a_new_head(ckpts):
     with pytest.raises(CheckpointError, match="no TokenClassification head.*labels"):
-        load_checkpoint(ckpts["base"], "token-classification")
-    ck = load_checkpoint(ckpts["base"], "token-classification", labels=["O", "B-X", "I-X"])
+        load_checkpoint(ckpts["base"], "token")
+    ck = load_checkpoint(ckpts["base"], "token", labels=["O", "B-X", "I-X"])
     assert ck.head_is_new and ck.id2label == ["O", "B-X", "I-X"]
 
 
 def test_labels_that_contradict_the_head(ckpts):
     with pytest.raises(CheckpointError, match="labels to null"):
-        load_checkpoint(ckpts["textcat"], "text-classification", labels=["x", "y"])
+        load_checkpoint(ckpts["textcat"], "sequence", labels=["x", "y"])
 
 
 def test_hub_name_without_network_is_a_clear_error():
     with pytest.raises(CheckpointError, match="some-org/no-such-model: no local folder.*hub"):
-        load_checkpoint("some-org/no-such-model", "token-classification")
+        load_checkpoint("some-org/no-such-model", "token")
 
 
 def test_device_and_dtype_rules():
@@ -83,7 +86,7 @@ def test_device_and_dtype_rules():
 
 
 def test_save_writes_a_plain_safetensors_folder(ckpts, tmp_path):
-    ck = load_checkpoint(ckpts["ner"], "token-classification", device="cpu")
+    ck = load_checkpoint(ckpts["ner"], "token", device="cpu")
     out = save_checkpoint(ck, tmp_path / "out")
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "config.json").read_text())["id2label"]["1"] == "B-PER"
@@ -91,7 +94,7 @@ def test_save_writes_a_plain_safetensors_folder(ckpts, tmp_path):
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_whole(ckpts, tmp_path, monkeypatch):
-    checkpoint = load_checkpoint(ckpts["textcat"], "textcat", device="cpu")
+    checkpoint = load_checkpoint(ckpts["textcat"], "sequence", device="cpu")
     target = save_checkpoint(checkpoint, tmp_path / "saved")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
