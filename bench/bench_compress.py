@@ -159,7 +159,7 @@ def hf_pipeline_seconds(name: str, folder: Path, references, repeats: int, batch
 def measure(name: str, args) -> List[dict]:
     import spacy
 
-    from spacy_llm_components.data import load_docs
+    from spacy_llm_components.tasks import load_docs
 
     d, out = DATASETS[name], OUT / name
     nlp = spacy.blank("en")
@@ -215,7 +215,8 @@ def memory(name: str) -> List[dict]:
     """Resident memory of each variant, each in a fresh process: after `spacy.load` and one batch of dev texts."""
     import spacy
 
-    from spacy_llm_components.data import ReadOptions, load_docs
+    from spacy_llm_components.data import ReadOptions
+    from spacy_llm_components.tasks import load_docs
 
     d = DATASETS[name]
     options = ReadOptions(text_column="sentence") if d["task"] == "textcat" else ReadOptions()

@@ -29,7 +29,7 @@ import numpy as np
 import requests
 import spacy
 
-from spacy_llm_components.data import load_docs
+from spacy_llm_components.tasks import load_docs
 from spacy_llm_components.demo import wait_until_ready
 from spacy_llm_components.export import export_hf
 from spacy_llm_components.registry import register

@@ -11,7 +11,7 @@ import sys
 import spacy
 from seqeval.metrics import f1_score
 
-from spacy_llm_components.data import load_docs
+from spacy_llm_components.tasks import load_docs
 
 nlp = spacy.load(sys.argv[1])
 gold_docs = load_docs("ner", sys.argv[2], nlp).docs

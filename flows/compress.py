@@ -19,7 +19,7 @@ from spacy_llm_components.compress import (
     CompressError, DistillConfig, check_distillation, check_max_drop, check_methods, distill as distill_pipeline,
     quantized_copy,
 )
-from spacy_llm_components.data import load_docs
+from spacy_llm_components.tasks import load_docs
 from spacy_llm_components.flows.lifecycle import CACHE, RETRIES, _cached, _existing, _outputs, evaluate
 from spacy_llm_components.project import project_dir
 from spacy_llm_components.tasks import task_spec

@@ -18,7 +18,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from spacy_llm_components import registry, runs
 from spacy_llm_components.artifacts import METRICS, sha256_file, sha256_model, sha256_tree
-from spacy_llm_components.data import DataError, ReadOptions, prepare
+from spacy_llm_components.data import DataError, ReadOptions
+from spacy_llm_components.stages.prepare import prepare
 from spacy_llm_components.evaluate import evaluate as evaluate_pipeline
 from spacy_llm_components.orchestration import is_transient
 from spacy_llm_components.pretrain import PretrainConfig, pretrain as pretrain_encoder

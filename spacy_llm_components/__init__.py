@@ -9,7 +9,7 @@ from .extensions import register_extensions
 
 register_extensions()
 
-from . import scorers  # noqa: E402,F401  (registers the scorers)
+from . import tasks  # noqa: E402,F401  (registers the tasks and their scorers)
 from .components.ner import HFEntityRecognizer  # noqa: E402
 from .components.qa import HFQuestionAnswerer, ask  # noqa: E402
 from .components.textcat import HFTextCategorizer  # noqa: E402

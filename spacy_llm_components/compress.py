@@ -25,7 +25,8 @@ from transformers import TrainerCallback, set_seed
 from . import artifacts
 from .artifacts import METRICS, TRAINING_LOG, sha256_file, sha256_tree
 from .build import hf_component
-from .data import DataError, load_docs
+from .data import DataError
+from .tasks import TASKS, load_docs
 from .models.devices import resolve_device
 from .models.encoder import encoder_layers
 from .models.task_model import save_task_checkpoint, with_layers
@@ -63,8 +64,6 @@ def check_max_drop(max_drop: float) -> float:
 
 def hf_components(pipeline: Path) -> List[str]:
     """Names of the hf_* components in a pipeline folder's config.cfg, or a CompressError."""
-    from .tasks import TASKS
-
     config_file = Path(pipeline) / "config.cfg"
     if not config_file.is_file():
         raise CompressError(f"{pipeline}: not a spaCy pipeline folder (no config.cfg)")
@@ -265,7 +264,7 @@ def _load_and_check(teacher: Union[str, Path], train: Path, dev: Path, config: F
     teacher_pipe = hf_component(spacy.load(folder, config=overrides))
     spec = teacher_pipe.spec
     info = _check_data(spec.name, teacher_pipe.labels if spec.has_labels else [],
-                       teacher_pipe.multi_label if spec.name == "textcat" else None, train, dev)
+                       spec.multi_label_of(teacher_pipe), train, dev)
     keep = kept_layers(len(encoder_layers(teacher_pipe.checkpoint.encoder.model)), distill_config)
     return reference, folder, overrides, device, teacher_pipe, info, keep
 

@@ -14,24 +14,9 @@ import requests
 
 from .project import project_dir, tracking_uri
 from .serving import serve_command, serve_env
+from .tasks import TASKS
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "demo"
-# Small data, so more epochs than the defaults; a few minutes on 2 CPU cores in all.
-TASKS = {
-    "textcat": {"files": ("train.csv", "dev.csv", "test.csv"), "config": {"epochs": 8, "lr": 1e-4, "batch_size": 16}},
-    "ner": {"files": ("train.conll", "dev.conll", "test.conll"), "config": {"epochs": 10, "lr": 1e-4, "batch_size": 8}},
-    "qa": {"files": ("train.json", "dev.json", "test.json"), "config": {"epochs": 6, "lr": 1e-4, "batch_size": 8,
-                                                                        "max_length": 256}},
-}
-REQUESTS = {
-    "textcat": {"dataframe_records": [{"text": "Great little hotel, friendly staff and a lovely breakfast."}]},
-    "ner": {"dataframe_records": [{"text": "Lena Hartmann joined Brightwater Foods in Lindenfeld last spring."}]},
-    "qa": {"dataframe_records": [{"text": "The Korvell mill was built in 1887 by Tomas Ekdahl on the river Sarn. "
-                                          "It ground wheat for the town of Ostbrook until 1952.",
-                                  "questions": ["Who built the Korvell mill?", "When was the mill built?"]}]},
-}
-
-
 def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str, dict]:
     if not DEMO_DATA.is_dir():
         raise FileNotFoundError(f"{DEMO_DATA}: the demo data is in the repository; run the demo from a clone")
@@ -40,10 +25,10 @@ def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str,
     from .flows.lifecycle import train_pipeline
 
     results = {}
-    for task, spec in TASKS.items():
-        train, dev, test = (str(DEMO_DATA / task / name) for name in spec["files"])
+    for task, spec in TASKS.items():  # (small data: each spec's demo settings train longer than the defaults)
+        train, dev, test = (str(DEMO_DATA / task / name) for name in spec.demo.files)
         echo(f"\n=== {task}: prepare, fine-tune, evaluate, register, promote (demo data in {DEMO_DATA / task})")
-        result = train_pipeline(task, [train], f"demo-{task}", dev=dev, test=test, finetune_config=spec["config"],
+        result = train_pipeline(task, [train], f"demo-{task}", dev=dev, test=test, finetune_config=spec.demo.config,
                                 promote_if_better=True, progress=False)
         echo(f"{result['name']} version {result['version']}: test {result['primary']} {100 * result['score']:.1f}; "
              f"{result['promotion']['reason']}")
@@ -60,7 +45,7 @@ def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str,
             urls[task] = f"http://127.0.0.1:{port + i}"
         for server, (task, url) in zip(servers, urls.items()):
             wait_until_ready(url, server)
-            body = REQUESTS[task]
+            body = TASKS[task].demo.request
             answer = requests.post(f"{url}/invocations", json=body, timeout=60)
             answer.raise_for_status()
             echo(f"\n{task}: models:/demo-{task}@champion at {url}/invocations")

@@ -21,7 +21,8 @@ from spacy.training import Example
 from .artifacts import METRICS, json_bytes, sha256_file, write_files
 from .build import hf_component
 from .models.devices import machine
-from .data import ReadOptions, load_docs
+from .data import ReadOptions
+from .tasks import load_docs
 
 
 @dataclass
@@ -49,20 +50,12 @@ class Evaluation:
                 "per_label": self.per_label, "confusion": self.confusion}
 
 
-def input_doc(nlp: Language, reference: Doc) -> Doc:
-    """What a user would feed the pipeline for a gold doc: its text, and its questions for QA."""
-    doc = nlp.make_doc(reference.text)
-    if reference._.qas:
-        doc._.questions = [qa["question"] for qa in reference._.qas]
-    return doc
-
-
 def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Optional[int] = None) -> Evaluation:
     """Run the pipeline over the references' texts and score its predictions against them."""
     pipe = hf_component(nlp)
     spec = pipe.spec
     start = time.perf_counter()
-    predictions = list(nlp.pipe((input_doc(nlp, ref) for ref in references), batch_size=batch_size))
+    predictions = list(nlp.pipe((spec.input_doc(nlp, ref) for ref in references), batch_size=batch_size))
     seconds = time.perf_counter() - start
     raw, per_label, confusion = spec.scores([Example(p, r) for p, r in zip(predictions, references)], pipe)
     scores = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)

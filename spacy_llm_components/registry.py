@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .artifacts import META, read_json, sha256_tree
-from .cards import model_card
+from .core.cards import model_card
 from .project import environment_tags, experiment_id, tracking_uri, use_tracking
 from .runs import PIPELINE_ARTIFACT, pipeline_info, without_checkpoints
 from .serving import pyfunc_model
@@ -97,7 +97,7 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
             client.set_registered_model_alias(name, alias, existing.version)
         all_tags = {**existing.tags, **eval_tags}
         client.update_model_version(name, existing.version, description=model_card(
-            name, str(existing.version), info, metrics, all_tags))
+            name, str(existing.version), info, metrics, all_tags, **_card_task(info)))
         return ModelVersionInfo(name, str(existing.version), existing.run_id, all_tags, False)
 
     with mlflow.start_run(experiment_id=experiment_id(experiment), run_name=f"register-{name}",
@@ -110,8 +110,16 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     client.update_model_version(name, version.version, description=model_card(
-        name, str(version.version), info, metrics, {**tags, **environment_tags()}))
+        name, str(version.version), info, metrics, {**tags, **environment_tags()}, **_card_task(info)))
     return ModelVersionInfo(name, str(version.version), run.info.run_id, tags, True)
+
+
+def _card_task(info: Dict[str, Any]) -> Dict[str, str]:
+    """What the model card says of the pipeline's task, from its spec."""
+    from .tasks import task_spec
+
+    spec = task_spec(info["task"])
+    return {"task_description": spec.description, "request_note": spec.request_note}
 
 
 def version_tags(name: str, version: str) -> Dict[str, str]:

@@ -17,6 +17,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from .project import tracking_uri
 from .runs import PIPELINE_ARTIFACT
+from .tasks import task_spec
 
 # Request limits of the served model (environment variables override them): a request over a
 # limit gets a 400 JSON error rather than minutes of CPU. `mlflow models serve` reads the whole
@@ -146,18 +147,10 @@ def model_signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-INPUT_EXAMPLES = {  # logged with each model: what a request for its task looks like
-    "textcat": {"text": ["The delivery was quick and the soup was still hot."]},
-    "ner": {"text": ["Marta Kowalczyk opened a bakery in Lindenfeld for Brightwater Foods."]},
-    "qa": {"text": ["The Lindenfeld bridge was finished in 1894 by the engineer Ada Brenner."],
-           "questions": [["When was the bridge finished?", "Who built the bridge?"]]},
-}
-
-
 def pyfunc_model(pipeline: Path, task: str) -> Dict[str, Any]:
     """The arguments of `mlflow.pyfunc.log_model` / `save_model` that make `pipeline` a served model."""
     return dict(python_model=SpacyPipelineModel(), artifacts={PIPELINE_ARTIFACT: str(pipeline)},
-                signature=model_signature(), input_example=pd.DataFrame(INPUT_EXAMPLES[task]),
+                signature=model_signature(), input_example=pd.DataFrame(task_spec(task).input_example),
                 pip_requirements=requirements())
 
 

@@ -25,7 +25,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from . import artifacts
 from .artifacts import CHECKPOINTS, METRICS, LabelInfo, read_labels, sha256_file
 from .build import build_pipeline, hf_component
-from .data import DataError, load_docs
+from .data import DataError
+from .tasks import load_docs
 from .evaluate import score_pipeline
 from .models.checkpoint import DEFAULT_MODEL
 from .tasks import TaskSpec, task_spec

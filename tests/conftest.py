@@ -160,7 +160,7 @@ def mlflow_project(tmp_path, monkeypatch) -> Path:
 def tiny_pipelines(ckpts, tmp_path_factory) -> dict:
     """Per task: a pipeline fine-tuned (2 steps) from the tiny base on the demo data, and its
     evaluation on the demo test file ({"pipeline", "evaluation", "test"})."""
-    from spacy_llm_components.data import prepare
+    from spacy_llm_components.stages.prepare import prepare
     from spacy_llm_components.evaluate import evaluate
     from spacy_llm_components.train import FinetuneConfig, finetune
 

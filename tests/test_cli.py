@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from conftest import assert_same_predictions, in_process_predictions, model_inputs
 from spacy_llm_components.build import hf_component
 from spacy_llm_components.cli import app
-from spacy_llm_components.data import prepare
+from spacy_llm_components.stages.prepare import prepare
 from spacy_llm_components.train import FinetuneConfig
 from test_train import NER_TRAIN
 

@@ -16,7 +16,9 @@ from conftest import NER_TAGS, demo_files, make_ckpt
 from spacy_llm_components.build import hf_component
 from spacy_llm_components.cli import app
 from spacy_llm_components.compress import CompressError, DistillConfig, distill, kept_layers, quantized_copy
-from spacy_llm_components.data import DataError, load_docs, prepare
+from spacy_llm_components.data import DataError
+from spacy_llm_components.stages.prepare import prepare
+from spacy_llm_components.tasks import load_docs
 from spacy_llm_components.models.encoder import keep_layers
 from spacy_llm_components.predict import doc_predictions
 from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune
@@ -336,7 +338,7 @@ def _kl(teacher, student) -> float:
 
 
 def _training_inputs(train: Path, task: str):
-    from spacy_llm_components.data import load_docs
+    from spacy_llm_components.tasks import load_docs
 
     docs = load_docs(task, train, spacy.blank("en")).docs
     if task == "qa":
@@ -534,7 +536,7 @@ def test_evaluation_reports_word_pieces_per_second(teachers, tmp_path):
     result = evaluate(parts["pipeline"], parts["test"])
     nlp = spacy.load(parts["pipeline"])
     tok = hf_component(nlp).checkpoint.tokenizer
-    from spacy_llm_components.data import load_docs
+    from spacy_llm_components.tasks import load_docs
 
     docs = load_docs("qa", parts["test"], nlp).docs
     texts = [d.text for d in docs] + [qa["question"] for d in docs for qa in d._.qas]

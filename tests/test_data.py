@@ -11,7 +11,9 @@ import spacy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spacy_llm_components.data import DataError, ReadOptions, load_docs, prepare, read_docbin
+from spacy_llm_components.data import DataError, ReadOptions, read_docbin
+from spacy_llm_components.stages.prepare import prepare
+from spacy_llm_components.tasks import load_docs
 from spacy_llm_components.data.split import split_indices
 
 CONLL_4COL = """-DOCSTART- -X- -X- O
@@ -206,7 +208,7 @@ def test_split_keeps_groups_together():
 
 # -- prepare ---------------------------------------------------------------------------------------
 def _prepare_in_subprocess(task, src, out, hashseed):
-    code = ("import sys; from spacy_llm_components.data import prepare; "
+    code = ("import sys; from spacy_llm_components.stages.prepare import prepare; "
             "prepare(sys.argv[1], sys.argv[2], sys.argv[3])")
     env = {**os.environ, "PYTHONHASHSEED": str(hashseed)}
     subprocess.run([sys.executable, "-c", code, task, str(src), str(out)], check=True, env=env)

@@ -290,7 +290,7 @@ def test_the_encoder_is_a_base_model_for_finetune_and_its_lineage_is_recorded(en
 
     from spacy_llm_components import registry, runs
     from spacy_llm_components.build import build_pipeline, hf_component
-    from spacy_llm_components.data import prepare
+    from spacy_llm_components.stages.prepare import prepare
     from spacy_llm_components.train import FinetuneConfig, finetune
     from test_train import NER_TRAIN
 

@@ -9,7 +9,9 @@ from seqeval.metrics import classification_report, f1_score, precision_score, re
 from spacy.tokens import Doc, Span
 from spacy.training import Example
 
-from spacy_llm_components.scorers import score_ner, score_squad, score_textcat
+from spacy_llm_components.tasks.ner import score_ner
+from spacy_llm_components.tasks.qa import score_squad
+from spacy_llm_components.tasks.textcat import score_textcat
 
 
 def cats_example(nlp, gold: str, predicted: dict) -> Example:

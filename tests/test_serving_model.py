@@ -8,6 +8,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from conftest import assert_same_predictions, in_process_predictions
+from spacy_llm_components.tasks import task_spec
 from spacy_llm_components import registry, serving
 
 
@@ -54,7 +55,7 @@ def test_a_null_text_is_a_bad_request(model_input):
 def test_pyfunc_model_predicts_like_the_pipeline(tiny_pipelines, mlflow_project, task, key):
     version = registry.register(tiny_pipelines[task]["pipeline"], f"m-{task}")
     model = mlflow.pyfunc.load_model(version.uri)
-    example = serving.INPUT_EXAMPLES[task]
+    example = task_spec(task).input_example
     got = model.predict(pd.DataFrame(example))
     want = in_process_predictions(tiny_pipelines[task]["pipeline"], [{k: v[0] for k, v in example.items()}])
     assert_same_predictions(got, want)

@@ -16,7 +16,7 @@ from thinc.api import SGD
 
 from conftest import NER_TAGS, demo_files, make_ckpt
 from spacy_llm_components import registry
-from spacy_llm_components.data import prepare
+from spacy_llm_components.stages.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 NER_TRAIN = "".join(f"{name} B-PER\n{surname} I-PER\nvisited O\n{city} B-LOC\n. O\n\n" for name, surname, city in [

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 from transformers import AutoTokenizer, TrainerCallback
 
 from spacy_llm_components.build import build_pipeline, hf_component
-from spacy_llm_components.data import prepare
+from spacy_llm_components.stages.prepare import prepare
 from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune
 from spacy_llm_components.training import last_complete_checkpoint
 from test_ner import raw_entities

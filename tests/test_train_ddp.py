@@ -15,7 +15,7 @@ import spacy
 from safetensors.numpy import load_file
 
 import spacy_llm_components
-from spacy_llm_components.data import prepare
+from spacy_llm_components.stages.prepare import prepare
 from spacy_llm_components.train import FinetuneConfig, finetune
 
 from conftest import make_ckpt

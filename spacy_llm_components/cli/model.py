@@ -7,6 +7,7 @@ import typer
 
 from ..data import DataError
 from ..train import FinetuneConfig
+from ..tasks import TASKS
 from .common import (
     BatchSize, GpuId, KeepCheckpoints, LabelColumn, LabelSep, ModelArg, Resume, SkipBad, Strict, TaskArg, TextColumn,
     Track, app, check_task, training_errors,
@@ -14,11 +15,13 @@ from .common import (
 )
 
 
+FORMATS = "; ".join(f"{spec.name} {', '.join(spec.formats)}" for spec in TASKS.values())
+
+
 @app.command("prepare")
 def prepare_command(
     task: str = TaskArg,
-    inputs: List[Path] = typer.Argument(..., help="training file(s): CoNLL/JSONL/.spacy (ner), CSV/TSV/JSONL "
-                                                  "(textcat), SQuAD JSON (qa)"),
+    inputs: List[Path] = typer.Argument(..., help=f"training file(s): {FORMATS}"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for train.spacy, dev.spacy, labels.json, "
                                                              "summary.json"),
     dev: Optional[Path] = typer.Option(None, help="dev file; without it a seeded, stratified split of train"),
@@ -32,7 +35,7 @@ def prepare_command(
     skip_bad: bool = SkipBad,
 ) -> None:
     """Turn labelled data into spaCy DocBin files for fine-tuning."""
-    from ..data import prepare
+    from ..stages.prepare import prepare
     from ..tasks import task_spec
 
     spec = task_spec(check_task(task))

@@ -36,7 +36,7 @@ from ..core.decode import (
 )
 from ..extensions import value_key
 from ..models.checkpoint import DEFAULT_MODEL, CheckpointError
-from ..tasks import TASKS
+from ..tasks.ner import NER
 from ..core.constants import IGNORE_INDEX
 from .base import Feature, HFPipe, shared_settings, span_record
 from .entities import Entities, combine, locate, set_ents_arrays
@@ -60,7 +60,7 @@ logger = logging.getLogger("spacy_llm_components")
         "stride": 128,
         **shared_settings(batch_size=64, max_length=None, scorer="spacy_llm_components.ner_scorer.v1"),
     },
-    default_score_weights=TASKS["ner"].score_weights,
+    default_score_weights=NER.score_weights,
 )
 def make_hf_ner(
     nlp: Language,
@@ -100,7 +100,7 @@ class HFEntityRecognizer(HFPipe):
     overlapping windows over word pieces whose logits are merged before decoding.
     """
 
-    spec = TASKS["ner"]
+    spec = NER
 
     def __init__(self, nlp: Language, name: str, *, labels: Optional[List[str]], scheme: str, aggregation: str,
                  decoder: str, spans_key: Optional[str], overwrite_ents: bool, stride: int, **kwargs) -> None:

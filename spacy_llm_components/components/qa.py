@@ -9,7 +9,7 @@ from spacy.tokens import Doc, Span, SpanGroup
 from ..core.align import snap_to_tokens, unit_piece_ranges, window_spans
 from ..core.decode import answer_candidates
 from ..models.checkpoint import DEFAULT_MODEL
-from ..tasks import TASKS
+from ..tasks.qa import QA
 from .base import Feature, HFPipe, ModelInput, shared_settings, span_record
 
 ANSWER_LABEL = "ANSWER"
@@ -30,7 +30,7 @@ ANSWER_LABEL = "ANSWER"
         "null_threshold": 0.0,
         **shared_settings(batch_size=32, max_length=384, scorer="spacy_llm_components.squad_scorer.v1"),
     },
-    default_score_weights=TASKS["qa"].score_weights,
+    default_score_weights=QA.score_weights,
 )
 def make_hf_qa(
     nlp: Language,
@@ -83,7 +83,7 @@ class HFQuestionAnswerer(HFPipe):
     gets no answer (SQuAD 2.0).
     """
 
-    spec = TASKS["qa"]
+    spec = QA
     output_names = ("start_logits", "end_logits")
 
     def __init__(self, nlp: Language, name: str, *, questions: List[str], spans_key: str, top_k: int,

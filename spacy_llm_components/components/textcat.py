@@ -10,7 +10,7 @@ from spacy.tokens import Doc
 from ..core.align import pack_units, refine_units, unit_piece_ranges
 from ..core.decode import decide_labels, label_thresholds, softmax
 from ..models.checkpoint import DEFAULT_MODEL
-from ..tasks import TASKS
+from ..tasks.textcat import TEXTCAT
 from .base import Feature, HFPipe, ModelInput, shared_settings
 from .inputs import Pieces, Rows
 
@@ -29,7 +29,7 @@ POOLINGS = ("mean", "max")
         "pooling": "mean",
         **shared_settings(batch_size=64, max_length=None, scorer="spacy_llm_components.textcat_scorer.v1"),
     },
-    default_score_weights=TASKS["textcat"].score_weights,
+    default_score_weights=TEXTCAT.score_weights,
 )
 def make_hf_textcat(
     nlp: Language,
@@ -66,7 +66,7 @@ class HFTextCategorizer(HFPipe):
     are pooled (mean or max) before the softmax/sigmoid: never truncated.
     """
 
-    spec = TASKS["textcat"]
+    spec = TEXTCAT
     per_token = False
 
     def __init__(self, nlp: Language, name: str, *, labels: Optional[List[str]], multi_label: Optional[bool],

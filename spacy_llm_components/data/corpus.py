@@ -28,7 +28,6 @@ from .text import decode_line
 from .types import ReadOptions
 
 TEXT_UNITS = ("line", "paragraph")
-_TASK_READERS = {".conll": "ner", ".iob": "ner", ".bio": "ner", ".json": "qa"}  # read by that task's reader
 
 
 def corpus_texts(path: Path, *, text_unit: str = "line", text_column: str = "text") -> Iterator[str]:
@@ -55,15 +54,20 @@ def _texts(path: Path, text_unit: str, text_column: str) -> Iterator[str]:
     elif suffix in (".csv", ".tsv"):
         for text, _ in read_table_texts(path, strict, text_column):
             yield text
-    elif suffix in _TASK_READERS:
-        from ..tasks import task_spec  # (tasks imports this package's readers)
-
-        loaded = task_spec(_TASK_READERS[suffix]).read(path, spacy.blank("en"), strict, ReadOptions(text_column))
+    elif _task_reading(suffix) is not None:
+        loaded = _task_reading(suffix).read(path, spacy.blank("en"), strict, ReadOptions(text_column))
         yield from (doc.text for doc in loaded.docs)
     elif suffix == ".spacy":
         yield from (doc.text for doc in read_docbin(path, spacy.blank("en").vocab) if doc.text.strip())
     else:
         yield from _plain_texts(path, text_unit)
+
+
+def _task_reading(suffix: str):
+    """The task whose reader takes files of this extension (its spec's `corpus_formats`), if any."""
+    from ..tasks import TASKS
+
+    return next((spec for spec in TASKS.values() if suffix in spec.corpus_formats), None)
 
 
 def _plain_texts(path: Path, text_unit: str) -> Iterator[str]:

@@ -15,11 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import spacy
 
 from ..artifacts import LABELS, SUMMARY, json_bytes, write_files
-from .docbin import docbin_bytes
-from .errors import DataError
-from .load import load_docs
-from .split import split_indices
-from .types import Loaded, ReadOptions
+from ..data.docbin import docbin_bytes
+from ..data.errors import DataError
+from ..data.split import split_indices
+from ..data.types import Loaded, ReadOptions
+from ..tasks import load_docs, task_spec
 
 FORMAT_VERSION = 1  # bump when the written docs change for the same input
 
@@ -56,8 +56,6 @@ def prepare(
 ) -> Prepared:
     """Read `train` (one file or several, concatenated) and `dev`, else carve a seeded, stratified dev
     split from train, and write the folder."""
-    from ..tasks import task_spec  # (tasks imports this package's readers)
-
     spec = task_spec(task)
     nlp = spacy.blank(lang)
     train_paths = [Path(train)] if isinstance(train, (str, Path)) else [Path(p) for p in train]

@@ -4,8 +4,6 @@ fine-tuning recorded in the pipeline folder and what the evaluation measured (pu
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional
 
-TASK_NAMES = {"textcat": "text classification (hf_textcat)", "ner": "named-entity recognition (hf_ner)",
-              "qa": "extractive question answering (hf_qa)"}
 
 
 def _pct(value: Any) -> str:
@@ -17,14 +15,16 @@ def _short(digest: Any) -> str:
 
 
 def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Optional[Dict[str, Any]],
-               tags: Dict[str, str], created: Optional[datetime] = None) -> str:
+               tags: Dict[str, str], created: Optional[datetime] = None, *, task_description: Optional[str] = None,
+               request_note: str = "") -> str:
     """Markdown for version `version` of registered model `name`. `info` is `runs.pipeline_info` (meta.json's
-    `sllm` block and the fine-tune's metrics.json), `evaluation` an evaluation's metrics.json (or None)."""
+    `sllm` block and the fine-tune's metrics.json), `evaluation` an evaluation's metrics.json (or None);
+    `task_description` and `request_note` are what the task's spec says of it."""
     created = created or datetime.now(timezone.utc)
     task = info.get("task", "?")
     labels = info.get("labels") or []
     lines = [f"# {name}, version {version}", "",
-             f"- **Task**: {TASK_NAMES.get(task, task)}" + (f"; labels: {', '.join(labels)}" if labels else "")
+             f"- **Task**: {task_description or task}" + (f"; labels: {', '.join(labels)}" if labels else "")
              + (" (multi-label)" if info.get("multi_label") else "")]
     base = info.get("base_model")
     if base:
@@ -72,5 +72,5 @@ def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Option
               "Serve it:", "", "```bash", f"sllm serve models:/{name}/{version} --port 5000",
               f"# or: mlflow models serve -m models:/{name}/{version} --env-manager local", "```", "",
               "Request: `{\"dataframe_records\": [{\"text\": \"...\"}]}`"
-              + (" with a `questions` list per row" if task == "qa" else "")]
+              + request_note]
     return "\n".join(lines) + "\n"

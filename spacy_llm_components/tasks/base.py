@@ -1,0 +1,176 @@
+"""What every task spec says, the registry of specs, and reading a task's files into reference docs."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from spacy.language import Language
+from spacy.tokens import Doc
+from spacy.training import Example
+from transformers import DataCollatorWithPadding
+
+from ..data.docbin import read_docbin
+from ..data.errors import BadRecords, DataError
+from ..data.types import Loaded, ReadOptions
+
+Scores = Tuple[Dict[str, Any], Dict[str, Dict[str, Any]], Optional[Dict[str, Any]]]  # scores, per label, confusion
+
+
+@dataclass(frozen=True)
+class Demo:
+    """The task in `sllm demo`: its files in demo/NAME/ (train, dev, test), the fine-tuning settings that
+    suit their size, and the request sent to the served champion."""
+
+    files: Tuple[str, str, str]
+    config: Dict[str, Any]
+    request: Dict[str, Any]
+
+
+class TaskSpec:
+    name: str  # what users type: sllm prepare NAME, project.yml's task
+    hf_task: str  # the Hugging Face pipeline task name
+    factory: str  # the spaCy factory of its component
+    head: str  # the kind of head on the encoder (models.heads): token, sequence or span
+    primary: str  # the score that ranks checkpoints, model versions and promotion
+    score_weights: Dict[str, Optional[float]]  # the factory's default_score_weights (primary weighted 1)
+    formats: Tuple[str, ...]  # file extensions `prepare` and `evaluate` read
+    corpus_formats: Tuple[str, ...] = ()  # of those, the ones pre-training reads text from with this task's reader
+    has_labels: bool = True  # whether the head has a label set of its own
+    targets: Tuple[str, ...] = ("labels",)  # the gold keys of a training feature (not model inputs)
+    description: str  # what model cards call the task
+    input_example: Dict[str, List[Any]]  # a served request's columns, logged with each model
+    request_note: str = ""  # what a served request needs besides its text (model cards say it)
+    demo: Demo
+
+    @property
+    def component(self) -> str:
+        """The component's name in the shipped config (pipelines/NAME.cfg)."""
+        return self.name
+
+    # -- data --------------------------------------------------------------------------------------
+    def read(self, path: Path, nlp: Language, bad: BadRecords, options: ReadOptions) -> Loaded:
+        """Reference docs of a file in one of `formats` other than .spacy."""
+        raise NotImplementedError
+
+    def check_docbin(self, path: Path, docs: List[Doc]) -> Loaded:
+        """Reference docs from a DocBin, checked for this task's annotation."""
+        return Loaded(path, docs)
+
+    def labels(self, parts: Sequence[Loaded], multi_label: Optional[bool]) -> Tuple[List[str], bool]:
+        """The label set of the data and whether it is multi-label; sets the gold annotation that
+        depends on the whole label set (textcat's doc.cats)."""
+        return [], False
+
+    gold_description: str = "gold annotation"
+
+    def has_gold(self, doc: Doc) -> bool:
+        """Whether a reference doc holds this task's annotation (`spacy train` checks its data with it)."""
+        raise NotImplementedError
+
+    def gold_labels(self, docs: Sequence[Doc]) -> List[str]:
+        """The labels the reference docs use (entity types, categories), sorted."""
+        return []
+
+    def describe(self, docs: Sequence[Doc]) -> Dict[str, Any]:
+        """Counts for summary.json."""
+        return {"docs": len(docs), "tokens": sum(len(d) for d in docs)}
+
+    def summary_line(self, counts: Dict[str, Any]) -> str:
+        return f"{counts['docs']:,} docs, per label {counts.get('per_label', {})}"
+
+    # -- training ----------------------------------------------------------------------------------
+    def component_settings(self, labels: List[str], multi_label: bool, train_docs: Sequence[Doc]) -> Dict[str, Any]:
+        """Settings of a new component trained on this data (a new head's labels...)."""
+        return {"labels": list(labels) or None}
+
+    def collator(self, tokenizer):
+        return DataCollatorWithPadding(tokenizer)
+
+    # -- distillation ------------------------------------------------------------------------------
+    def unlabelled(self, doc: Doc, pipe) -> Doc:
+        """A training doc for text without gold annotation (distillation's extra corpus): placeholder
+        gold that `pipe.features` accepts, which the gold loss leaves out (feature key `gold` = 0)."""
+        return doc
+
+    def soft_loss(self, student, teacher, batch: Dict[str, Any], temperature: float, pipe) -> torch.Tensor:
+        """KL(teacher || student) of the temperature-softened outputs, times T^2 (DistilBERT, Hinton et al.)."""
+        raise NotImplementedError
+
+    def gold_loss(self, student, batch: Dict[str, Any], pipe) -> torch.Tensor:
+        """The head's own training loss on the gold labels of the rows that have them (`gold` = 1)."""
+        raise NotImplementedError
+
+    def multi_label_of(self, pipe) -> Optional[bool]:
+        """Whether the component decides several labels per doc (None: the task has no such choice); a
+        student is distilled only on data of its teacher's kind."""
+        return None
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def gold_for(self, loaded: Loaded, pipe) -> None:
+        """Complete gold annotation of test data that only the component's labels decide."""
+
+    def input_doc(self, nlp: Language, reference: Doc) -> Doc:
+        """What a user would feed the pipeline for a gold doc: its text (and what else the task asks)."""
+        return nlp.make_doc(reference.text)
+
+    def scores(self, examples: List[Example], pipe) -> Scores:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"TaskSpec({self.name!r})"
+
+    def load(self, path: Union[str, Path], nlp: Language, *, options: ReadOptions = ReadOptions(),
+             skip_bad: bool = False) -> Loaded:
+        """Reference docs of `path`, read by its extension. Bad records raise DataError, or are skipped
+        and listed when `skip_bad`. Textcat docs come back without `doc.cats`: the label set of train and
+        dev together decides them (`labels`)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in self.formats:
+            raise DataError(path, None, f"cannot read {suffix or 'a file without extension'} for {self.name}; "
+                            f"use one of {', '.join(self.formats)}")
+        bad = BadRecords(skip_bad)
+        if suffix == ".spacy":
+            loaded = self.check_docbin(path, read_docbin(path, nlp.vocab))
+        else:
+            loaded = self.read(path, nlp, bad, options)
+        loaded.skipped = bad.records
+        if not loaded.docs:
+            raise DataError(path, None, f"no usable records ({len(bad)} bad)" if len(bad) else "no records")
+        return loaded
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the softmax distributions over the last axis, one value per row."""
+    log_student = F.log_softmax(student_logits, dim=-1)
+    log_teacher = F.log_softmax(teacher_logits, dim=-1)
+    return (log_teacher.exp() * (log_teacher - log_student)).sum(-1)
+
+
+TASKS: Dict[str, TaskSpec] = {}  # by the name users type, in the order the tasks registered
+_BY_ANY_NAME: Dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Make a task known to every stage, the CLI and the flows, by its name and its Hugging Face name."""
+    TASKS[spec.name] = spec
+    _BY_ANY_NAME.update({spec.name: spec, spec.hf_task: spec})
+    return spec
+
+
+def task_spec(task: "str | TaskSpec") -> TaskSpec:
+    """The spec of a task named either way (`ner` or `token-classification`)."""
+    if isinstance(task, TaskSpec):
+        return task
+    try:
+        return _BY_ANY_NAME[task]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}") from None
+
+
+def load_docs(task: "str | TaskSpec", path: Union[str, Path], nlp: Language, *, options: ReadOptions = ReadOptions(),
+              skip_bad: bool = False) -> Loaded:
+    """`TaskSpec.load` of the task named `task`."""
+    return task_spec(task).load(path, nlp, options=options, skip_bad=skip_bad)

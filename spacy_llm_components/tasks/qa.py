@@ -1,0 +1,119 @@
+"""Extractive question answering: answer spans for the questions in `doc._.questions`."""
+
+from typing import Any, Callable, Dict, Iterable, List
+
+import torch.nn.functional as F
+from spacy.training import Example
+from spacy.util import registry
+
+from ..core.metrics import squad_scores
+from ..data.errors import DataError
+from ..data.squad import read_squad
+from ..data.types import Loaded
+from .base import Demo, TaskSpec, kl_divergence, register_task
+
+
+class QASpec(TaskSpec):
+    name, hf_task, factory = "qa", "question-answering", "hf_qa"
+    head = "span"
+    primary = "qa_f1"
+    score_weights = {"qa_f1": 1.0, "qa_exact": 0.0}
+    formats = (".json", ".spacy")
+    has_labels = False
+    targets = ("start_positions", "end_positions")
+    gold_description = "questions with gold answers (doc._.qas)"
+    description = "extractive question answering (hf_qa)"
+    input_example = {"text": ["The Lindenfeld bridge was finished in 1894 by the engineer Ada Brenner."],
+                     "questions": [["When was the bridge finished?", "Who built the bridge?"]]}
+    request_note = " with a `questions` list per row"
+    corpus_formats = (".json",)
+    demo = Demo(("train.json", "dev.json", "test.json"), {"epochs": 6, "lr": 1e-4, "batch_size": 8, "max_length": 256},
+                {"dataframe_records": [{"text": "The Korvell mill was built in 1887 by Tomas Ekdahl on the river Sarn. "
+                                                "It ground wheat for the town of Ostbrook until 1952.",
+                                        "questions": ["Who built the Korvell mill?", "When was the mill built?"]}]})
+
+    def has_gold(self, doc):
+        return bool(doc._.qas)
+
+    def read(self, path, nlp, bad, options):
+        pairs = read_squad(path, nlp, bad)
+        return Loaded(path, [d for d, _ in pairs], groups=[title for _, title in pairs])
+
+    def check_docbin(self, path, docs):
+        for i, doc in enumerate(docs):
+            if not doc._.qas:
+                raise DataError(path, f"record {i}", "doc has no questions (doc._.qas)")
+        return Loaded(path, docs)
+
+    def describe(self, docs):
+        qas = [qa for d in docs for qa in d._.qas]
+        return {**super().describe(docs), "questions": len(qas), "impossible": sum(qa["is_impossible"] for qa in qas)}
+
+    def summary_line(self, counts):
+        return f"{counts['docs']:,} docs, {counts['questions']:,} questions"
+
+    def component_settings(self, labels, multi_label, train_docs):
+        impossible = any(qa["is_impossible"] for doc in train_docs for qa in doc._.qas)
+        return {"handle_impossible": True} if impossible else {}  # SQuAD 2.0: the model learned to abstain
+
+    def unlabelled(self, doc, pipe):
+        doc._.qas = [{"id": f"unlabelled-{i}", "question": question, "answers": [], "is_impossible": True}
+                     for i, question in enumerate(doc._.questions or [])]
+        return doc
+
+    def soft_loss(self, student, teacher, batch, temperature, pipe):  # start and end distributions
+        padding = batch["attention_mask"] == 0
+        kl = [kl_divergence(getattr(student, name).float().masked_fill(padding, -1e4) / temperature,
+                  getattr(teacher, name).float().masked_fill(padding, -1e4) / temperature).mean()
+              for name in ("start_logits", "end_logits")]
+        return (kl[0] + kl[1]) / 2 * temperature ** 2
+
+    def gold_loss(self, student, batch, pipe):
+        gold = batch["gold"].bool()
+        if not gold.any():
+            return student.start_logits.sum() * 0.0
+        return (F.cross_entropy(student.start_logits.float()[gold], batch["start_positions"][gold])
+                + F.cross_entropy(student.end_logits.float()[gold], batch["end_positions"][gold])) / 2
+
+    def input_doc(self, nlp, reference):
+        doc = nlp.make_doc(reference.text)
+        if reference._.qas:
+            doc._.questions = [qa["question"] for qa in reference._.qas]
+        return doc
+
+    def scores(self, examples, pipe):
+        return score_squad(examples, spans_key=pipe.spans_key), {}, None
+
+
+def score_squad(examples: Iterable[Example], *, spans_key: str = "answers", **_: Any) -> Dict[str, Any]:
+    """SQuAD EM/F1 of predicted answers against the reference's answers, per question.
+
+    Gold answers come from the reference's `doc._.qas` (character offsets, as
+    `sllm prepare` writes them) or else from `doc.spans[spans_key]` (each with
+    `span._.question`) for the questions in `doc._.questions`; a question
+    without gold answers is unanswerable. The prediction for a question is its
+    best (first) answer span, or "" when there is none.
+    """
+    pairs = []
+    for eg in examples:
+        gold: Dict[str, List[str]] = {}
+        if eg.reference._.qas:
+            for qa in eg.reference._.qas:
+                gold.setdefault(qa["question"], []).extend(a["text"] for a in qa["answers"])
+        else:
+            gold = {q: [] for q in (eg.reference._.questions or [])}
+            for span in eg.reference.spans.get(spans_key, []):
+                gold.setdefault(span._.question, []).append(span.text)
+        predicted: Dict[str, str] = {}
+        for span in eg.predicted.spans.get(spans_key, []):
+            predicted.setdefault(span._.question, span.text)
+        pairs.extend((predicted.get(q, ""), answers) for q, answers in gold.items())
+    return squad_scores(pairs)
+
+
+@registry.scorers("spacy_llm_components.squad_scorer.v1")
+def make_squad_scorer() -> Callable:
+    return score_squad
+
+
+QA = register_task(QASpec())
