@@ -109,8 +109,8 @@ def variants(name: str) -> Dict[str, tuple]:
 def measure_ours(folder: Path, overrides: dict, references, repeats: int) -> dict:
     import spacy
 
-    from spacy_llm_components.compress import hf_components
-    from spacy_llm_components.evaluate import score_pipeline
+    from spacy_llm_components.stages.compress import hf_components
+    from spacy_llm_components.stages.shared.scoring import score_pipeline
 
     nlp = spacy.load(folder, config={"components": {hf_components(folder)[0]: {"device": "cpu", **overrides}}})
     score_pipeline(nlp, references[:64])  # warm-up
@@ -128,8 +128,8 @@ def hf_pipeline_seconds(name: str, folder: Path, references, repeats: int, batch
     import transformers
 
     from spacy_llm_components import export_hf
-    from spacy_llm_components.build import hf_component
-    from spacy_llm_components.compress import hf_components
+    from spacy_llm_components.components.pipeline import hf_component
+    from spacy_llm_components.stages.compress import hf_components
 
     nlp = spacy.load(folder, config={"components": {hf_components(folder)[0]: {"device": "cpu"}}})
     pipe = hf_component(nlp)
@@ -168,7 +168,7 @@ def measure(name: str, args) -> List[dict]:
     options = ReadOptions(text_column="sentence") if d["task"] == "textcat" else ReadOptions()
     loaded = load_docs(d["task"], DATA / d["dev"], nlp, options=options)
     teacher = spacy.load(out / "teacher")
-    from spacy_llm_components.build import hf_component
+    from spacy_llm_components.components.pipeline import hf_component
 
     hf_component(teacher).spec.gold_for(loaded, hf_component(teacher))
     references = loaded.docs
@@ -199,7 +199,7 @@ def measure(name: str, args) -> List[dict]:
 MEMORY_PROBE = """
 import gc, json, sys
 import psutil, spacy
-from spacy_llm_components.compress import hf_components
+from spacy_llm_components.stages.compress import hf_components
 folder, overrides = sys.argv[1], json.loads(sys.argv[2])
 process = psutil.Process()
 before = process.memory_info().rss

@@ -24,11 +24,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForTokenClassification, AutoTokenizer  # noqa: E402
-
 from bench_compress import load1, wait_for_quiet  # noqa: E402
 from bench_inference import DATA, conll_sentences  # noqa: E402
 from spacy_llm_components.hf import DEFAULT_MODEL, quantize_model, resolve_source  # noqa: E402
+from transformers import AutoModelForTokenClassification, AutoTokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -29,11 +29,11 @@ import numpy as np
 import requests
 import spacy
 
+from spacy_llm_components.cli.demo import wait_until_ready
+from spacy_llm_components.components.pipeline import export_hf
+from spacy_llm_components.stages.registry import register
+from spacy_llm_components.stages.serve import serve_command, serve_env
 from spacy_llm_components.tasks import load_docs
-from spacy_llm_components.demo import wait_until_ready
-from spacy_llm_components.export import export_hf
-from spacy_llm_components.registry import register
-from spacy_llm_components.serving import serve_command, serve_env
 
 
 def free_port() -> int:

@@ -27,11 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import DataCollatorForTokenClassification  # noqa: E402
 
-from spacy_llm_components.stages.prepare import prepare  # noqa: E402
 from spacy_llm_components.models.checkpoint import DEFAULT_MODEL, resolve_source  # noqa: E402
-from spacy_llm_components.models.devices import precision_for, resolve_device  # noqa: E402
-from spacy_llm_components.train import FinetuneConfig, finetune  # noqa: E402
 from spacy_llm_components.models.collate import CountingCollator  # noqa: E402
+from spacy_llm_components.models.devices import precision_for, resolve_device  # noqa: E402
+from spacy_llm_components.stages.finetune import finetune  # noqa: E402
+from spacy_llm_components.stages.prepare import prepare  # noqa: E402
+from spacy_llm_components.stages.shared.training import FinetuneConfig
 
 BASE = DEFAULT_MODEL
 DEVICE = resolve_device("auto")

@@ -9,8 +9,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import spacy  # noqa: E402
 import transformers  # noqa: E402
-
 from bench_inference import DATA, OUT, conll_sentences  # noqa: E402
+
 texts = conll_sentences(DATA / "conll2003" / "dev.conll")[:1000]
 model = OUT / "minilm-random-ner"
 pipe = transformers.pipeline("token-classification", model=str(model), aggregation_strategy="first", device=-1, batch_size=8)

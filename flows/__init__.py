@@ -6,7 +6,7 @@ is imported (settings are read once, at import): a project-local PREFECT_HOME, t
 local server enabled, analytics off. A PREFECT_HOME or PREFECT_API_URL set by the user is kept.
 """
 
-from spacy_llm_components.orchestration import configure_prefect
+from spacy_llm_components.flows.settings import configure_prefect
 
 configure_prefect()
 

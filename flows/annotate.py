@@ -13,13 +13,13 @@ from typing import Any, Dict, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
+from spacy_llm_components.flows.settings import is_transient
 
 from spacy_llm_components.artifacts import read_json, sha256_file, sha256_tree, write_json
 from spacy_llm_components.data import DataError
 from spacy_llm_components.data.jsonl import LineRange, line_ranges
-from spacy_llm_components.orchestration import is_transient
-from spacy_llm_components.predict import predict_file
-from spacy_llm_components.registry import is_model_uri, local_pipeline, pin_model
+from spacy_llm_components.stages.annotate import predict_file
+from spacy_llm_components.stages.shared.references import is_model_uri, local_pipeline, pin_model
 
 MANIFEST = "annotate.json"
 

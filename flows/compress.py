@@ -12,18 +12,25 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from prefect import flow, get_run_logger, task
+from spacy_llm_components.flows.steps import CACHE, RETRIES, cached, evaluate, existing_file, output_hashes
 
-from spacy_llm_components import registry, runs
 from spacy_llm_components.artifacts import METRICS, read_json, sha256_file, sha256_tree
-from spacy_llm_components.compress import (
-    CompressError, DistillConfig, check_distillation, check_max_drop, check_methods, distill as distill_pipeline,
+from spacy_llm_components.stages import registry
+from spacy_llm_components.stages.compress import (
+    CompressError,
+    DistillConfig,
+    check_distillation,
+    check_max_drop,
+    check_methods,
     quantized_copy,
 )
-from spacy_llm_components.tasks import load_docs
-from spacy_llm_components.flows.lifecycle import CACHE, RETRIES, _cached, _existing, _outputs, evaluate
-from spacy_llm_components.project import project_dir
-from spacy_llm_components.tasks import task_spec
-from spacy_llm_components.train import FinetuneConfig
+from spacy_llm_components.stages.compress import (
+    distill as distill_pipeline,
+)
+from spacy_llm_components.stages.shared import references, tracking
+from spacy_llm_components.stages.shared.tracking import project_dir
+from spacy_llm_components.stages.shared.training import FinetuneConfig
+from spacy_llm_components.tasks import load_docs, task_spec
 
 ALIASES = {"int8": "int8", "distill": "distilled"}  # the alias each method's gated variants get
 
@@ -31,7 +38,7 @@ ALIASES = {"int8": "int8", "distill": "distilled"}  # the alias each method's ga
 @task(name="quantize", cache_policy=CACHE, **RETRIES)
 def quantize_task(source: str, output: str, source_sha256: str, code_version: str) -> Dict[str, Any]:
     path = quantized_copy(source, output)
-    return {"pipeline": str(path), "files": _outputs(path / "meta.json", path / "config.cfg")}
+    return {"pipeline": str(path), "files": output_hashes(path / "meta.json", path / "config.cfg")}
 
 
 @task(name="distill", cache_policy=CACHE, **RETRIES)
@@ -40,10 +47,10 @@ def distill_task(source: str, train: str, dev: str, output: str, config: Dict[st
                  corpus_sha256: Optional[str], code_version: str, progress: bool = True) -> Dict[str, Any]:
     result = distill_pipeline(source, train, dev, output, FinetuneConfig(**config), DistillConfig(**distill_config),
                               resume=True, progress=progress)
-    run_id = runs.log_finetune(output, run_name=f"distill-{result.task}")
+    run_id = tracking.log_finetune(output, run_name=f"distill-{result.task}")
     get_run_logger().info(result.summary())
     return {"pipeline": str(Path(output)), "dev": result.dev_metrics, "mlflow_run_id": run_id,
-            "files": _outputs(Path(output) / "meta.json", Path(output) / METRICS)}
+            "files": output_hashes(Path(output) / "meta.json", Path(output) / METRICS)}
 
 
 @task(name="register-variant", **RETRIES)
@@ -65,23 +72,23 @@ def compress(model: str, test: str, methods: List[str], max_drop: float = 0.5, t
     Outputs go to `workdir/compressed/vVERSION-METHOD` (default workdir: `<project>/training/NAME`)."""
     methods = check_methods(methods)
     check_max_drop(max_drop)
-    test = _existing(test)
+    test = existing_file(test)
     if "distill" in methods and not (train and dev):
         raise CompressError("distillation needs the prepared training data: pass train and dev (.spacy files)")
-    train, dev = _existing(train), _existing(dev)
-    source = registry.pin_model(model)
-    if not registry.is_model_uri(source):
+    train, dev = existing_file(train), existing_file(dev)
+    source = references.pin_model(model)
+    if not references.is_model_uri(source):
         raise CompressError(f"{model}: compress a registered version (models:/NAME/VERSION or models:/NAME@ALIAS); "
                             "register the pipeline first")
-    ref = registry.parse_model_uri(source)
-    folder = registry.local_pipeline(source)
-    spec = task_spec(runs.pipeline_info(folder)["task"])
+    ref = references.parse_model_uri(source)
+    folder = references.local_pipeline(source)
+    spec = task_spec(tracking.pipeline_info(folder)["task"])
     import spacy
 
     load_docs(spec.name, test, spacy.blank("en"))  # a test file of another task fails here, before any variant
     config, dconfig = _filled(FinetuneConfig, finetune_config), _filled(DistillConfig, distill_config)
     if "distill" in methods:  # bad settings or data fail now, before any variant is made or registered
-        dconfig["corpus"] = _existing(dconfig.get("corpus"))
+        dconfig["corpus"] = existing_file(dconfig.get("corpus"))
         check_distillation(source, train, dev, DistillConfig(**dconfig), FinetuneConfig(**config))
     root = Path(workdir).resolve() if workdir else project_dir() / "training" / ref.name
     source_tags = _source_evaluation(ref, folder, test, root, spec.primary)
@@ -90,10 +97,10 @@ def compress(model: str, test: str, methods: List[str], max_drop: float = 0.5, t
     for method in methods:
         out = root / "compressed" / f"v{ref.version}-{ALIASES[method]}"
         if method == "int8":
-            made = _cached(quantize_task, source=source, output=str(out / "model"), source_sha256=source_sha)
+            made = cached(quantize_task, source=source, output=str(out / "model"), source_sha256=source_sha)
         else:
             corpus = dconfig["corpus"]
-            made = _cached(distill_task, source=source, train=train, dev=dev, output=str(out / "model"),
+            made = cached(distill_task, source=source, train=train, dev=dev, output=str(out / "model"),
                            config=config, distill_config=dconfig, source_sha256=source_sha,
                            train_sha256=sha256_file(Path(train)), dev_sha256=sha256_file(Path(dev)),
                            corpus_sha256=sha256_file(Path(corpus)) if corpus else None, progress=progress)

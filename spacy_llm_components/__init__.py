@@ -5,15 +5,15 @@ entry points, so `nlp.add_pipe("hf_ner", ...)` works without importing this
 package. Importing it gives `ask` and `export_hf`.
 """
 
-from .extensions import register_extensions
+from .data.extensions import register_extensions
 
 register_extensions()
 
 from . import tasks  # noqa: E402,F401  (registers the tasks and their scorers)
 from .components.ner import HFEntityRecognizer  # noqa: E402
+from .components.pipeline import export_hf  # noqa: E402
 from .components.qa import HFQuestionAnswerer, ask  # noqa: E402
 from .components.textcat import HFTextCategorizer  # noqa: E402
-from .export import export_hf  # noqa: E402
 from .models.checkpoint import CheckpointError  # noqa: E402
 
 __version__ = "0.1.0"

@@ -32,9 +32,9 @@ import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
 import spacy  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 from transformers import (  # noqa: E402
     BertConfig,
     BertForQuestionAnswering,
@@ -160,9 +160,10 @@ def mlflow_project(tmp_path, monkeypatch) -> Path:
 def tiny_pipelines(ckpts, tmp_path_factory) -> dict:
     """Per task: a pipeline fine-tuned (2 steps) from the tiny base on the demo data, and its
     evaluation on the demo test file ({"pipeline", "evaluation", "test"})."""
+    from spacy_llm_components.stages.evaluate import evaluate
+    from spacy_llm_components.stages.finetune import finetune
     from spacy_llm_components.stages.prepare import prepare
-    from spacy_llm_components.evaluate import evaluate
-    from spacy_llm_components.train import FinetuneConfig, finetune
+    from spacy_llm_components.stages.shared.training import FinetuneConfig
 
     root = tmp_path_factory.mktemp("tiny-pipelines")
     out = {}
@@ -197,7 +198,7 @@ def assert_same_predictions(got, want, tol: float = 1e-5) -> None:
 
 def in_process_predictions(pipeline, records) -> list:
     """What `spacy.load(pipeline)` predicts for input records ({"text", "questions"}), one at a time."""
-    from spacy_llm_components.predict import doc_predictions, make_input_doc
+    from spacy_llm_components.components.pipeline import doc_predictions, make_input_doc
 
     nlp = spacy.load(pipeline)
     return [doc_predictions(nlp(make_input_doc(nlp, record, f"record {i}", "test")), nlp)

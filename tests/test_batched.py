@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from transformers import AutoTokenizer
 
-from spacy_llm_components.core.align import group_words, snap_many, snap_to_tokens
 from spacy_llm_components.components.inputs import Pieces, Rows, SpecialTokens, padded_batches
+from spacy_llm_components.core.align import group_words, snap_many, snap_to_tokens
 from spacy_llm_components.core.decode import (
     TagTable,
     log_softmax,

@@ -4,13 +4,14 @@ import json
 
 from mlflow.tracking import MlflowClient
 
-from spacy_llm_components import project, registry
+from spacy_llm_components.stages import registry
+from spacy_llm_components.stages.shared import tracking
 
 
 def test_a_registered_version_describes_itself(tiny_pipelines, mlflow_project):
     ner = tiny_pipelines["ner"]
     version = registry.register(ner["pipeline"], "carded", metrics=ner["evaluation"] / "metrics.json")
-    card = MlflowClient(project.use_tracking()).get_model_version("carded", version.version).description
+    card = MlflowClient(tracking.use_tracking()).get_model_version("carded", version.version).description
     meta = json.loads((ner["pipeline"] / "meta.json").read_text())["sllm"]
     evaluation = json.loads((ner["evaluation"] / "metrics.json").read_text())
     finetune = json.loads((ner["pipeline"] / "metrics.json").read_text())
@@ -31,9 +32,9 @@ def test_a_registered_version_describes_itself(tiny_pipelines, mlflow_project):
 
 def test_a_version_without_evaluation_says_so(tiny_pipelines, mlflow_project):
     version = registry.register(tiny_pipelines["textcat"]["pipeline"], "uncarded")
-    card = MlflowClient(project.use_tracking()).get_model_version("uncarded", version.version).description
+    card = MlflowClient(tracking.use_tracking()).get_model_version("uncarded", version.version).description
     assert "text classification (hf_textcat)" in card and "Evaluation**: none recorded" in card
     again = registry.register(tiny_pipelines["textcat"]["pipeline"], "uncarded",
                               metrics=tiny_pipelines["textcat"]["evaluation"] / "metrics.json")
-    refreshed = MlflowClient(project.use_tracking()).get_model_version("uncarded", again.version).description
+    refreshed = MlflowClient(tracking.use_tracking()).get_model_version("uncarded", again.version).description
     assert again.version == version.version and "none recorded" not in refreshed and "cats_score" in refreshed

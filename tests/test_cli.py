@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import spacy
 import torch
+from conftest import assert_same_predictions, in_process_predictions, model_inputs
+from test_train import NER_TRAIN
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import assert_same_predictions, in_process_predictions, model_inputs
-from spacy_llm_components.build import hf_component
 from spacy_llm_components.cli import app
+from spacy_llm_components.components.pipeline import hf_component
 from spacy_llm_components.stages.prepare import prepare
-from spacy_llm_components.train import FinetuneConfig
-from test_train import NER_TRAIN
+from spacy_llm_components.stages.shared.training import FinetuneConfig
 
 runner = CliRunner()
 
@@ -217,7 +217,7 @@ def test_a_finetune_that_fails_before_training_writes_nothing(ner_corpus, tmp_pa
 # -- model references and promotion ------------------------------------------------------------------
 @pytest.fixture
 def registered_textcat(tiny_pipelines, mlflow_project):
-    from spacy_llm_components import registry
+    from spacy_llm_components.stages import registry
 
     parts = tiny_pipelines["textcat"]
     registry.register(parts["pipeline"], "tc", metrics=parts["evaluation"] / "metrics.json")
@@ -247,8 +247,8 @@ def test_promote_with_a_test_file_scores_both_versions_on_it(tiny_pipelines, mlf
     """The tiny classifier and the same with its two classes swapped: on a binary test set of an odd
     number of docs their accuracies add up to 1, so exactly one is better, and `promote --test` must
     find which when the worse one is the champion."""
-    from spacy_llm_components import registry
-    from spacy_llm_components.evaluate import evaluate
+    from spacy_llm_components.stages import registry
+    from spacy_llm_components.stages.evaluate import evaluate
 
     parts = tiny_pipelines["textcat"]
     test = tmp_path / "test.csv"
@@ -276,9 +276,9 @@ def test_promote_with_a_test_file_scores_both_versions_on_it(tiny_pipelines, mlf
     assert str(MlflowClient().get_model_version_by_alias("swap", "champion").version) == "2"
 
 
-@pytest.mark.parametrize("command,module,function", [("finetune", "spacy_llm_components.train", "finetune"),
-                                                     ("pretrain", "spacy_llm_components.pretrain", "pretrain"),
-                                                     ("distill", "spacy_llm_components.compress", "distill")])
+@pytest.mark.parametrize("command,module,function", [("finetune", "spacy_llm_components.stages.finetune", "finetune"),
+                                                     ("pretrain", "spacy_llm_components.stages.pretrain", "pretrain"),
+                                                     ("distill", "spacy_llm_components.stages.compress", "distill")])
 def test_an_interrupted_training_command_says_how_to_resume(tmp_path, monkeypatch, command, module, function):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

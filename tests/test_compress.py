@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 import spacy
 import torch
+from conftest import NER_TAGS, demo_files, make_ckpt
 from safetensors.numpy import load_file
 from transformers import BertForTokenClassification, TrainerCallback
 from typer.testing import CliRunner
 
-from conftest import NER_TAGS, demo_files, make_ckpt
-from spacy_llm_components.build import hf_component
 from spacy_llm_components.cli import app
-from spacy_llm_components.compress import CompressError, DistillConfig, distill, kept_layers, quantized_copy
+from spacy_llm_components.components.pipeline import doc_predictions, hf_component
 from spacy_llm_components.data import DataError
-from spacy_llm_components.stages.prepare import prepare
-from spacy_llm_components.tasks import load_docs
 from spacy_llm_components.models.encoder import keep_layers
-from spacy_llm_components.predict import doc_predictions
-from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune
+from spacy_llm_components.stages.compress import CompressError, DistillConfig, distill, kept_layers, quantized_copy
+from spacy_llm_components.stages.finetune import FinetuneError, finetune
+from spacy_llm_components.stages.prepare import prepare
+from spacy_llm_components.stages.shared.training import FinetuneConfig
+from spacy_llm_components.tasks import load_docs
 
 TEXTS = ["Lena Hartmann joined Brightwater Foods in Lindenfeld.", "Tomas Ekdahl visited Ostbrook on Monday.",
          "The mill in Lindenfeld was built in 1887 by Marta Veldt.", "A quiet day."]
@@ -175,6 +175,7 @@ def test_onnxruntime_float32_predicts_what_pytorch_does(teachers, task, tmp_path
     """The ONNX export run by ONNX Runtime gives the PyTorch model's predictions (same spans, labels and
     answers; scores within float32 rounding), and it is what runs."""
     from families import make_checkpoint
+
     from spacy_llm_components.models.runtimes import OnnxModel
 
     source = teachers[task]["pipeline"]
@@ -530,7 +531,7 @@ def test_distill_command_writes_a_student(teachers, tmp_path):
 
 # -- speed in evaluation -----------------------------------------------------------------------------
 def test_evaluation_reports_word_pieces_per_second(teachers, tmp_path):
-    from spacy_llm_components.evaluate import evaluate
+    from spacy_llm_components.stages.evaluate import evaluate
 
     parts = teachers["qa"]
     result = evaluate(parts["pipeline"], parts["test"])

@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 import spacy
 import torch
-from mlflow.tracking import MlflowClient
-
 from conftest import demo_files
-from spacy_llm_components import project, registry
-from spacy_llm_components.artifacts import sha256_file
-from spacy_llm_components.compress import CompressError, quantized_copy
-from spacy_llm_components.data import DataError
+from mlflow.tracking import MlflowClient
 from spacy_llm_components.flows import lifecycle
 from spacy_llm_components.flows.compress import _speedup, compress
+
+from spacy_llm_components.artifacts import sha256_file
+from spacy_llm_components.data import DataError
+from spacy_llm_components.stages import registry
+from spacy_llm_components.stages.compress import CompressError, quantized_copy
+from spacy_llm_components.stages.shared import references, tracking
 
 pytestmark = pytest.mark.slow
 TRAINING = {"max_steps": 2, "batch_size": 8, "eval_steps": 2, "device": "cpu"}
@@ -30,7 +31,7 @@ def prefect_api():
 
 
 def _client() -> MlflowClient:
-    return MlflowClient(project.use_tracking())
+    return MlflowClient(tracking.use_tracking())
 
 
 def _versions(name: str) -> dict:
@@ -38,7 +39,7 @@ def _versions(name: str) -> dict:
 
 
 def _alias(name: str, alias: str):
-    version = registry.version_by_alias(name, alias)
+    version = references.version_by_alias(name, alias)
     return None if version is None else str(version.version)
 
 
@@ -74,9 +75,9 @@ def test_compress_registers_gated_variants_with_their_tags(tiny_pipelines, mlflo
     assert f"; {speedup:.2f}x its docs/s" in cards[0]
     # champion and challenger rank full models: compression leaves them alone
     assert _alias("small-ner", "challenger") == "1" and _alias("small-ner", "champion") is None
-    int8 = spacy.load(registry.local_pipeline("models:/small-ner@int8"))
+    int8 = spacy.load(references.local_pipeline("models:/small-ner@int8"))
     assert int8.get_pipe("ner").quantize == "int8"
-    student = json.loads((registry.local_pipeline("models:/small-ner@distilled") / "meta.json").read_text())["sllm"]
+    student = json.loads((references.local_pipeline("models:/small-ner@distilled") / "meta.json").read_text())["sllm"]
     assert student["distillation"]["teacher"] == "models:/small-ner/1"
 
     again = compress("models:/small-ner/1", str(parts["test"]), ["int8", "distill"], max_drop=100.0,
@@ -119,9 +120,9 @@ def test_the_gate_moves_the_alias_only_within_max_drop(tiny_pipelines, mlflow_pr
 
     other_set = registry.register(_variant(source, tmp_path / "c", "c"), "gated", metrics=_metrics(0.85, "other"),
                                   tags=source_tags, alias=None)
-    with pytest.raises(registry.RegistryError, match="not evaluated on the same set"):
+    with pytest.raises(references.RegistryError, match="not evaluated on the same set"):
         registry.gate_variant("gated", other_set.version, "int8", max_drop=0.5)
-    with pytest.raises(registry.RegistryError, match="no compressed variant"):
+    with pytest.raises(references.RegistryError, match="no compressed variant"):
         registry.gate_variant("gated", "1", "int8", max_drop=0.5)
 
 

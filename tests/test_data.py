@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spacy_llm_components.data import DataError, ReadOptions, read_docbin
+from spacy_llm_components.data.split import split_indices
 from spacy_llm_components.stages.prepare import prepare
 from spacy_llm_components.tasks import load_docs
-from spacy_llm_components.data.split import split_indices
 
 CONLL_4COL = """-DOCSTART- -X- -X- O
 

@@ -7,8 +7,9 @@ import pytest
 import spacy
 
 from spacy_llm_components.data import DataError
-from spacy_llm_components.evaluate import evaluate, score_pipeline
-from spacy_llm_components.predict import predict_file
+from spacy_llm_components.stages.annotate import predict_file
+from spacy_llm_components.stages.evaluate import evaluate
+from spacy_llm_components.stages.shared.scoring import score_pipeline
 
 
 # -- on a saved pipeline ---------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def test_predict_file_streams_and_reports_bad_lines(ckpts, tmp_path, nlp):
 
 
 def test_doc_predictions_from_every_hf_component(ckpts, nlp):
-    from spacy_llm_components.predict import doc_predictions
+    from spacy_llm_components.components.pipeline import doc_predictions
 
     nlp.add_pipe("hf_ner", config={"model": str(ckpts["ner"]), "device": "cpu"})
     nlp.add_pipe("hf_textcat", config={"model": str(ckpts["textcat"]), "device": "cpu"})

@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import demo_files
-from spacy_llm_components import project, registry
-from spacy_llm_components.data import DataError
-from spacy_llm_components.flows import lifecycle
+from mlflow.tracking import MlflowClient
+from spacy_llm_components.flows import lifecycle, steps
 from spacy_llm_components.flows.annotate import annotate_with, shard_path
+
+from spacy_llm_components.data import DataError
+from spacy_llm_components.stages import registry
+from spacy_llm_components.stages.shared import tracking
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +40,8 @@ def _task_runs(flow_run_id):
 
 
 def _runs(step):
-    client = MlflowClient(project.use_tracking())
-    return client.search_runs([project.experiment_id()], f"tags.`sllm.step` = '{step}'")
+    client = MlflowClient(tracking.use_tracking())
+    return client.search_runs([tracking.experiment_id()], f"tags.`sllm.step` = '{step}'")
 
 
 def _config(ckpts, **kwargs):
@@ -85,7 +86,7 @@ def test_a_cache_hit_on_overwritten_outputs_runs_again(mlflow_project, tmp_path)
         files[key] = tmp_path / f"{key}.csv"
         files[key].write_text(text)
     out = str(tmp_path / "corpus")
-    runs = [lifecycle.prepare_data("textcat", [str(files[k])], out, dev_fraction=0.5) for k in "aba"]
+    runs = [steps.prepare_data("textcat", [str(files[k])], out, dev_fraction=0.5) for k in "aba"]
     assert runs[0]["content_hash"] == runs[2]["content_hash"] != runs[1]["content_hash"]
     summary = json.loads((tmp_path / "corpus" / "summary.json").read_text())
     assert summary["content_hash"] == runs[0]["content_hash"]  # the files on disk are A's again
@@ -96,7 +97,7 @@ def test_evaluate_publishes_table_and_markdown_artifacts(tiny_pipelines, mlflow_
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     parts = tiny_pipelines["textcat"]
-    lifecycle.evaluate(str(parts["pipeline"]), str(parts["test"]), str(mlflow_project / "eval"), name="My Model_1")
+    steps.evaluate(str(parts["pipeline"]), str(parts["test"]), str(mlflow_project / "eval"), name="My Model_1")
     with get_client(sync_client=True) as client:
         table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["my-model-1-textcat-metrics"])))
         report = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["my-model-1-textcat-report"])))
@@ -131,7 +132,7 @@ def test_transient_errors_are_retried_and_bad_input_is_not(tmp_path, mlflow_proj
                    "mlflow-unavailable": lambda: RestException({"error_code": "TEMPORARILY_UNAVAILABLE",
                                                                 "message": "try again"})}[error]
 
-    @task(**{**lifecycle.RETRIES, "retry_delay_seconds": 0})
+    @task(**{**steps.RETRIES, "retry_delay_seconds": 0})
     def flaky():
         attempts.write_text(attempts.read_text() + "x" if attempts.exists() else "x")
         if len(attempts.read_text()) < 2:
@@ -150,7 +151,7 @@ def test_transient_errors_are_retried_and_bad_input_is_not(tmp_path, mlflow_proj
 def test_bad_input_is_not_retried(tmp_path, mlflow_project):
     bad = tmp_path / "bad.conll"
     bad.write_text("Lena\tB-PER\nHartmann\n")
-    state = lifecycle.prepare_data("ner", [str(bad)], str(tmp_path / "corpus"), return_state=True)
+    state = steps.prepare_data("ner", [str(bad)], str(tmp_path / "corpus"), return_state=True)
     assert state.is_failed()
     with pytest.raises(DataError, match="bad.conll, line 2"):
         state.result()
@@ -303,7 +304,7 @@ def test_schedule_serves_train_pipeline_on_a_real_prefect_server(ckpts, mlflow_p
             if proc is not None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
-    client = MlflowClient(project.use_tracking())
+    client = MlflowClient(tracking.use_tracking())
     assert str(client.get_model_version_by_alias("nightly", "champion").version) == "1"
 
 
@@ -334,9 +335,9 @@ def test_run_command_reports_bad_input_and_writes_nothing(mlflow_project, tmp_pa
 
 
 def test_sllm_annotate_writes_what_the_pipeline_predicts(tiny_pipelines, mlflow_project, tmp_path):
+    from conftest import assert_same_predictions, in_process_predictions
     from typer.testing import CliRunner
 
-    from conftest import assert_same_predictions, in_process_predictions
     from spacy_llm_components.cli import app
 
     pipeline = tiny_pipelines["ner"]["pipeline"]
@@ -366,7 +367,7 @@ def test_sllm_run_with_promote_registers_and_makes_the_champion(ckpts, mlflow_pr
     score = json.loads((tmp_path / "work" / "evaluation" / "metrics.json").read_text())["scores"]["cats_score"]
     assert f"cli-run version 1: cats_score {100 * score:.2f}" in result.output
     assert "promotion: no champion yet" in result.output
-    client = MlflowClient(project.use_tracking())
+    client = MlflowClient(tracking.use_tracking())
     assert str(client.get_model_version_by_alias("cli-run", "champion").version) == "1"
 
 
@@ -389,7 +390,7 @@ def test_train_pipeline_pretrains_the_encoder_first_and_caches_it(ckpts, mlflow_
     assert first["encoder"]["perplexity_after"] == pretrained["perplexity_after"]
     meta = json.loads((Path(first["pipeline"]) / "meta.json").read_text())["sllm"]
     assert meta["base_model"] == str(encoder) and meta["encoder"]["encoder_sha256"] == sha256_model(encoder)
-    tags = MlflowClient(project.use_tracking()).get_model_version("adapted-ner", first["version"]).tags
+    tags = MlflowClient(tracking.use_tracking()).get_model_version("adapted-ner", first["version"]).tags
     assert tags["encoder_sha256"] == sha256_model(encoder) and tags["encoder_path"] == str(encoder)
     counts = {step: len(_runs(step)) for step in ("pretrain", "finetune", "evaluate", "register")}
     assert counts == {"pretrain": 1, "finetune": 1, "evaluate": 1, "register": 1}

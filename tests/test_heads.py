@@ -9,9 +9,13 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoModelForTokenClassification
-
 from families import FAMILIES, make_checkpoint
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
 from spacy_llm_components.models.checkpoint import CheckpointError
 from spacy_llm_components.models.task_model import load_task_checkpoint, save_task_checkpoint
 

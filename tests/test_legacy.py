@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import spacy
-
 from conftest import assert_same_predictions, in_process_predictions
 
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy"
@@ -37,7 +36,7 @@ def test_saved_pipeline_predicts_as_when_written_in_int8(version, name):
     expected = _expected(version)
     task = name.split("-")[-1].replace("multilabel", "textcat")
     nlp = spacy.load(LEGACY / version / name, config={"components": {task: {"quantize": "int8"}}})
-    from spacy_llm_components.predict import doc_predictions, make_input_doc
+    from spacy_llm_components.components.pipeline import doc_predictions, make_input_doc
 
     got = [doc_predictions(nlp(make_input_doc(nlp, r, f"text {i}", "test")), nlp)
            for i, r in enumerate(expected["texts"])]

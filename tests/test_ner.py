@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import spacy
 import torch
+from conftest import model_inputs
 from spacy.training import Example
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from spacy_llm_components import CheckpointError
 from spacy_llm_components.core.align import window_spans
 from spacy_llm_components.core.decode import decode_entities, log_softmax, transitions
-
-from conftest import model_inputs
 
 TEXT = "Angela Merkel visited Paris and met Emmanuel Macron at the Elysee Palace on Monday."
 BAD_INPUTS = ["", "   \n\t ", "😀🎉 東京 Москва café naïve \u200b", "ctrl\x00\x01\x07chars\x1b[0m", "a" * 3000]

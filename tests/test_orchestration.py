@@ -7,9 +7,9 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
+from spacy_llm_components.flows.settings import is_transient
 
 from spacy_llm_components.data import DataError
-from spacy_llm_components.orchestration import is_transient
 
 
 @pytest.fixture

@@ -16,26 +16,32 @@ import numpy as np
 import pytest
 import spacy
 import torch
+from conftest import make_ckpt, minilm_path, save_tiny
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizerFast, GPT2Config, GPT2Model
-from transformers import set_seed
+from test_train import _Interrupt
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizerFast, GPT2Config, GPT2Model, set_seed
 from typer.testing import CliRunner
 
-from conftest import make_ckpt, minilm_path, save_tiny
 from spacy_llm_components.artifacts import encoder_lineage, sha256_model
 from spacy_llm_components.cli import app
 from spacy_llm_components.data import DataError
-from spacy_llm_components.data.corpus import corpus_texts
 from spacy_llm_components.models.masked_lm import load_masked_lm
-from spacy_llm_components.lm import (
-    BlockMasking, LMDataConfig, corpus_cache, evaluate_lm, heldout_masking, masked_batches, pack_blocks,
-    read_documents, to_blocks,
+from spacy_llm_components.stages.pretrain import PretrainConfig, pretrain
+from spacy_llm_components.stages.pretrain.corpus import corpus_texts
+from spacy_llm_components.stages.pretrain.lm import (
+    BlockMasking,
+    LMDataConfig,
+    corpus_cache,
+    evaluate_lm,
+    heldout_masking,
+    masked_batches,
+    pack_blocks,
+    read_documents,
+    to_blocks,
 )
-from spacy_llm_components.pretrain import PretrainConfig, pretrain
-from spacy_llm_components.training import TrainingError, last_complete_checkpoint
-from test_train import _Interrupt
+from spacy_llm_components.stages.shared.trainer import TrainingError, last_complete_checkpoint
 
 runner = CliRunner()
 ANIMALS, PLACES = ["cat", "dog", "bird", "horse"], ["mat", "roof", "chair", "table", "bed"]
@@ -287,12 +293,14 @@ def test_a_seeded_share_of_the_corpus_is_held_out(ckpts, texts, tmp_path):
 # -- the encoder downstream: fine-tuning, lineage, registry, MLflow -----------------------------------
 def test_the_encoder_is_a_base_model_for_finetune_and_its_lineage_is_recorded(encoder, mlflow_project, tmp_path):
     from mlflow.tracking import MlflowClient
-
-    from spacy_llm_components import registry, runs
-    from spacy_llm_components.build import build_pipeline, hf_component
-    from spacy_llm_components.stages.prepare import prepare
-    from spacy_llm_components.train import FinetuneConfig, finetune
     from test_train import NER_TRAIN
+
+    from spacy_llm_components.components.pipeline import build_pipeline, hf_component
+    from spacy_llm_components.stages import registry
+    from spacy_llm_components.stages.finetune import finetune
+    from spacy_llm_components.stages.prepare import prepare
+    from spacy_llm_components.stages.shared import tracking
+    from spacy_llm_components.stages.shared.training import FinetuneConfig
 
     out, result = encoder
     nlp = build_pipeline("ner", str(out), settings={"labels": ["PER", "LOC"], "device": "cpu"})
@@ -320,10 +328,10 @@ def test_the_encoder_is_a_base_model_for_finetune_and_its_lineage_is_recorded(en
     assert (f"**Encoder lineage**: `{out.resolve()}` (content `{sha256_model(out)[:12]}`); pre-trained by "
             f"`sllm pretrain` on corpus `{result.corpus['sha256'][:12]}`, held-out perplexity "
             f"{result.perplexity_after:.2f}") in card
-    finetune_run = client.get_run(runs.log_finetune(tmp_path / "model"))
+    finetune_run = client.get_run(tracking.log_finetune(tmp_path / "model"))
     assert finetune_run.data.tags["encoder_sha256"] == sha256_model(out)
 
-    run = client.get_run(runs.log_pretrain(out))
+    run = client.get_run(tracking.log_pretrain(out))
     assert run.data.tags["sllm.step"] == "pretrain" and run.data.tags["corpus_sha256"] == result.corpus["sha256"]
     assert run.data.tags["corpus_sha256.0"] == result.corpus["files"][0]["sha256"]
     assert run.data.params["max_length"] == "32" and run.data.metrics["perplexity_after"] == result.perplexity_after

@@ -2,12 +2,11 @@
 
 import pytest
 import spacy
+from conftest import model_inputs
 from spacy.training import Example
 
 from spacy_llm_components import ask
 from spacy_llm_components.core.metrics import exact_match, token_f1
-
-from conftest import model_inputs
 
 CONTEXT = "The Eiffel Tower is in Paris. It was finished in 1889 by Gustave Eiffel's company."
 

@@ -7,8 +7,9 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from spacy_llm_components import project, registry
-from spacy_llm_components.registry import ModelRef, RegistryError
+from spacy_llm_components.stages import registry
+from spacy_llm_components.stages.shared import references, tracking
+from spacy_llm_components.stages.shared.references import ModelRef, RegistryError
 
 
 def _metrics(evaluation, value=None, test_sha256=None):
@@ -34,7 +35,7 @@ def test_register_tags_aliases_and_is_idempotent(tiny_pipelines, mlflow_project)
     ner = tiny_pipelines["ner"]
     first = registry.register(ner["pipeline"], "ner-model", metrics=ner["evaluation"] / "metrics.json")
     assert first.created and first.version == "1"
-    client = MlflowClient(project.use_tracking())
+    client = MlflowClient(tracking.use_tracking())
     version = client.get_model_version("ner-model", "1")
     meta = json.loads((ner["pipeline"] / "meta.json").read_text())["sllm"]
     assert version.tags["task"] == "ner" and version.tags["train_sha256"] == meta["train_sha256"]
@@ -49,7 +50,7 @@ def test_register_tags_aliases_and_is_idempotent(tiny_pipelines, mlflow_project)
 def test_a_new_evaluation_replaces_the_old_ones_tags_whole(tiny_pipelines, mlflow_project):
     ner = tiny_pipelines["ner"]
     registry.register(ner["pipeline"], "re-evaluated", metrics=ner["evaluation"] / "metrics.json")
-    client = MlflowClient(project.use_tracking())
+    client = MlflowClient(tracking.use_tracking())
     before = client.get_model_version("re-evaluated", "1").tags
     assert {"metric.ents_p", "speed.docs_per_second", "speed.device", "speed.machine"} <= set(before)
     assert before["speed.device"] == "cpu"
@@ -84,7 +85,7 @@ def test_register_rejects_bad_input(tiny_pipelines, mlflow_project, tmp_path):
 
 def test_promotion_is_gated_on_the_same_evaluation_set(tiny_pipelines, mlflow_project, tmp_path):
     ner = tiny_pipelines["ner"]
-    client = MlflowClient(project.use_tracking())
+    client = MlflowClient(tracking.use_tracking())
     with pytest.raises(RegistryError, match="no 'challenger' version"):
         registry.promote("gated")
 
@@ -139,7 +140,7 @@ def test_promotion_can_evaluate_both_versions_on_a_test_file(tiny_pipelines, mlf
     ("models:/m_1@v2", ModelRef("m_1", alias="v2")),
 ])
 def test_parse_model_uri(uri, ref):
-    assert registry.parse_model_uri(uri) == ref and ref.uri == uri
+    assert references.parse_model_uri(uri) == ref and ref.uri == uri
 
 
 @pytest.mark.parametrize("uri, problem", [
@@ -152,7 +153,7 @@ def test_parse_model_uri(uri, ref):
 ])
 def test_bad_model_uris_say_what_is_expected(uri, problem):
     with pytest.raises(RegistryError, match=problem):
-        registry.parse_model_uri(uri)
+        references.parse_model_uri(uri)
 
 
 def test_one_resolver_for_folders_aliases_and_versions(tiny_pipelines, mlflow_project, tmp_path):
@@ -160,26 +161,26 @@ def test_one_resolver_for_folders_aliases_and_versions(tiny_pipelines, mlflow_pr
 
     ner = tiny_pipelines["ner"]
     folder = ner["pipeline"]
-    assert registry.pin_model(str(folder)) == str(folder.resolve())
-    assert registry.local_pipeline(folder) == folder.resolve()
+    assert references.pin_model(str(folder)) == str(folder.resolve())
+    assert references.local_pipeline(folder) == folder.resolve()
     with pytest.raises(RegistryError, match="neither a models:/ URI nor a spaCy pipeline folder"):
-        registry.pin_model(str(tmp_path))
+        references.pin_model(str(tmp_path))
 
     first = registry.register(folder, "resolve", metrics=ner["evaluation"] / "metrics.json")
     registry.promote("resolve")
-    assert registry.pin_model("models:/resolve@champion") == "models:/resolve/1"
-    assert registry.pin_model("models:/resolve/7") == "models:/resolve/7"  # a version is taken as it is
+    assert references.pin_model("models:/resolve@champion") == "models:/resolve/1"
+    assert references.pin_model("models:/resolve/7") == "models:/resolve/7"  # a version is taken as it is
     with pytest.raises(RegistryError, match="has no alias 'staging'"):
-        registry.pin_model("models:/resolve@staging")
+        references.pin_model("models:/resolve@staging")
 
-    local = registry.local_pipeline("models:/resolve@champion")
-    assert local == registry.local_pipeline("models:/resolve/1")  # downloaded once, then cached
+    local = references.local_pipeline("models:/resolve@champion")
+    assert local == references.local_pipeline("models:/resolve/1")  # downloaded once, then cached
     assert (local / "meta.json").is_file() and sha256_tree(local) == first.tags["pipeline_sha256"]
     assert not local.is_relative_to(mlflow_project)  # a download, not the store's own artifact folder
 
     second = registry.register(_copy(folder, tmp_path, "second"), "resolve",
                                metrics=_metrics(ner["evaluation"], 1.0))
     registry.promote("resolve")  # the alias moves: the pinned reference follows it
-    assert registry.pin_model("models:/resolve@champion") == f"models:/resolve/{second.version}"
-    moved = registry.local_pipeline("models:/resolve@champion")
+    assert references.pin_model("models:/resolve@champion") == f"models:/resolve/{second.version}"
+    moved = references.local_pipeline("models:/resolve@champion")
     assert moved != local and json.loads((moved / "meta.json").read_text())["description"] == "second"

@@ -4,14 +4,14 @@ import json
 
 from mlflow.tracking import MlflowClient
 
-from spacy_llm_components import project, runs
+from spacy_llm_components.stages.shared import tracking
 
 
 def test_finetune_run_logs_params_steps_hashes_versions_and_pipeline(tiny_pipelines, mlflow_project):
     pipeline = tiny_pipelines["ner"]["pipeline"]
     summary = json.loads((tiny_pipelines["ner"]["corpus"] / "summary.json").read_text())
-    run_id = runs.log_finetune(pipeline, data_summary=summary)
-    client = MlflowClient(project.use_tracking())
+    run_id = tracking.log_finetune(pipeline, data_summary=summary)
+    client = MlflowClient(tracking.use_tracking())
     run = client.get_run(run_id)
     meta = json.loads((pipeline / "meta.json").read_text())["sllm"]
     assert run.data.params["max_steps"] == "2" and run.data.params["base_model"] == meta["config"]["base_model"]
@@ -27,8 +27,8 @@ def test_finetune_run_logs_params_steps_hashes_versions_and_pipeline(tiny_pipeli
 
 
 def test_evaluation_run_logs_metrics_per_label_and_report(tiny_pipelines, mlflow_project):
-    run_id = runs.log_evaluation(tiny_pipelines["textcat"]["evaluation"])
-    client = MlflowClient(project.use_tracking())
+    run_id = tracking.log_evaluation(tiny_pipelines["textcat"]["evaluation"])
+    client = MlflowClient(tracking.use_tracking())
     run = client.get_run(run_id)
     assert "cats_accuracy" in run.data.metrics and "per_label.positive.f" in run.data.metrics
     assert run.data.tags["test_sha256"]

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import requests
-
 from conftest import assert_same_predictions, in_process_predictions
-from spacy_llm_components import registry, serving
-from spacy_llm_components.demo import wait_until_ready
+
+from spacy_llm_components.cli.demo import wait_until_ready
+from spacy_llm_components.stages import registry, serve
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +61,8 @@ def servers(store):
     try:
         for task in ("textcat", "ner", "qa"):
             port = _free_port()
-            args = serving.serve_command(f"models:/serve-{task}@champion", port=port)
-            env = {**serving.serve_env({"SLLM_MAX_REQUEST_CHARS": str(LIMIT_CHARS)}),
+            args = serve.serve_command(f"models:/serve-{task}@champion", port=port)
+            env = {**serve.serve_env({"SLLM_MAX_REQUEST_CHARS": str(LIMIT_CHARS)}),
                    "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
             with open(store / f"{task}.log", "wb") as log:
                 procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -5,21 +5,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_same_predictions, in_process_predictions
 from mlflow.exceptions import MlflowException
 
-from conftest import assert_same_predictions, in_process_predictions
+from spacy_llm_components.stages import registry
+from spacy_llm_components.stages.shared import pyfunc
 from spacy_llm_components.tasks import task_spec
-from spacy_llm_components import registry, serving
 
 
 def test_request_records_accepts_rows_columns_and_questions():
     df = pd.DataFrame({"text": ["a b", "c"], "questions": [["q1?", "q2?"], None]})
-    assert serving.request_records(df) == [{"text": "a b", "questions": ["q1?", "q2?"]}, {"text": "c"}]
+    assert pyfunc.request_records(df) == [{"text": "a b", "questions": ["q1?", "q2?"]}, {"text": "c"}]
     # {"inputs": {"text": [...]}} reaches predict as one row holding whole columns
     one_row = pd.DataFrame([{"text": np.array(["x", "y"]), "questions": np.array([np.array(["q?"]), None],
                                                                                   dtype=object)}])
-    assert serving.request_records(one_row) == [{"text": "x", "questions": ["q?"]}, {"text": "y"}]
-    assert serving.request_records([{"text": "t", "questions": "one?"}]) == [{"text": "t", "questions": ["one?"]}]
+    assert pyfunc.request_records(one_row) == [{"text": "x", "questions": ["q?"]}, {"text": "y"}]
+    assert pyfunc.request_records([{"text": "t", "questions": "one?"}]) == [{"text": "t", "questions": ["one?"]}]
 
 
 @pytest.mark.parametrize("rows, problem", [
@@ -27,13 +28,13 @@ def test_request_records_accepts_rows_columns_and_questions():
     ([{"text": "a"}, {"text": 3}], "row 1: 'text' must be a string, got int"),
     ([{"text": None}], "'text' must be a string"),
     ([{"text": "a", "questions": [1, 2]}], "'questions' must be a string or a list of strings"),
-    ([{"text": "x" * (serving.MAX_TEXT_CHARS + 1)}], "the limit is"),
-    ([{"text": "x"}] * (serving.MAX_ROWS + 1), "send at most"),
-    ([{"text": "x", "questions": ["q?"] * (serving.MAX_QUESTIONS + 1)}], "questions; the limit is"),
+    ([{"text": "x" * (pyfunc.MAX_TEXT_CHARS + 1)}], "the limit is"),
+    ([{"text": "x"}] * (pyfunc.MAX_ROWS + 1), "send at most"),
+    ([{"text": "x", "questions": ["q?"] * (pyfunc.MAX_QUESTIONS + 1)}], "questions; the limit is"),
 ])
 def test_bad_requests_are_invalid_parameter_errors(rows, problem):
     with pytest.raises(MlflowException) as err:
-        serving.request_records(rows)
+        pyfunc.request_records(rows)
     assert problem in err.value.message
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"  # the scoring server answers 400
 
@@ -46,7 +47,7 @@ def test_bad_requests_are_invalid_parameter_errors(rows, problem):
 ])
 def test_a_null_text_is_a_bad_request(model_input):
     with pytest.raises(MlflowException) as err:
-        serving.request_records(model_input)
+        pyfunc.request_records(model_input)
     assert "'text' must be a string, got NoneType" in err.value.message
     assert err.value.error_code == "INVALID_PARAMETER_VALUE"
 

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import spacy
 import torch
+from conftest import NER_TAGS, demo_files, make_ckpt
 from spacy.tokens import Doc, DocBin, Span
 from spacy.training import Example
 from thinc.api import SGD
 
-from conftest import NER_TAGS, demo_files, make_ckpt
-from spacy_llm_components import registry
+from spacy_llm_components.stages import registry
 from spacy_llm_components.stages.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]

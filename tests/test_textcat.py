@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import spacy
 import torch
+from conftest import model_inputs
 from spacy.training import Example
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-from conftest import model_inputs
 
 TEXT = "A charming and often touching film about two friends."
 

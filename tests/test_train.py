@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import spacy
 from safetensors.numpy import load_file
+from test_ner import raw_entities
 from transformers import AutoTokenizer, TrainerCallback
 
-from spacy_llm_components.build import build_pipeline, hf_component
+from spacy_llm_components.components.pipeline import build_pipeline, hf_component
+from spacy_llm_components.stages.finetune import FinetuneError, finetune
 from spacy_llm_components.stages.prepare import prepare
-from spacy_llm_components.train import FinetuneConfig, FinetuneError, finetune
-from spacy_llm_components.training import last_complete_checkpoint
-from test_ner import raw_entities
+from spacy_llm_components.stages.shared.trainer import last_complete_checkpoint
+from spacy_llm_components.stages.shared.training import FinetuneConfig
 
 NER_TRAIN = "".join(
     f"{name} B-PER\n{surname} I-PER\nvisited O\n{city} B-LOC\n. O\n\n"
@@ -211,7 +212,7 @@ def test_finetune_rejects_unprepared_input(ner_data, ckpts, tmp_path):
 def test_length_grouped_order_depends_on_seed_and_epoch_only():
     import torch
 
-    from spacy_llm_components.train import SeededLengthGroupedSampler
+    from spacy_llm_components.stages.shared.training import SeededLengthGroupedSampler
 
     lengths = [5, 5, 5, 5, 9, 9, 9, 9, 2, 2, 2, 2] * 30
     sampler = SeededLengthGroupedSampler(4, lengths, seed=3)

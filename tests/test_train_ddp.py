@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import spacy
+from conftest import make_ckpt
 from safetensors.numpy import load_file
 
 import spacy_llm_components
+from spacy_llm_components.stages.finetune import finetune
 from spacy_llm_components.stages.prepare import prepare
-from spacy_llm_components.train import FinetuneConfig, finetune
-
-from conftest import make_ckpt
+from spacy_llm_components.stages.shared.training import FinetuneConfig
 
 # Every sentence has 5 words, so 5 labelled tokens (NER labels the first piece of each word): the token
 # loss is a mean per process, and DDP's mean of the two per-process means equals the mean over the global

@@ -3,7 +3,7 @@
 `python -m spacy_llm_components.cli` runs it too (what torchrun / accelerate launch and
 project.yml call)."""
 
-from . import compress, lifecycle, model, stages  # noqa: F401  (register the commands)
+from . import compress, lifecycle, model, pretrain  # noqa: F401  (register the commands)
 from .common import app
 
 

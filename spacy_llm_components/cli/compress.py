@@ -5,11 +5,20 @@ from typing import List, Optional
 
 import typer
 
-from ..compress import DistillConfig
 from ..data import DataError
-from ..train import FinetuneConfig
+from ..stages.compress import DistillConfig
+from ..stages.shared.training import FinetuneConfig
 from .common import (
-    GpuId, KeepCheckpoints, ModelArg, Resume, Track, app, device_of, fail, training_errors, with_settings,
+    GpuId,
+    KeepCheckpoints,
+    ModelArg,
+    Resume,
+    Track,
+    app,
+    device_of,
+    fail,
+    training_errors,
+    with_settings,
 )
 
 NOT_FOR_DISTILLATION = ("base_model",)  # the student starts from the teacher
@@ -25,7 +34,7 @@ def quantize_command(
 ) -> None:
     """Copy a pipeline with its hf_* components set to quantize = "int8" (CPU inference on int8 weights;
     the float32 weights stay on disk)."""
-    from ..compress import quantized_copy
+    from ..stages.compress import quantized_copy
 
     try:
         path = quantized_copy(model, output, runtime=runtime)
@@ -51,8 +60,8 @@ def distill_command(
 ) -> None:
     """Distill a pipeline into a student with fewer encoder layers (the teacher's, every other one by
     default), trained on the teacher's soft outputs and the gold labels with the HF Trainer."""
-    from ..compress import distill
-    from ..training import is_main_process
+    from ..stages.compress import distill
+    from ..stages.shared.trainer import is_main_process
 
     if gpu_id is not None:
         config.device = device_of(gpu_id)
@@ -61,15 +70,14 @@ def distill_command(
                          keep_checkpoints=keep_checkpoints)
     typer.echo(result.summary())
     if track and is_main_process():
-        from ..project import tracking_uri
-        from ..runs import log_finetune
+        from ..stages.shared.tracking import log_finetune, tracking_uri
 
         typer.echo(f"MLflow run {log_finetune(output, run_name='distill-' + result.task)} in {tracking_uri()}")
 
 
 def parse_methods(methods: str) -> List[str]:
     """`int8,distill` -> ["int8", "distill"], or exit 2 naming the unknown method."""
-    from ..compress import check_methods
+    from ..stages.compress import check_methods
 
     try:
         return check_methods([m.strip() for m in methods.split(",") if m.strip()])

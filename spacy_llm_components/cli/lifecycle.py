@@ -9,12 +9,12 @@ from typing import List, Optional
 
 import typer
 
-from ..compress import DistillConfig
 from ..data import DataError
-from ..pretrain import PretrainConfig
-from ..train import FinetuneConfig
-from .compress import Compress, MaxDrop, parse_methods, variant_line
+from ..stages.compress import DistillConfig
+from ..stages.pretrain import PretrainConfig
+from ..stages.shared.training import FinetuneConfig
 from .common import LabelColumn, LabelSep, SkipBad, TaskArg, TextColumn, app, check_task, fail, with_settings
+from .compress import Compress, MaxDrop, parse_methods, variant_line
 
 
 @app.command("register")
@@ -24,8 +24,8 @@ def register_command(
     metrics: Optional[Path] = typer.Option(None, help="metrics.json of `sllm evaluate -o` (what promotion compares)"),
 ) -> None:
     """Log the pipeline as an MLflow model and register it as a new version (alias `challenger`)."""
-    from ..project import tracking_uri
-    from ..registry import register
+    from ..stages.registry import register
+    from ..stages.shared.tracking import tracking_uri
 
     try:
         version = register(pipeline, name, metrics=metrics)
@@ -42,7 +42,7 @@ def promote_command(
                                                     "instead of comparing their recorded evaluations"),
 ) -> None:
     """Move the `champion` alias to the challenger if it beats the champion on the same evaluation set."""
-    from ..registry import promote
+    from ..stages.registry import promote
 
     try:
         decision = promote(name, test=test)
@@ -66,8 +66,9 @@ def serve_command(
     import subprocess
     import tempfile
 
-    from ..registry import is_model_uri, pin_model
-    from ..serving import save_served_model, serve_command as command, serve_env
+    from ..stages.serve import save_served_model, serve_env
+    from ..stages.serve import serve_command as command
+    from ..stages.shared.references import is_model_uri, pin_model
 
     if not is_model_uri(model) and not Path(model).is_dir():
         model = f"models:/{model}@{alias}"
@@ -232,9 +233,9 @@ def ui_command(
     port: Optional[int] = typer.Option(None, help="port (mlflow 5000, prefect 4200)"),
 ) -> None:
     """Start the MLflow UI or the Prefect server/UI on what this project recorded."""
-    from ..orchestration import prefect_settings
-    from ..project import artifact_root, tracking_uri
-    from ..serving import serve_env
+    from ..flows.settings import prefect_settings
+    from ..stages.serve import serve_env
+    from ..stages.shared.tracking import artifact_root, tracking_uri
 
     env = serve_env(prefect_settings())
     bin_dir = Path(sys.executable).parent
@@ -255,6 +256,6 @@ def demo_command(
 ) -> None:
     """The main job end to end on the demo data: prepare, fine-tune, evaluate, register, promote and
     serve one model per task, then ask each server one question (outputs in training/demo-*)."""
-    from ..demo import run_demo
+    from .demo import run_demo
 
     run_demo(port, echo=typer.echo)

@@ -6,14 +6,29 @@ from typing import List, Optional
 import typer
 
 from ..data import DataError
-from ..train import FinetuneConfig
+from ..stages.shared.training import FinetuneConfig
 from ..tasks import TASKS
 from .common import (
-    BatchSize, GpuId, KeepCheckpoints, LabelColumn, LabelSep, ModelArg, Resume, SkipBad, Strict, TaskArg, TextColumn,
-    Track, app, check_task, training_errors,
-    device_of, fail, read_options, with_settings,
+    BatchSize,
+    GpuId,
+    KeepCheckpoints,
+    LabelColumn,
+    LabelSep,
+    ModelArg,
+    Resume,
+    SkipBad,
+    Strict,
+    TaskArg,
+    TextColumn,
+    Track,
+    app,
+    check_task,
+    device_of,
+    fail,
+    read_options,
+    training_errors,
+    with_settings,
 )
-
 
 FORMATS = "; ".join(f"{spec.name} {', '.join(spec.formats)}" for spec in TASKS.values())
 
@@ -70,8 +85,8 @@ def finetune_command(
     config: FinetuneConfig = None,
 ) -> None:
     """Fine-tune a Hugging Face model with the Trainer and save a spaCy pipeline."""
-    from ..train import finetune
-    from ..training import is_main_process
+    from ..stages.finetune import finetune
+    from ..stages.shared.trainer import is_main_process
 
     task = check_task(task)
     if gpu_id is not None:
@@ -82,15 +97,14 @@ def finetune_command(
         return
     typer.echo(result.summary())
     if track:
-        from ..project import tracking_uri
-        from ..runs import log_finetune
+        from ..stages.shared.tracking import log_finetune, tracking_uri
 
         typer.echo(f"MLflow run {log_finetune(output)} in {tracking_uri()}")
 
 
 def local_model(model: str) -> Path:
     """The pipeline folder behind a folder or models:/ reference, or exit 2 saying why not."""
-    from ..registry import local_pipeline
+    from ..stages.shared.references import local_pipeline
 
     try:
         return local_pipeline(model)
@@ -111,7 +125,7 @@ def evaluate_command(
     track: bool = Track,
 ) -> None:
     """Score a model on test data through nlp.pipe; write metrics and a report."""
-    from ..evaluate import evaluate
+    from ..stages.evaluate import evaluate
 
     try:
         result = evaluate(model, test, output, options=read_options(text_column, label_column, label_sep),
@@ -124,8 +138,7 @@ def evaluate_command(
                f"{st['word_pieces_per_second']:,} word pieces/s)")
     typer.echo(f"wrote {output}/metrics.json and {output}/report.md")
     if track:
-        from ..project import tracking_uri
-        from ..runs import log_evaluation
+        from ..stages.shared.tracking import log_evaluation, tracking_uri
 
         typer.echo(f"MLflow run {log_evaluation(output)} in {tracking_uri()}")
 
@@ -141,7 +154,7 @@ def predict_command(
     """Stream records through the model (constant memory) and write predictions."""
     import spacy
 
-    from ..predict import predict_file
+    from ..stages.annotate import predict_file
 
     nlp = spacy.load(local_model(model))
     try:
@@ -163,7 +176,7 @@ def export_hf_command(
     """Write a component's model and tokenizer as a plain Hugging Face folder."""
     import spacy
 
-    from ..export import export_hf
+    from ..components.pipeline import export_hf
 
     nlp = spacy.load(local_model(model))
     try:

@@ -14,8 +14,8 @@ import srsly
 import torch
 from spacy.language import Language
 from spacy.pipeline import TrainablePipe
-from spacy.training import Example
 from spacy.tokens import Doc
+from spacy.training import Example
 from spacy.util import ensure_path, minibatch
 from thinc.api import Model, Optimizer
 
@@ -25,8 +25,8 @@ from ..models.devices import resolve_device, resolve_dtype
 from ..models.runtimes import check_runtime, inference_model
 from ..models.task_model import TaskCheckpoint, has_head, load_task_checkpoint, save_task_checkpoint
 from ..tasks import TaskSpec
-from .trainable import check_labels, loss_model, training_docs
 from .inputs import Batch, Feature, ModelInput, Pieces, Rows, SpecialTokens, pad_inputs, padded_batches
+from .trainable import check_labels, loss_model, training_docs
 
 MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
 

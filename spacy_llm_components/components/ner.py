@@ -4,11 +4,10 @@ import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from spacy.language import Language
-from spacy.tokens import Doc, Span, SpanGroup
-
 import torch
 from spacy.attrs import ENT_IOB
+from spacy.language import Language
+from spacy.tokens import Doc, Span, SpanGroup
 
 from ..core.align import (
     group_words,
@@ -19,6 +18,7 @@ from ..core.align import (
     window_spans,
     word_char_spans,
 )
+from ..core.constants import IGNORE_INDEX
 from ..core.decode import (
     DECODERS,
     SCHEMES,
@@ -34,10 +34,9 @@ from ..core.decode import (
     transitions,
     viterbi_batch,
 )
-from ..extensions import value_key
+from ..data.extensions import value_key
 from ..models.checkpoint import DEFAULT_MODEL, CheckpointError
 from ..tasks.ner import NER
-from ..core.constants import IGNORE_INDEX
 from .base import Feature, HFPipe, shared_settings, span_record
 from .entities import Entities, combine, locate, set_ents_arrays
 from .inputs import Pieces, Rows, Words

@@ -5,7 +5,6 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Optional
 
 
-
 def _pct(value: Any) -> str:
     return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "n/a"
 

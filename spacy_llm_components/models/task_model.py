@@ -15,7 +15,14 @@ from transformers import PreTrainedTokenizerFast
 
 from ..artifacts import replace_folder
 from .checkpoint import (
-    SAFE_WEIGHTS, CheckpointError, load_fast_tokenizer, logger, open_source, read_config, read_weights, resolve_source,
+    SAFE_WEIGHTS,
+    CheckpointError,
+    load_fast_tokenizer,
+    logger,
+    open_source,
+    read_config,
+    read_weights,
+    resolve_source,
     weight_names,
 )
 from .devices import resolve_device, resolve_dtype

@@ -7,9 +7,12 @@ registers itself; adding one means a spec, a head kind (or an existing one) and 
 """
 
 from .base import TASKS, Scores, TaskSpec, load_docs, register_task, task_spec
+
 # each registers its task and scorer; this order is the order users see them in
-from .textcat import TEXTCAT  # noqa: F401,I001
-from .ner import NER  # noqa: F401,I001
-from .qa import QA  # noqa: F401,I001
+# isort: off
+from .textcat import TEXTCAT  # noqa: F401
+from .ner import NER  # noqa: F401
+from .qa import QA  # noqa: F401
+# isort: on
 
 __all__ = ["TASKS", "Scores", "TaskSpec", "load_docs", "register_task", "task_spec"]

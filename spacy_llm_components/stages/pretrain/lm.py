@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorForLanguageModeling, DataCollatorForWholeWordMask
 
-from .data import DataError
-from .data.corpus import TEXT_UNITS, corpus_texts
-from .models.masked_lm import MaskedLM, load_masked_lm
-from .training import TrainingError, setting
+from ...core.settings import setting
+from ...data import DataError
+from ...models.masked_lm import MaskedLM, load_masked_lm
+from ..shared.trainer import TrainingError
+from .corpus import TEXT_UNITS, corpus_texts
 
 PathLike = Union[str, Path]
 MIN_BLOCK = 8  # word pieces; shorter blocks would be mostly special tokens

@@ -22,18 +22,26 @@ import torch
 from spacy.language import Language
 from transformers import TrainerCallback, set_seed
 
-from . import artifacts
-from .artifacts import METRICS, TRAINING_LOG, sha256_file, sha256_tree
-from .build import hf_component
-from .data import DataError
-from .tasks import TASKS, load_docs
-from .models.devices import resolve_device
-from .models.encoder import encoder_layers
-from .models.task_model import save_task_checkpoint, with_layers
-from .train import (
-    FinetuneConfig, FinetuneResult, PipelineTrainer, TrainingPlan, check_prepared, schedule, train_pipeline,
+from .. import artifacts
+from ..artifacts import METRICS, TRAINING_LOG, sha256_file, sha256_tree
+from ..components.pipeline import hf_component, make_input_doc
+from ..core.settings import setting
+from ..data import DataError
+from ..models.devices import resolve_device
+from ..models.encoder import encoder_layers
+from ..models.task_model import save_task_checkpoint, with_layers
+from ..tasks import TASKS, load_docs
+from .shared.references import local_pipeline, pin_model
+from .shared.trainer import training_device
+from .shared.training import (
+    FinetuneConfig,
+    FinetuneResult,
+    PipelineTrainer,
+    TrainingPlan,
+    check_prepared,
+    schedule,
+    train_component,
 )
-from .training import setting, training_device
 
 METHODS = ("int8", "distill")  # what `sllm run --compress` and the compress flow produce
 COMPRESSION = "compression"  # key of the `sllm` meta block that says how a variant was made
@@ -83,8 +91,6 @@ def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path], runtime
     `sllm` block records the source (a registry reference pinned to its version, or the folder) and its
     content hash. `output` is replaced whole, or left as it was on an error; it may not be the source or
     a folder around it."""
-    from .registry import local_pipeline, pin_model
-
     reference = pin_model(pipeline)
     folder = local_pipeline(pipeline)
     output = _apart(output, folder, "the int8 copy")
@@ -216,7 +222,7 @@ def distill(teacher: Union[str, Path], train: Union[str, Path], dev: Union[str, 
     config = config or FinetuneConfig()
     distill_config = distill_config or DistillConfig()
     plan, teacher_model = _plan(teacher, Path(train), Path(dev), Path(output), config, distill_config)
-    return train_pipeline(plan, Path(output), config, wall_start=wall_start, resume=resume,
+    return train_component(plan, Path(output), config, wall_start=wall_start, resume=resume,
                           keep_checkpoints=keep_checkpoints, progress=progress, callbacks=callbacks,
                           trainer_class=DistillTrainer,
                           trainer_kwargs={"teacher": teacher_model, "alpha": distill_config.alpha,
@@ -249,8 +255,6 @@ def check_distillation(teacher: Union[str, Path], train: Union[str, Path], dev: 
 
 def _load_and_check(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneConfig,
                     distill_config: DistillConfig):
-    from .registry import local_pipeline, pin_model
-
     check_distill_config(distill_config)
     reference = pin_model(teacher)
     folder = local_pipeline(reference)
@@ -321,9 +325,8 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, output: Path, confi
 
 def _corpus_docs(path: Path, nlp: Language, spec, pipe) -> List[Any]:
     """The extra corpus as training docs with placeholder gold (the teacher's outputs are their only target)."""
-    from .data.errors import BadRecords
-    from .data.jsonl import json_records
-    from .predict import make_input_doc
+    from ..data.errors import BadRecords
+    from ..data.jsonl import json_records
 
     bad = BadRecords(False)
     docs = [spec.unlabelled(make_input_doc(nlp, record, f"line {number}", path), pipe)

@@ -6,8 +6,8 @@ from typing import List, Optional
 import typer
 
 from ..data import DataError
-from ..lm import LMDataConfig
-from ..pretrain import PretrainConfig
+from ..stages.pretrain import PretrainConfig
+from ..stages.pretrain.lm import LMDataConfig
 from .common import GpuId, KeepCheckpoints, Resume, Track, app, device_of, fail, training_errors, with_settings
 
 CORPUS_HELP = ("plain text (.txt and others: a document per line, or per paragraph with --text-unit paragraph), "
@@ -29,8 +29,8 @@ def pretrain_command(
 ) -> None:
     """Continue pre-training an encoder with masked-language modelling on your text; the folder it
     writes is a --base-model for `sllm finetune` and `sllm run`."""
-    from ..pretrain import pretrain
-    from ..training import is_main_process
+    from ..stages.pretrain import pretrain
+    from ..stages.shared.trainer import is_main_process
 
     if gpu_id is not None:
         config.device = device_of(gpu_id)
@@ -38,8 +38,7 @@ def pretrain_command(
         result = pretrain(corpus, output, config, dev=dev, resume=resume, keep_checkpoints=keep_checkpoints)
     typer.echo(result.summary())
     if track and is_main_process():  # under torchrun, one process logs
-        from ..project import tracking_uri
-        from ..runs import log_pretrain
+        from ..stages.shared.tracking import log_pretrain, tracking_uri
 
         typer.echo(f"MLflow run {log_pretrain(output)} in {tracking_uri()}")
 
@@ -53,7 +52,7 @@ def evaluate_lm_command(
 ) -> None:
     """Masked-LM perplexity of an encoder on text files, masked as `sllm pretrain` masks held-out text
     (same settings and seed: same positions, comparable figures)."""
-    from ..lm import evaluate_lm
+    from ..stages.pretrain.lm import evaluate_lm
 
     try:
         score = evaluate_lm(encoder, texts, config)

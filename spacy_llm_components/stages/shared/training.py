@@ -1,9 +1,7 @@
-"""Fine-tune a component's Hugging Face model on prepared data, with the Hugging Face `Trainer`.
-
-Reference docs -> features (built by the component itself, with the encoding and
-windows it uses at inference) -> `Trainer` (schedules, mixed precision,
-checkpoints, resume, early stopping, multi-GPU through torchrun/accelerate) ->
-a spaCy pipeline folder. Dev evaluations run the real pipeline through
+"""Training a pipeline's hf_* component with the Hugging Face `Trainer`: what fine-tuning and distillation
+share. Reference docs -> features (built by the component itself, with the encoding and windows it uses
+at inference) -> `Trainer` (schedules, mixed precision, checkpoints, resume, early stopping, multi-GPU
+through torchrun/accelerate) -> a spaCy pipeline folder. Dev evaluations run the real pipeline through
 `nlp.pipe` and its scorers, and pick the best checkpoint by that metric.
 """
 
@@ -11,53 +9,52 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import spacy
 import torch
 from spacy.language import Language
 from spacy.tokens import Doc
-from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback, set_seed
+from transformers import EarlyStoppingCallback, PrinterCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from . import artifacts
-from .artifacts import CHECKPOINTS, METRICS, LabelInfo, read_labels, sha256_file
-from .build import build_pipeline, hf_component
-from .data import DataError
-from .tasks import load_docs
-from .evaluate import score_pipeline
-from .models.checkpoint import DEFAULT_MODEL
-from .tasks import TaskSpec, task_spec
-from .training import (
-    CountingCollator, EvaluateAtEnd, JsonlLog, TimedTrainer, TrainingError, barrier, check_resume, checkpoint_step,
-    duration, precision_for, setting, start_run, sum_over_processes, training_arguments, training_device,
+from ... import artifacts
+from ...artifacts import CHECKPOINTS, METRICS, LabelInfo, read_labels
+from ...components.pipeline import hf_component
+from ...core.settings import setting
+from ...data import DataError
+from ...models.checkpoint import DEFAULT_MODEL
+from ...models.collate import CountingCollator
+from ...models.devices import precision_for
+from ...tasks import TaskSpec
+from .scoring import score_pipeline
+from .trainer import (
+    EvaluateAtEnd,
+    JsonlLog,
+    TimedTrainer,
+    TrainerSettings,
+    barrier,
+    check_resume,
+    checkpoint_step,
+    duration,
+    start_run,
+    sum_over_processes,
+    training_arguments,
     world_size,
 )
 
-FinetuneError = TrainingError  # the name callers of `finetune` catch
-
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainerSettings):
     """Fine-tuning settings; each is also an option of `sllm finetune`, `run` and `schedule`."""
 
     base_model: str = setting(DEFAULT_MODEL, "local HF checkpoint folder or hub name to start from")
-    epochs: float = setting(3.0, "training epochs")
-    max_steps: int = setting(-1, "stop after this many optimizer steps (overrides --epochs)")
-    batch_size: int = setting(16, "batch size per device")
-    lr: float = setting(5e-5, "peak learning rate (linear warmup and decay)")
-    weight_decay: float = setting(0.01, "AdamW weight decay")
-    warmup_ratio: float = setting(0.1, "share of steps spent warming up")
-    grad_accum: int = setting(1, "gradient accumulation steps")
-    eval_steps: Optional[int] = setting(None, "evaluate (and checkpoint) every N steps; default once per epoch")
-    patience: Optional[int] = setting(None, "stop early after N evaluations without improvement")
+    patience: Optional[int] = setting(None, "stop early after N evaluations without improvement", ge=1)
     device: str = setting("auto", "auto, cpu or cuda:N (bf16 on CUDA devices that support it)")
-    seed: int = setting(0, "random seed (new head, data order)")
-    max_length: Optional[int] = setting(None, "cap on the model input in word pieces (long docs are windowed)")
-    eval_batch_size: int = setting(64, "nlp.pipe batch size of the dev evaluations")
-    save_total_limit: int = setting(2, "Trainer checkpoints kept while training")
+    max_length: Optional[int] = setting(None, "cap on the model input in word pieces (long docs are windowed; "
+                                              "capped by the model's own limit)", ge=8)
+    eval_batch_size: int = setting(64, "nlp.pipe batch size of the dev evaluations", ge=1)
 
 
 @dataclass
@@ -148,24 +145,7 @@ class TrainingPlan:
     resume_keys: Tuple[str, ...] = ("task", "train_sha256", "dev_sha256", "labels")  # a resume needs the same
 
 
-def finetune(task: str, train: Union[str, Path], dev: Union[str, Path], output: Union[str, Path],
-             config: Optional[FinetuneConfig] = None, *, resume: bool = False, keep_checkpoints: bool = False,
-             progress: bool = True, callbacks: Sequence[TrainerCallback] = ()) -> FinetuneResult:
-    """Fine-tune `config.base_model` on `train` (a `.spacy` file from `prepare`), pick the best
-    checkpoint on `dev`, and write a spaCy pipeline folder to `output`.
-
-    Checkpoints go to `output/checkpoints` while training; with `resume`, an
-    interrupted run continues from the last one and ends as the uninterrupted
-    run would have.
-    """
-    wall_start = time.perf_counter()
-    config = config or FinetuneConfig()
-    plan = _plan(task, Path(train), Path(dev), config)
-    return train_pipeline(plan, Path(output), config, wall_start=wall_start, resume=resume,
-                          keep_checkpoints=keep_checkpoints, progress=progress, callbacks=callbacks)
-
-
-def train_pipeline(plan: TrainingPlan, output: Path, config: FinetuneConfig, *, wall_start: float, resume: bool,
+def train_component(plan: TrainingPlan, output: Path, config: FinetuneConfig, *, wall_start: float, resume: bool,
                    keep_checkpoints: bool, progress: bool, callbacks: Sequence[TrainerCallback] = (),
                    trainer_class: Optional[type] = None, trainer_kwargs: Optional[Dict[str, Any]] = None
                    ) -> FinetuneResult:
@@ -181,11 +161,8 @@ def train_pipeline(plan: TrainingPlan, output: Path, config: FinetuneConfig, *, 
     if config.patience:
         trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.patience))
     args = training_arguments(
-        output, device=plan.device, seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
-        lr=config.lr, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, epochs=config.epochs,
-        max_steps=config.max_steps, eval_steps=plan.eval_steps, save_total_limit=config.save_total_limit,
-        metric=plan.spec.primary, greater_is_better=True, progress=progress,
-        group_by_length=True)  # (in the seeded order of PipelineTrainer's sampler)
+        output, config, device=plan.device, eval_steps=plan.eval_steps, metric=plan.spec.primary,
+        greater_is_better=True, progress=progress, group_by_length=True)  # (in the seeded order of PipelineTrainer's sampler)
     trainer = (trainer_class or PipelineTrainer)(
         model=pipe.checkpoint.model, args=args, train_dataset=plan.features,
         eval_dataset=plan.features[:1],  # required by the Trainer; evaluation runs the pipeline on dev_docs
@@ -197,12 +174,12 @@ def train_pipeline(plan: TrainingPlan, output: Path, config: FinetuneConfig, *, 
     pipe.checkpoint.model.to(plan.device).eval()
     barrier()  # under torchrun: the log is complete, and no process reads the checkpoints any more
 
-    best_step, dev_metrics = _best_evaluation(trainer, plan.spec.primary)
+    best_step, dev_metrics = best_evaluation(trainer, plan.spec.primary)
     word_pieces = sum_over_processes(collator.word_pieces, args.device)  # each process counts its own batches
     training = trainer.speed(train_out.metrics.get("train_runtime", 0.0), word_pieces,
                              time.perf_counter() - wall_start, plan.device, precision_for(plan.device), last)
     if trainer.is_world_process_zero():  # under torchrun, one process writes
-        _write_outputs(plan, output, best_step, dev_metrics, training, keep_checkpoints)
+        write_outputs(plan, output, best_step, dev_metrics, training, keep_checkpoints)
     barrier()  # every process returns once the pipeline is written
     return FinetuneResult(output=output, task=plan.spec.name, primary=plan.spec.primary, dev_metrics=dev_metrics,
                           best_step=best_step, training=training, log=artifacts.read_log(output), verb=plan.verb)
@@ -223,33 +200,6 @@ def check_prepared(task: str, train: Path, dev: Path, stage: str, whose: str = "
     return info
 
 
-def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> TrainingPlan:
-    """Read and check the data, build the pipeline over the base model and its training features, and
-    work out the schedule: every error surfaces here, before an output folder exists."""
-    spec = task_spec(task)
-    info = check_prepared(spec.name, train, dev, "fine-tuning")
-    device = training_device(config.device)
-    vocab_nlp = spacy.blank(info.lang)
-    train_docs = load_docs(spec.name, train, vocab_nlp).docs
-    dev_docs = load_docs(spec.name, dev, vocab_nlp).docs
-    settings = {**spec.component_settings(info.labels, info.multi_label, train_docs), "device": str(device)}
-    if config.max_length:
-        settings["max_length"] = config.max_length
-    set_seed(config.seed)  # the new head's initial weights
-    nlp = build_pipeline(spec.name, config.base_model, settings=settings, lang=info.lang)
-    features = hf_component(nlp).features(train_docs)
-    if not features:
-        raise DataError(train, None, "no training features (are the docs empty?)")
-    total_steps, eval_steps = schedule(len(features), config)
-    run = {"task": spec.name, "train_sha256": sha256_file(train), "dev_sha256": sha256_file(dev),
-           "train_docs": len(train_docs), "dev_docs": len(dev_docs), "labels": info.labels,
-           "multi_label": info.multi_label, "lang": info.lang, "config": asdict(config)}
-    encoder = artifacts.encoder_lineage(config.base_model)
-    return TrainingPlan(spec, run, nlp, features, dev_docs, device, total_steps, eval_steps,
-                        description=f"{spec.name} fine-tuned from {config.base_model} with spacy-llm-components",
-                        meta={**run, "base_model": config.base_model, **({"encoder": encoder} if encoder else {})})
-
-
 def schedule(n_features: int, config: FinetuneConfig) -> Tuple[int, int]:
     """(total optimizer steps, steps between evaluations): --max-steps or the epochs, and --eval-steps or
     once per epoch."""
@@ -258,7 +208,7 @@ def schedule(n_features: int, config: FinetuneConfig) -> Tuple[int, int]:
     return total_steps, max(1, min(config.eval_steps or steps_per_epoch, total_steps))
 
 
-def _best_evaluation(trainer: TimedTrainer, primary: str) -> tuple:
+def best_evaluation(trainer: TimedTrainer, primary: str) -> tuple:
     """(step, dev metrics) of the checkpoint the Trainer kept as best."""
     best = trainer.state.best_model_checkpoint
     best_step = checkpoint_step(best) if best else None
@@ -268,7 +218,7 @@ def _best_evaluation(trainer: TimedTrainer, primary: str) -> tuple:
     return (best_step if best else chosen.get("step")), metrics
 
 
-def _write_outputs(plan: TrainingPlan, output: Path, best_step: Optional[int], dev_metrics: Dict[str, Any],
+def write_outputs(plan: TrainingPlan, output: Path, best_step: Optional[int], dev_metrics: Dict[str, Any],
                    training: Dict[str, Any], keep_checkpoints: bool) -> None:
     """The pipeline folder (meta.json's `sllm` block records the run and the encoder it started from),
     then metrics.json."""
@@ -278,14 +228,14 @@ def _write_outputs(plan: TrainingPlan, output: Path, best_step: Optional[int], d
         performance={k: v for k, v in dev_metrics.items() if isinstance(v, (int, float))},
     )
     nlp.meta[artifacts.META_BLOCK] = {**plan.meta, "best_step": best_step}
-    _save_pipeline(nlp, output)
+    save_pipeline(nlp, output)
     artifacts.write_json(output / METRICS, {"primary": plan.spec.primary, "best_step": best_step,
                                             "dev": dev_metrics, "training": training})
     if not keep_checkpoints:
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
 
 
-def _save_pipeline(nlp: Language, output: Path) -> None:
+def save_pipeline(nlp: Language, output: Path) -> None:
     """nlp.to_disk into a temporary folder, then move each part into `output` (which keeps its
     checkpoints and logs)."""
     tmp = output / ".pipeline-tmp"

@@ -12,17 +12,17 @@ from typing import Callable, Dict, List
 
 import requests
 
-from .project import project_dir, tracking_uri
-from .serving import serve_command, serve_env
-from .tasks import TASKS
+from ..stages.serve import serve_command, serve_env
+from ..stages.shared.tracking import project_dir, tracking_uri
+from ..tasks import TASKS
 
-DEMO_DATA = Path(__file__).resolve().parents[1] / "demo"
+DEMO_DATA = Path(__file__).resolve().parents[2] / "demo"
 def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str, dict]:
     if not DEMO_DATA.is_dir():
         raise FileNotFoundError(f"{DEMO_DATA}: the demo data is in the repository; run the demo from a clone")
     # one line per stage is the demo's own output: Prefect's INFO lines and the Trainer's bars would bury it
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from .flows.lifecycle import train_pipeline
+    from ..flows.lifecycle import train_pipeline
 
     results = {}
     for task, spec in TASKS.items():  # (small data: each spec's demo settings train longer than the defaults)

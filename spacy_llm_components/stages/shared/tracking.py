@@ -1,22 +1,112 @@
-"""MLflow runs: one per pre-training, fine-tune and evaluation, keyed on the files those stages write
-(an encoder folder's metrics.json and training_log.jsonl; a pipeline folder's meta.json `sllm` block,
-metrics.json and training_log.jsonl; an evaluation folder's metrics.json, report.md and
-confusion.png), so the CLI, the flows and `project.yml` log the same way."""
+"""MLflow tracking: where a project's state lives (its folder, the tracking URI and experiment), what
+produced a run (package versions, git commit), and one run per pre-training, fine-tune and evaluation,
+keyed on the files those stages write (an encoder folder's metrics.json and training_log.jsonl; a
+pipeline folder's meta.json `sllm` block, metrics.json and training_log.jsonl; an evaluation folder's
+metrics.json, report.md and confusion.png), so the CLI, the flows and `project.yml` log the same way.
+MLflow is imported only by the functions that talk to it, so finding the project folder costs nothing."""
 
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Union
 
-import mlflow
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
+from ... import artifacts
+from ...artifacts import CHECKPOINTS, METRICS, ArtifactError
 
-from . import artifacts
-from .artifacts import CHECKPOINTS, METRICS, ArtifactError
-from .project import environment_tags, experiment_id
+PROJECT_ENV = "SLLM_PROJECT_DIR"  # where mlflow.db, mlartifacts/ and .prefect/ live; default: the working directory
+DEFAULT_EXPERIMENT = "spacy-llm-components"
+# MLflow 3's UI lists experiments of this kind with training runs (the default puts them under GenAI evaluation)
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+_SET_BY_US: Optional[str] = None  # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: tell ours from a user's
+
+
+def project_dir() -> Path:
+    """The project folder (absolute): `$SLLM_PROJECT_DIR`, else the working directory."""
+    return Path(os.environ.get(PROJECT_ENV) or os.getcwd()).resolve()
+
+
+def tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI` (a tracking server in production), else `sqlite:///<project>/mlflow.db`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    return env if env and env != _SET_BY_US else default_tracking_uri()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{project_dir() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    return project_dir() / "mlartifacts"
+
+
+def use_tracking() -> str:
+    """Point MLflow at `tracking_uri()` and return it. The registry follows it, unless the user set
+    MLFLOW_REGISTRY_URI (mlflow.set_registry_uri would export it to every child process)."""
+    import mlflow
+
+    global _SET_BY_US
+    uri = tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(uri)
+    if uri == default_tracking_uri():  # a user's own MLFLOW_TRACKING_URI stays theirs on every later call
+        _SET_BY_US = uri
+    return uri
+
+
+def experiment_id(name: Optional[str] = None) -> str:
+    """The experiment's id, created on first use. With the default SQLite store its artifacts go to
+    `<project>/mlartifacts/<experiment>` (an absolute path: `spacy project run` changes directory)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    use_tracking()
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.tags.get(EXPERIMENT_KIND[0]) is None:
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
+        return found.experiment_id
+    location = (artifact_root() / name).as_uri() if tracking_uri() == default_tracking_uri() else None
+    try:
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+    except MlflowException:  # created meanwhile by a concurrent run
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def environment_tags() -> Dict[str, str]:
+    """Package versions and the project's git commit, so a run says what produced it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags: Dict[str, str] = {}
+    for package in ("spacy-llm-components", "spacy", "transformers", "torch", "mlflow",
+                    "prefect"):
+        try:
+            tags[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            pass
+    try:
+        root = Path(__file__).resolve().parents[3]  # the checkout holding the package
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            tags["git.commit"] = commit.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def code_version() -> str:
+    """The package version and git commit: what a cached result of a flow step depends on beyond its inputs."""
+    tags = environment_tags()
+    return f"{tags.get('version.spacy-llm-components')}+{tags.get('git.commit', '')}"
+
 
 PIPELINE_ARTIFACT = "pipeline"  # the pipeline folder inside a run's (or a logged model's) artifacts
 ENCODER_ARTIFACT = "encoder"  # the encoder folder inside a pre-training run's artifacts
@@ -48,7 +138,7 @@ def pipeline_info(pipeline: Union[str, Path]) -> Dict[str, Any]:
     if "task" not in info:  # a pipeline assembled by hand: ask its component
         import spacy
 
-        from .build import task_of
+        from ...components.pipeline import task_of
 
         info["task"] = task_of(spacy.load(pipeline)).name
     return {**info, "finetune_metrics": artifacts.read_json(pipeline / METRICS)}
@@ -59,6 +149,8 @@ def log_finetune(pipeline: Union[str, Path], *, data_summary: Optional[Dict[str,
     """One MLflow run for a finished fine-tune: its settings as params, every logged step's loss and
     dev metrics at their step and time, data hashes, base model and versions as tags, and the pipeline
     folder (with metrics.json and training_log.jsonl) as artifacts. Returns the run id."""
+    import mlflow
+
     pipeline = Path(pipeline)
     info = pipeline_info(pipeline)
     metrics = info["finetune_metrics"]
@@ -86,6 +178,8 @@ def log_pretrain(encoder: Union[str, Path], *, run_name: Optional[str] = None,
     """One MLflow run for a finished pre-training: its settings as params, the held-out perplexity and
     training loss at every logged step, perplexity before and after, the corpus' hashes and the base
     model as tags, and the encoder folder as artifacts. Returns the run id."""
+    import mlflow
+
     encoder = Path(encoder)
     metrics = artifacts.read_json(encoder / METRICS, written_by=f"`sllm pretrain --output {encoder}`")
     if metrics.get("stage") != "pretrain":
@@ -109,6 +203,9 @@ def log_pretrain(encoder: Union[str, Path], *, run_name: Optional[str] = None,
 
 def log_steps(run_id: str, folder: Path) -> None:
     """Every numeric value of `folder/training_log.jsonl` as a metric at its step and logging time."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
     now = int(time.time() * 1000)
     stepped = [Metric(metric_key(k), float(v), int(1000 * e["time"]) if "time" in e else now, int(e.get("step", 0)))
                for e in artifacts.read_log(folder) for k, v in e.items()
@@ -134,6 +231,8 @@ def log_evaluation(evaluation: Union[str, Path], *, run_name: Optional[str] = No
                    experiment: Optional[str] = None) -> str:
     """One MLflow run for an evaluation folder (`sllm evaluate -o`): every score and statistic, the
     per-label scores, the test set's hash, and report.md, metrics.json and confusion.png as artifacts."""
+    import mlflow
+
     evaluation = Path(evaluation)
     data = artifacts.read_json(evaluation / METRICS, written_by=f"`sllm evaluate -o {evaluation}`")
     tags = {"sllm.step": "evaluate", "task": str(data.get("task", "")), "primary_metric": str(data.get("primary")),

@@ -1,13 +1,13 @@
 """What every training stage (fine-tuning, pre-training, distillation) shares around the Hugging Face
-`Trainer`: settings declared once (and turned into CLI options), checkpoints and resume, the
-precision for a device, the JSONL log, evaluation by the stage's own scores, timing that keeps
-evaluation and checkpointing out of the throughput, and the rule that one process writes under torchrun.
+`Trainer`: its settings, declared once (and turned into CLI options), checkpoints and resume, the
+training device, the JSONL log, evaluation by the stage's own scores, timing that keeps evaluation and
+checkpointing out of the throughput, and the rule that one process writes under torchrun.
 """
 
 import logging
 import os
 import time
-from dataclasses import MISSING, Field, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,10 +16,10 @@ import torch.distributed as dist
 from accelerate.utils import broadcast_object_list
 from transformers import Trainer, TrainerCallback
 
-from . import artifacts
-from .artifacts import CHECKPOINTS, read_json, write_json
-from .models.collate import CountingCollator  # noqa: F401  (the collator every training stage counts with)
-from .models.devices import precision_for, resolve_device
+from ... import artifacts
+from ...artifacts import CHECKPOINTS, read_json, write_json
+from ...core.settings import setting
+from ...models.devices import precision_for, resolve_device
 
 logger = logging.getLogger("spacy_llm_components")
 
@@ -30,13 +30,20 @@ class TrainingError(ValueError):
     """Training cannot start as asked: the message says why and what to do."""
 
 
-def setting(default: Any, help: str) -> Field:
-    """A field of a training config, with the help text its CLI option shows."""
-    return field(default=default, metadata={"help": help})
+@dataclass
+class TrainerSettings:
+    """The Trainer's settings that every training stage has; each is an option of its command."""
 
-
-def defaults(config_class) -> Dict[str, Any]:
-    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+    epochs: float = setting(3.0, "training epochs", gt=0)
+    max_steps: int = setting(-1, "stop after this many optimizer steps (overrides --epochs)", ge=1, unset=-1)
+    batch_size: int = setting(16, "batch size per device", ge=1)
+    lr: float = setting(5e-5, "peak learning rate (linear warmup and decay)", gt=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay", ge=0)
+    warmup_ratio: float = setting(0.1, "share of steps spent warming up", ge=0, lt=1)
+    grad_accum: int = setting(1, "gradient accumulation steps", ge=1)
+    eval_steps: Optional[int] = setting(None, "evaluate (and checkpoint) every N steps; default once per epoch", ge=1)
+    save_total_limit: int = setting(2, "Trainer checkpoints kept while training", ge=1)
+    seed: int = setting(0, "random seed (new head, data order)", ge=0)
 
 
 # -- processes ---------------------------------------------------------------------------------------
@@ -239,10 +246,8 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
-def training_arguments(output: Path, *, device: torch.device, seed: int, batch_size: int, grad_accum: int,
-                       lr: float, weight_decay: float, warmup_ratio: float, epochs: float, max_steps: int,
-                       eval_steps: int, save_total_limit: int, metric: str, greater_is_better: bool,
-                       progress: bool, **extra: Any):
+def training_arguments(output: Path, settings: TrainerSettings, *, device: torch.device, eval_steps: int, metric: str,
+                       greater_is_better: bool, progress: bool, **extra: Any):
     """TrainingArguments every stage shares: linear warmup and decay, evaluation and a checkpoint every
     `eval_steps` (best by `metric` reloaded at the end), precision for the device, gloo across CPU
     processes, seeded data order, no external reporting."""
@@ -250,13 +255,13 @@ def training_arguments(output: Path, *, device: torch.device, seed: int, batch_s
 
     precision = precision_for(device)
     return TrainingArguments(
-        output_dir=str(output / CHECKPOINTS), num_train_epochs=epochs, max_steps=max_steps,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, learning_rate=lr,
-        weight_decay=weight_decay, warmup_ratio=warmup_ratio, lr_scheduler_type="linear",
-        eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps,
-        save_total_limit=save_total_limit, load_best_model_at_end=True, metric_for_best_model=metric,
-        greater_is_better=greater_is_better, logging_strategy="steps", logging_steps=max(1, min(50, eval_steps)),
-        seed=seed, data_seed=seed,
+        output_dir=str(output / CHECKPOINTS), num_train_epochs=settings.epochs, max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr, weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
+        lr_scheduler_type="linear", eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps",
+        save_steps=eval_steps, save_total_limit=settings.save_total_limit, load_best_model_at_end=True,
+        metric_for_best_model=metric, greater_is_better=greater_is_better, logging_strategy="steps",
+        logging_steps=max(1, min(50, eval_steps)), seed=settings.seed, data_seed=settings.seed,
         restore_callback_states_from_checkpoint=True,  # early stopping's patience survives a resume
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
         ddp_backend=distributed_backend(device), report_to="none", disable_tqdm=not progress,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional
 
-from .project import project_dir
+from spacy_llm_components.stages.shared.tracking import project_dir
 
 
 def prefect_home() -> Path:

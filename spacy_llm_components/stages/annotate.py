@@ -1,4 +1,5 @@
-"""Streaming predictions: JSONL records in, JSONL records with cats / ents / answers out.
+"""Annotate: JSONL records in, JSONL records with cats / ents / answers out (`sllm predict`, and each shard
+of the annotate flow).
 
 Constant memory on large files: records stream through `nlp.pipe`, results are
 written as they come, to a temporary file renamed into place at the end (an
@@ -14,36 +15,9 @@ from typing import Any, Dict, Iterator, Optional, Tuple, Union
 from spacy.language import Language
 from spacy.tokens import Doc
 
-from .components.base import HFPipe
-from .data.errors import BadRecords, DataError
-from .data.jsonl import LineRange, json_records
-
-
-def doc_predictions(doc: Doc, nlp: Language) -> Dict[str, Any]:
-    """What the pipeline's hf_* components predicted on a doc, as plain JSON-ready data:
-    `cats`, `ents` and/or `answers`, one key per component (see `HFPipe.record`)."""
-    out: Dict[str, Any] = {}
-    for _, pipe in nlp.pipeline:
-        if isinstance(pipe, HFPipe):
-            out.update(pipe.record(doc))
-    return out
-
-
-def make_input_doc(nlp: Language, record: Dict[str, Any], where: str, path: Union[str, Path]) -> Doc:
-    """A doc from an input record {"text": ..., "questions": [...]} (questions only for QA)."""
-    text = record.get("text")
-    if not isinstance(text, str):
-        raise DataError(path, where, f'"text" must be a string, got {type(text).__name__}'
-                        if "text" in record else 'no "text" field')
-    doc = nlp.make_doc(text)
-    questions = record.get("questions")
-    if questions is not None:
-        if isinstance(questions, str):
-            questions = [questions]
-        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
-            raise DataError(path, where, '"questions" must be a string or a list of strings')
-        doc._.questions = questions
-    return doc
+from ..components.pipeline import doc_predictions, make_input_doc
+from ..data.errors import BadRecords, DataError
+from ..data.jsonl import LineRange, json_records
 
 
 def _docs(path: Path, nlp: Language, bad: BadRecords, progress, lines: Optional[LineRange]

@@ -20,12 +20,13 @@ from typing import Iterator
 
 import spacy
 
-from .docbin import read_docbin
-from .errors import BadRecords, DataError
-from .jsonl import json_records, record_text
-from .tabular import read_table_texts
-from .text import decode_line
-from .types import ReadOptions
+from ...data.docbin import read_docbin
+from ...data.errors import BadRecords, DataError
+from ...data.jsonl import json_records, record_text
+from ...data.tabular import read_table_texts
+from ...data.text import decode_line
+from ...data.types import ReadOptions
+from ...tasks import TASKS
 
 TEXT_UNITS = ("line", "paragraph")
 
@@ -65,8 +66,6 @@ def _texts(path: Path, text_unit: str, text_column: str) -> Iterator[str]:
 
 def _task_reading(suffix: str):
     """The task whose reader takes files of this extension (its spec's `corpus_formats`), if any."""
-    from ..tasks import TASKS
-
     return next((spec for spec in TASKS.values() if suffix in spec.corpus_formats), None)
 
 

@@ -1,31 +1,25 @@
-"""The model registry: register a pipeline as a model version, promote the challenger when it is
-better on the same evaluation set, and resolve any model reference (a pipeline folder,
-`models:/NAME@alias`, `models:/NAME/VERSION`) to a local pipeline folder."""
+"""The model registry: register a pipeline as a model version (with its model card), promote the
+challenger when it beats the champion on the same evaluation set, and gate a compressed variant on
+the points it lost. Model references resolve in `shared.references`."""
 
-import atexit
-import shutil
-import tempfile
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .artifacts import META, read_json, sha256_tree
-from .core.cards import model_card
-from .project import environment_tags, experiment_id, tracking_uri, use_tracking
-from .runs import PIPELINE_ARTIFACT, pipeline_info, without_checkpoints
-from .serving import pyfunc_model
+from ..artifacts import read_json, sha256_tree
+from ..core.cards import model_card
+from ..tasks import task_spec
+from .shared.pyfunc import pyfunc_model
+from .shared.references import RegistryError, local_pipeline, version_by_alias
+from .shared.scoring import score_file
+from .shared.tracking import environment_tags, experiment_id, pipeline_info, use_tracking, without_checkpoints
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_NAME = "model"  # the logged model's name inside its run
-
-
-class RegistryError(ValueError):
-    """A registry operation cannot be done as asked: the message says why."""
 
 
 @dataclass
@@ -116,8 +110,6 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
 
 def _card_task(info: Dict[str, Any]) -> Dict[str, str]:
     """What the model card says of the pipeline's task, from its spec."""
-    from .tasks import task_spec
-
     spec = task_spec(info["task"])
     return {"task_description": spec.description, "request_note": spec.request_note}
 
@@ -151,17 +143,6 @@ def _version_with_tag(client: MlflowClient, name: str, key: str, value: str):
         return None
     found = client.search_model_versions(f"name = '{name}' and tags.{key} = '{value}'")
     return min(found, key=lambda v: int(v.version)) if found else None
-
-
-def version_by_alias(name: str, alias: str):
-    """The model version behind `name@alias`, or None when the alias (or the model) does not exist."""
-    use_tracking()
-    try:
-        return MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
 
 
 @dataclass
@@ -258,9 +239,7 @@ def _tag_score(version) -> tuple:
 
 
 def _evaluate_version(name: str, version: str, test: Union[str, Path]) -> tuple:
-    from .evaluate import evaluate
-
-    result = evaluate(local_pipeline(f"models:/{name}/{version}"), test)
+    result = score_file(local_pipeline(f"models:/{name}/{version}"), test)[0]
     return result.primary, result.primary_score
 
 
@@ -281,89 +260,3 @@ def _decide(client: MlflowClient, name: str, promoted: bool, reason: str, challe
     if promoted:
         client.set_registered_model_alias(name, alias, challenger.version)
     return decision
-
-
-# ---------------------------------------------------------------------------------------------
-# Model references: the one resolver
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """`models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
-
-    name: str
-    version: Optional[str] = None
-    alias: Optional[str] = None
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}" if self.version else f"models:/{self.name}@{self.alias}"
-
-
-def is_model_uri(model: Union[str, Path]) -> bool:
-    return isinstance(model, str) and model.startswith("models:/")
-
-
-def parse_model_uri(uri: str) -> ModelRef:
-    """`models:/NAME@alias` or `models:/NAME/3` -> ModelRef (no registry access)."""
-    body = uri[len("models:/"):] if is_model_uri(uri) else ""
-    name, _, ref = body.partition("@") if "@" in body else body.rpartition("/")
-    if not name or not ref or "/" in name:
-        raise RegistryError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-    if "@" in body:
-        return ModelRef(name, alias=ref)
-    if not ref.isdigit():
-        raise RegistryError(f"{uri!r}: the version after the last / must be a number (or use models:/NAME@ALIAS)")
-    return ModelRef(name, version=ref)
-
-
-def pin_model(model: Union[str, Path]) -> str:
-    """A registry URI with its alias replaced by the version behind it now (a long job then uses one
-    version throughout, wherever the alias moves); a pipeline folder as an absolute path."""
-    if not is_model_uri(model):
-        path = Path(model).resolve()
-        if not (path / META).is_file():
-            raise RegistryError(f"{model}: neither a models:/ URI nor a spaCy pipeline folder (no {META})")
-        return str(path)
-    ref = parse_model_uri(str(model))
-    if ref.version:
-        return ref.uri
-    version = version_by_alias(ref.name, ref.alias)
-    if version is None:
-        raise RegistryError(f"{model}: registered model {ref.name!r} has no alias {ref.alias!r}")
-    return ModelRef(ref.name, version=str(version.version)).uri
-
-
-_DOWNLOADS: Dict[Tuple[str, str, str], Path] = {}
-_DOWNLOAD_LOCK = threading.Lock()
-_DOWNLOAD_ROOT: Optional[Path] = None
-
-
-def local_pipeline(model: Union[str, Path]) -> Path:
-    """The local spaCy pipeline folder of a model reference: a pipeline folder as it is, a `models:/`
-    URI downloaded from the artifact store once per process and version (removed when the process
-    exits)."""
-    global _DOWNLOAD_ROOT
-    pinned = pin_model(model)
-    if not is_model_uri(pinned):
-        return Path(pinned)
-    ref = parse_model_uri(pinned)
-    key = (tracking_uri(), ref.name, ref.version)
-    with _DOWNLOAD_LOCK:
-        if key not in _DOWNLOADS:
-            from mlflow.models import Model
-
-            if _DOWNLOAD_ROOT is None:
-                _DOWNLOAD_ROOT = Path(tempfile.mkdtemp(prefix="sllm-models-"))
-                atexit.register(shutil.rmtree, _DOWNLOAD_ROOT, ignore_errors=True)
-            target = _DOWNLOAD_ROOT / f"{len(_DOWNLOADS)}-{ref.name}-{ref.version}"
-            local = Path(mlflow.artifacts.download_artifacts(ref.uri, dst_path=str(target)))
-            artifacts = Model.load(local).flavors["python_function"]["artifacts"]
-            _DOWNLOADS[key] = local / artifacts[PIPELINE_ARTIFACT]["path"]
-        return _DOWNLOADS[key]
-
-
-def check_servable(name: str, alias: str = CHAMPION) -> None:
-    if version_by_alias(name, alias) is None:
-        raise RegistryError(f"registered model {name!r} has no {alias!r} version"
-                            + (f"; promote one with `sllm promote {name}`" if alias == CHAMPION else ""))

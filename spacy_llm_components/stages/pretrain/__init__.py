@@ -24,43 +24,62 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
-from . import artifacts
-from .artifacts import CHECKPOINTS, METRICS, sha256_file
-from .data import DataError
-from .models.checkpoint import DEFAULT_MODEL
-from .models.devices import resolve_device
-from .models.masked_lm import MaskedLM, load_masked_lm, write_masked_lm
-from .lm import (
-    BlockMasking, LMDataConfig, block_length, check_settings, check_whole_word_tokenizer, corpus_cache, count_pieces,
-    datasets_progress, derived_seed, heldout_masking, masked_batches, masked_loss_sum, mlm_head, perplexity,
-    read_documents, to_blocks,
+from ... import artifacts
+from ...artifacts import CHECKPOINTS, METRICS, sha256_file
+from ...core.settings import setting
+from ...data import DataError
+from ...models.checkpoint import DEFAULT_MODEL
+from ...models.collate import CountingCollator
+from ...models.devices import precision_for, resolve_device
+from ...models.masked_lm import MaskedLM, load_masked_lm, write_masked_lm
+from ..shared.trainer import (
+    EvaluateAtEnd,
+    JsonlLog,
+    TimedTrainer,
+    TrainerSettings,
+    TrainingError,
+    check_resume,
+    checkpoint_step,
+    duration,
+    start_run,
+    training_arguments,
+    world_size,
 )
-from .training import (
-    CountingCollator, EvaluateAtEnd, JsonlLog, TimedTrainer, TrainingError, check_resume, checkpoint_step, duration,
-    precision_for, setting, start_run, training_arguments, world_size,
+from .lm import (
+    BlockMasking,
+    LMDataConfig,
+    block_length,
+    check_settings,
+    check_whole_word_tokenizer,
+    corpus_cache,
+    count_pieces,
+    datasets_progress,
+    derived_seed,
+    heldout_masking,
+    masked_batches,
+    masked_loss_sum,
+    mlm_head,
+    perplexity,
+    read_documents,
+    to_blocks,
 )
 
 PathLike = Union[str, Path]
 
 
 @dataclass
-class PretrainConfig(LMDataConfig):
-    """Pre-training settings; each is also an option of `sllm pretrain` (and, prefixed, of `sllm run`)."""
+class PretrainConfig(LMDataConfig, TrainerSettings):
+    """Pre-training settings; each is also an option of `sllm pretrain` (and, prefixed, of `sllm run`). The
+    Trainer's are `TrainerSettings`, with what differs for masked-LM training said here."""
 
     base_model: str = setting(DEFAULT_MODEL, "local HF encoder folder or hub name to continue pre-training")
-    epochs: float = setting(1.0, "passes over the corpus")
-    max_steps: int = setting(-1, "stop after this many optimizer steps (overrides --epochs)")
-    batch_size: int = setting(16, "blocks per batch per device")
-    lr: float = setting(5e-5, "peak learning rate (linear warmup and decay)")
-    weight_decay: float = setting(0.01, "AdamW weight decay")
-    warmup_ratio: float = setting(0.1, "share of steps spent warming up")
-    grad_accum: int = setting(1, "gradient accumulation steps")
+    epochs: float = setting(1.0, "passes over the corpus", gt=0)
+    batch_size: int = setting(16, "blocks per batch per device", ge=1)
     eval_steps: Optional[int] = setting(None, "score the held-out text (and checkpoint) every N steps; default once "
-                                              "per epoch")
+                                              "per epoch", ge=1)
     dev_fraction: float = setting(0.05, "share of the corpus' documents held out for perplexity when no --dev file "
-                                        "is given")
-    save_total_limit: int = setting(2, "Trainer checkpoints kept while training")
-    seed: int = setting(0, "random seed (new head parts, held-out split, masking, data order)")
+                                        "is given", gt=0, lt=1)
+    seed: int = setting(0, "random seed (new head parts, held-out split, masking, data order)", ge=0)
 
 
 @dataclass
@@ -172,10 +191,8 @@ def pretrain(corpus: Union[PathLike, Sequence[PathLike]], output: PathLike, conf
                                     plan.lm.tokenizer)
         total_steps = _total_steps(len(plan.train_blocks), config)
         args = training_arguments(
-            output, device=plan.device, seed=config.seed, batch_size=config.batch_size, grad_accum=config.grad_accum,
-            lr=config.lr, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, epochs=config.epochs,
-            max_steps=config.max_steps, eval_steps=max(1, min(plan.eval_steps, total_steps)),
-            save_total_limit=config.save_total_limit, metric="perplexity", greater_is_better=False, progress=progress)
+            output, config, device=plan.device, eval_steps=max(1, min(plan.eval_steps, total_steps)),
+            metric="perplexity", greater_is_better=False, progress=progress)
         trainer = MaskedLMTrainer(
             model=plan.lm.model, args=args, train_dataset=KeyedBlocks(plan.train_blocks),
             eval_dataset=plan.heldout,  # required by the Trainer; evaluation scores the fixed held-out batches
