@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_compress import load1, wait_for_quiet  # noqa: E402
 from bench_inference import DATA, conll_sentences  # noqa: E402
-from spacy_llm_components.hf import DEFAULT_MODEL, quantize_model, resolve_source  # noqa: E402
+from spacy_llm_components.models.checkpoint import DEFAULT_MODEL, resolve_source  # noqa: E402
+from spacy_llm_components.models.runtimes import inference_model  # noqa: E402
 from transformers import AutoModelForTokenClassification, AutoTokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -106,7 +107,8 @@ def main() -> None:
     pieces = int(sum(b["attention_mask"].sum() for b in data))
     contenders: Dict[str, Callable] = {
         "pytorch fp32": torch_runner(model),
-        "pytorch int8 (quantize_dynamic, ours)": torch_runner(quantize_model(model, "int8"))}
+        "pytorch int8 (quantize_dynamic, ours)": torch_runner(inference_model(
+            model, quantize="int8", runtime="torch", input_names=("input_ids", "attention_mask"), output_names=("logits",)))}
     tmp = Path(tempfile.mkdtemp(prefix="sllm-onnx-"))
     try:
         contenders.update(onnx_runners(model, tmp, torch.get_num_threads()))

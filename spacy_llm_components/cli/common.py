@@ -10,6 +10,7 @@ from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
 import typer
 
+from ..core.settings import check_settings
 from ..tasks import TASKS, task_spec
 
 app = typer.Typer(help="spaCy components for fine-tuned Hugging Face Transformers.", no_args_is_help=True)
@@ -88,7 +89,12 @@ def with_settings(config_class: type, name: str, prefix: str = "",
         @functools.wraps(command)
         def wrapper(**kwargs):
             values = {f.name: kwargs.pop(param) for f, param in group}
-            return command(**kwargs, **{name: config_class(**values)})
+            config = config_class(**values)
+            try:  # every value in its range before any work starts
+                check_settings(config, name=lambda field: f"--{prefix}{field.replace('_', '-')}")
+            except ValueError as err:
+                fail(err)
+            return command(**kwargs, **{name: config})
 
         wrapper.__signature__ = signature.replace(parameters=kept + added)
         wrapper.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != name},

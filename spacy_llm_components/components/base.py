@@ -26,7 +26,8 @@ from ..models.runtimes import check_runtime, inference_model
 from ..models.task_model import TaskCheckpoint, has_head, load_task_checkpoint, save_task_checkpoint
 from ..tasks import TaskSpec
 from .inputs import Batch, Feature, ModelInput, Pieces, Rows, SpecialTokens, pad_inputs, padded_batches
-from .trainable import check_labels, loss_model, training_docs
+from .settings import SharedSettings, check_component_settings
+from .spacy_train import check_labels, loss_model, training_docs
 
 MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
 
@@ -38,12 +39,6 @@ def _one_thread_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_one_thread_after_fork)
-
-
-def shared_settings(*, batch_size: int, max_length: Optional[int], scorer: str) -> Dict[str, Any]:
-    """The default_config entries every hf_* factory has: batching, device, precision and the scorer."""
-    return {"batch_size": batch_size, "max_length": max_length, "device": "auto", "dtype": "float32", "quantize": None,
-            "runtime": "torch", "mixed_precision": False, "scorer": {"@scorers": scorer}}
 
 
 def span_record(span, **extra: Any) -> Dict[str, Any]:
@@ -65,39 +60,23 @@ class HFPipe(TrainablePipe):
     output_names: ClassVar[Tuple[str, ...]] = ("logits",)
     per_token: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        nlp: Language,
-        name: str,
-        *,
-        model: str,
-        batch_size: int,
-        max_length: Optional[int],
-        device: str,
-        dtype: str,
-        quantize: Optional[str],
-        runtime: str,
-        mixed_precision: bool,
-        scorer: Optional[Callable],
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
-        if max_length is not None and max_length < 8:
-            raise ValueError(f"{name}: max_length must be >= 8 or null, got {max_length}")
-        resolved = resolve_device(device)
-        check_runtime(runtime, quantize, resolved, resolve_dtype(dtype, resolved))  # refused at add_pipe
+    def __init__(self, nlp: Language, name: str, settings: SharedSettings) -> None:
+        check_component_settings(name, settings)
+        resolved = resolve_device(settings.device)
+        check_runtime(settings.runtime, settings.quantize, resolved, resolve_dtype(settings.dtype, resolved))
+        self.settings = settings
         self.vocab = nlp.vocab
         self.name = name
-        self.model_name = model
-        self.batch_size = batch_size
-        self.max_length_cfg = max_length
-        self.device = device
-        self.dtype = dtype
-        self.quantize = quantize
-        self.runtime = runtime
-        self.mixed_precision = mixed_precision
+        self.model_name = settings.model
+        self.batch_size = settings.batch_size
+        self.max_length_cfg = settings.max_length
+        self.device = settings.device
+        self.dtype = settings.dtype
+        self.quantize = settings.quantize
+        self.runtime = settings.runtime
+        self.mixed_precision = settings.mixed_precision
         self.model: Optional[Model] = None  # spaCy's trainable model: set when the checkpoint loads
-        self.scorer = scorer
+        self.scorer = settings.scorer
         self.cfg: dict = {}
         self._checkpoint: Optional[TaskCheckpoint] = None
         self._specials: Optional[SpecialTokens] = None

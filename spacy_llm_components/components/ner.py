@@ -1,7 +1,8 @@
 """hf_ner: `AutoModelForTokenClassification` as a spaCy component writing `doc.ents` or `doc.spans`."""
 
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -9,18 +10,9 @@ from spacy.attrs import ENT_IOB
 from spacy.language import Language
 from spacy.tokens import Doc, Span, SpanGroup
 
-from ..core.align import (
-    group_words,
-    merge_window_scores,
-    padded_ranges,
-    range_positions,
-    unit_piece_ranges,
-    window_spans,
-    word_char_spans,
-)
+from ..core.align import group_words, merge_window_scores, unit_piece_ranges, window_spans, word_char_spans
 from ..core.constants import IGNORE_INDEX
 from ..core.decode import (
-    DECODERS,
     SCHEMES,
     LabelSchemeError,
     TagTable,
@@ -32,60 +24,38 @@ from ..core.decode import (
     segment_means,
     tags_for_types,
     transitions,
-    viterbi_batch,
 )
+from ..core.settings import setting
 from ..data.extensions import value_key
-from ..models.checkpoint import DEFAULT_MODEL, CheckpointError
+from ..models.checkpoint import CheckpointError
 from ..tasks.ner import NER
-from .base import Feature, HFPipe, shared_settings, span_record
+from .base import Feature, HFPipe, span_record
 from .entities import Entities, combine, locate, set_ents_arrays
 from .inputs import Pieces, Rows, Words
+from .settings import SharedSettings, component_factory
+from .strategies import Aggregation, Decoder, resolve_strategy
 
-AGGREGATIONS = ("first", "mean")
 logger = logging.getLogger("spacy_llm_components")
 
 
-@Language.factory(
-    "hf_ner",
-    assigns=["doc.ents", "token.ent_iob", "token.ent_type"],
-    default_config={
-        "model": DEFAULT_MODEL,
-        "labels": None,
-        "scheme": "auto",
-        "aggregation": "first",
-        "decoder": "viterbi",
-        "spans_key": None,
-        "overwrite_ents": False,
-        "stride": 128,
-        **shared_settings(batch_size=64, max_length=None, scorer="spacy_llm_components.ner_scorer.v1"),
-    },
-    default_score_weights=NER.score_weights,
-)
-def make_hf_ner(
-    nlp: Language,
-    name: str,
-    model: str,
-    labels: Optional[List[str]],
-    scheme: str,
-    aggregation: str,
-    decoder: str,
-    spans_key: Optional[str],
-    overwrite_ents: bool,
-    stride: int,
-    batch_size: int,
-    max_length: Optional[int],
-    device: str,
-    dtype: str,
-    quantize: Optional[str],
-    runtime: str,
-    mixed_precision: bool,
-    scorer: Optional[Callable],
-) -> "HFEntityRecognizer":
-    return HFEntityRecognizer(
-        nlp, name, model=model, labels=labels, scheme=scheme, aggregation=aggregation, decoder=decoder,
-        spans_key=spans_key, overwrite_ents=overwrite_ents, stride=stride, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, quantize=quantize, runtime=runtime, mixed_precision=mixed_precision, scorer=scorer,
-    )
+@dataclass
+class NerSettings(SharedSettings):
+    """hf_ner's settings (`[components.ner]` in a config)."""
+
+    labels: Optional[List[str]] = setting(None, "entity types of a new head on a base encoder; null: the checkpoint's "
+                                                "(or, in `spacy train`, the data's)")
+    scheme: str = setting("auto", "tag scheme of the head's labels: auto (read from them) or one of "
+                                  + ", ".join(SCHEMES), choices=("auto", *SCHEMES))
+    aggregation: Union[str, Aggregation] = setting({"@sllm_strategies": "sllm.first_piece.v1"},
+                                                   "word pieces to words (a registered strategy)")
+    decoder: Union[str, Decoder] = setting({"@sllm_strategies": "sllm.viterbi.v1"},
+                                           "tags of the words (a registered strategy)")
+    spans_key: Optional[str] = setting(None, "write the entities to doc.spans[spans_key] instead of doc.ents")
+    overwrite_ents: bool = setting(False, "replace entities already on the doc (else they are kept, ours added "
+                                          "where they do not overlap)")
+    stride: int = setting(128, "word pieces two windows of a long doc overlap by", ge=0)
+    scorer: Optional[Callable] = setting({"@scorers": "spacy_llm_components.ner_scorer.v1"},
+                                         "the scorer `nlp.evaluate` uses")
 
 
 class HFEntityRecognizer(HFPipe):
@@ -101,26 +71,17 @@ class HFEntityRecognizer(HFPipe):
 
     spec = NER
 
-    def __init__(self, nlp: Language, name: str, *, labels: Optional[List[str]], scheme: str, aggregation: str,
-                 decoder: str, spans_key: Optional[str], overwrite_ents: bool, stride: int, **kwargs) -> None:
-        super().__init__(nlp, name, **kwargs)
-        if scheme != "auto" and scheme not in SCHEMES:
-            raise ValueError(f"{name}: scheme {scheme!r} is not 'auto' or one of {SCHEMES}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"{name}: aggregation {aggregation!r} is not one of {AGGREGATIONS}")
-        if decoder not in DECODERS:
-            raise ValueError(f"{name}: decoder {decoder!r} is not one of {sorted(DECODERS)}")
-        if stride < 0:
-            raise ValueError(f"{name}: stride must be >= 0, got {stride}")
-        self.entity_types = labels
-        self.scheme_cfg = scheme
-        self.aggregation = aggregation
-        self.decoder = decoder
-        self.spans_key = spans_key
-        self.overwrite_ents = overwrite_ents
-        self.stride = stride
+    def __init__(self, nlp: Language, name: str, settings: NerSettings) -> None:
+        super().__init__(nlp, name, settings)
+        self.entity_types = settings.labels
+        self.scheme_cfg = settings.scheme
+        self.aggregation = resolve_strategy("aggregation", settings.aggregation, name)
+        self.decoder = resolve_strategy("decoder", settings.decoder, name)
+        self.spans_key = settings.spans_key
+        self.overwrite_ents = settings.overwrite_ents
+        self.stride = settings.stride
         self.snapped = 0  # entities grown to token boundaries since the component was made
-        self.cfg = {"spans_key": spans_key}
+        self.cfg = {"spans_key": settings.spans_key}
 
     def _new_head_labels(self) -> Optional[List[str]]:
         if not self.entity_types:
@@ -218,15 +179,10 @@ class HFEntityRecognizer(HFPipe):
         for batch, out in self._run(pieces, rows):
             logits = out.logits
             fitting = batch.rows[batch.row] < n_fitting
-            keep = fitting & (first_piece[batch.piece] if self.aggregation == "first" else words.of_piece[batch.piece] >= 0)
+            keep = fitting & self.aggregation.select(first_piece[batch.piece], words.of_piece[batch.piece])
             if keep.any():
-                selected = logits[batch.row[keep], batch.col[keep]].float()
-                word = words.of_piece[batch.piece[keep]]
-                if self.aggregation == "mean":
-                    word, inverse = np.unique(word, return_inverse=True)
-                    index = torch.from_numpy(inverse).to(selected.device)
-                    sums = torch.zeros((len(word), selected.shape[1]), device=selected.device).index_add_(0, index, selected)
-                    selected = sums / torch.bincount(index, minlength=len(word)).unsqueeze(1)
+                word, selected = self.aggregation.reduce(logits[batch.row[keep], batch.col[keep]].float(),
+                                                         words.of_piece[batch.piece[keep]])
                 word_lp[word] = torch.log_softmax(selected, dim=-1).cpu().numpy()
             for j in np.unique(batch.row[~fitting]).tolist():  # windows of long docs: all their pieces
                 at = batch.row == j
@@ -236,38 +192,20 @@ class HFEntityRecognizer(HFPipe):
                                          int(lengths[d]))
             first, last = words.first[words.bounds[d]:words.bounds[d + 1]], words.last[words.bounds[d]:words.bounds[d + 1]]
             first, last = first - starts[d], last - starts[d]
-            if self.aggregation == "first":
-                word_logits = merged[first]
-            else:
-                word_logits = segment_means(merged, first, last + 1) if len(first) else merged[:0]
+            word_logits = self.aggregation.words(merged, first, last)
             word_lp[words.bounds[d]:words.bounds[d + 1]] = log_softmax(word_logits.astype(np.float32))
         return word_lp
 
     def _entities(self, docs: Sequence[Doc], text_lengths: Sequence[int], words: Words, word_lp: np.ndarray
                   ) -> Entities:
         """Decode the words' tags for all docs at once, read the entities, and snap them to spaCy tokens."""
-        tags = self._decode_tags(word_lp, words.bounds)
+        tags = self.decoder(word_lp, words.bounds, self.transitions)
         chosen = np.exp(word_lp[np.arange(len(tags)), tags])
         first_word = np.zeros(len(tags), dtype=bool)
         first_word[words.bounds[:-1][np.diff(words.bounds) > 0]] = True
         start, end, type_id = read_entities(tags, first_word, self.tag_table)
         return locate(docs, text_lengths, words, start, end, type_id, segment_means(chosen, start, end),
                       self.tag_table.types)
-
-    def _decode_tags(self, word_lp: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-        """The tag of each word: its argmax (greedy), or the best valid sequence per doc (viterbi), for
-        docs of similar length at once."""
-        if self.decoder == "greedy":
-            return word_lp.argmax(axis=1)
-        tags = np.zeros(len(word_lp), dtype=np.int64)
-        lengths = np.diff(bounds)
-        order = np.argsort(lengths, kind="stable")
-        for chunk in np.array_split(order, max(1, len(order) // 256)):
-            paths = viterbi_batch(padded_ranges(word_lp, bounds[chunk], lengths[chunk]), lengths[chunk],
-                                  self.transitions)
-            real = np.arange(paths.shape[1])[None, :] < lengths[chunk][:, None]
-            tags[range_positions(bounds[chunk], lengths[chunk])] = paths[real]
-        return tags
 
     def record(self, doc: Doc) -> Dict[str, List[Dict[str, Any]]]:
         spans = doc.spans.get(self.spans_key, []) if self.spans_key else doc.ents
@@ -291,3 +229,8 @@ class HFEntityRecognizer(HFPipe):
                                        type_hash[predictions.type_id].tolist(), predictions.score.tolist()):
             user_data[d][value_key("score", sc, ec, t)] = score
         self.snapped += int(predictions.snapped.sum())
+
+
+make_hf_ner = component_factory("hf_ner", NerSettings, HFEntityRecognizer, module=__name__,
+                                assigns=["doc.ents", "token.ent_iob", "token.ent_type"],
+                                default_score_weights=NER.score_weights)

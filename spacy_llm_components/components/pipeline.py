@@ -12,7 +12,7 @@ from thinc.api import Config
 
 from ..data.errors import DataError
 from ..models.task_model import save_task_checkpoint
-from ..tasks import TaskSpec, task_spec
+from ..tasks import TaskSpec, factories_in_words, task_spec
 from .base import HFPipe
 
 
@@ -27,7 +27,11 @@ def build_pipeline(task: str, model: str, *, settings: Optional[Dict[str, Any]] 
     A bare encoder needs `labels` (entity types for NER) for its new head; a checkpoint with a
     head brings its own (the shipped default labels are dropped unless given)."""
     spec = task_spec(task)
-    config = Config().from_disk(config_path(spec.name), interpolate=False)
+    if config_path(spec.name).is_file():
+        config = Config().from_disk(config_path(spec.name), interpolate=False)
+    else:  # a task without a shipped config: its component alone
+        config = Config({"paths": {}, "nlp": {"pipeline": [spec.component]},
+                         "components": {spec.component: {"factory": spec.factory, "model": str(model)}}})
     config["paths"]["model"] = str(model)
     config["nlp"]["lang"] = lang
     component = config["components"][spec.component]
@@ -44,7 +48,7 @@ def hf_component(nlp: Language) -> HFPipe:
     for _, pipe in nlp.pipeline:
         if isinstance(pipe, HFPipe):
             return pipe
-    raise ValueError(f"the pipeline has no hf_textcat, hf_ner or hf_qa component (it has {nlp.pipe_names})")
+    raise ValueError(f"the pipeline has no {factories_in_words()} component (it has {nlp.pipe_names})")
 
 
 def task_of(nlp: Language) -> TaskSpec:

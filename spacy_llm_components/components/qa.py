@@ -8,58 +8,30 @@ from spacy.tokens import Doc, Span, SpanGroup
 
 from ..core.align import snap_to_tokens, unit_piece_ranges, window_spans
 from ..core.decode import answer_candidates
-from ..models.checkpoint import DEFAULT_MODEL
+from ..core.settings import setting
 from ..tasks.qa import QA
-from .base import Feature, HFPipe, ModelInput, shared_settings, span_record
+from .base import Feature, HFPipe, ModelInput, span_record
+from .settings import SharedSettings, component_factory
 
 ANSWER_LABEL = "ANSWER"
 
 
-@Language.factory(
-    "hf_qa",
-    assigns=["doc.spans"],
-    default_config={
-        "model": DEFAULT_MODEL,
-        "questions": [],
-        "spans_key": "answers",
-        "top_k": 1,
-        "max_answer_len": 30,
-        "max_question_len": 64,
-        "doc_stride": 128,
-        "handle_impossible": False,
-        "null_threshold": 0.0,
-        **shared_settings(batch_size=32, max_length=384, scorer="spacy_llm_components.squad_scorer.v1"),
-    },
-    default_score_weights=QA.score_weights,
-)
-def make_hf_qa(
-    nlp: Language,
-    name: str,
-    model: str,
-    questions: List[str],
-    spans_key: str,
-    top_k: int,
-    max_answer_len: int,
-    max_question_len: int,
-    doc_stride: int,
-    handle_impossible: bool,
-    null_threshold: float,
-    batch_size: int,
-    max_length: Optional[int],
-    device: str,
-    dtype: str,
-    quantize: Optional[str],
-    runtime: str,
-    mixed_precision: bool,
-    scorer: Optional[Callable],
-) -> "HFQuestionAnswerer":
-    return HFQuestionAnswerer(
-        nlp, name, model=model, questions=questions, spans_key=spans_key, top_k=top_k,
-        max_answer_len=max_answer_len, max_question_len=max_question_len, doc_stride=doc_stride,
-        handle_impossible=handle_impossible, null_threshold=null_threshold, batch_size=batch_size,
-        max_length=max_length, device=device, dtype=dtype, quantize=quantize, runtime=runtime,
-        mixed_precision=mixed_precision, scorer=scorer,
-    )
+@dataclass
+class QASettings(SharedSettings):
+    """hf_qa's settings (`[components.qa]` in a config)."""
+
+    questions: List[str] = setting([], "questions asked of every doc without its own `doc._.questions`")
+    spans_key: str = setting("answers", "the span group the answers go to")
+    top_k: int = setting(1, "answers per question, best first", ge=1)
+    max_answer_len: int = setting(30, "longest answer in word pieces", ge=1)
+    max_question_len: int = setting(64, "word pieces of a question kept (at most half the input)", ge=1)
+    doc_stride: int = setting(128, "word pieces two windows of a long context overlap by", ge=0)
+    handle_impossible: bool = setting(False, "SQuAD 2.0: no answer where the null score wins by `null_threshold`")
+    null_threshold: float = setting(0.0, "how far the no-answer score must beat the best answer")
+    batch_size: int = setting(32, "sequences per forward pass (length-sorted batches)", ge=1)
+    max_length: Optional[int] = setting(384, "question + context window in word pieces; null: the model's limit", ge=8)
+    scorer: Optional[Callable] = setting({"@scorers": "spacy_llm_components.squad_scorer.v1"},
+                                         "the scorer `nlp.evaluate` uses")
 
 
 @dataclass
@@ -86,24 +58,17 @@ class HFQuestionAnswerer(HFPipe):
     spec = QA
     output_names = ("start_logits", "end_logits")
 
-    def __init__(self, nlp: Language, name: str, *, questions: List[str], spans_key: str, top_k: int,
-                 max_answer_len: int, max_question_len: int, doc_stride: int, handle_impossible: bool,
-                 null_threshold: float, **kwargs) -> None:
-        super().__init__(nlp, name, **kwargs)
-        for key, value in (("top_k", top_k), ("max_answer_len", max_answer_len), ("max_question_len", max_question_len)):
-            if value < 1:
-                raise ValueError(f"{name}: {key} must be >= 1, got {value}")
-        if doc_stride < 0:
-            raise ValueError(f"{name}: doc_stride must be >= 0, got {doc_stride}")
-        self.questions = list(questions)
-        self.spans_key = spans_key
-        self.top_k = top_k
-        self.max_answer_len = max_answer_len
-        self.max_question_len = max_question_len
-        self.doc_stride = doc_stride
-        self.handle_impossible = handle_impossible
-        self.null_threshold = null_threshold
-        self.cfg = {"spans_key": spans_key}
+    def __init__(self, nlp: Language, name: str, settings: QASettings) -> None:
+        super().__init__(nlp, name, settings)
+        self.questions = list(settings.questions)
+        self.spans_key = settings.spans_key
+        self.top_k = settings.top_k
+        self.max_answer_len = settings.max_answer_len
+        self.max_question_len = settings.max_question_len
+        self.doc_stride = settings.doc_stride
+        self.handle_impossible = settings.handle_impossible
+        self.null_threshold = settings.null_threshold
+        self.cfg = {"spans_key": settings.spans_key}
 
     def _questions_of(self, doc: Doc) -> List[str]:
         asked = doc._.questions
@@ -215,6 +180,10 @@ class HFQuestionAnswerer(HFPipe):
                 span._.score = ans.score
                 spans.append(span)
             doc.spans[self.spans_key] = SpanGroup(doc, name=self.spans_key, spans=spans)
+
+
+make_hf_qa = component_factory("hf_qa", QASettings, HFQuestionAnswerer, module=__name__, assigns=["doc.spans"],
+                               default_score_weights=QA.score_weights)
 
 
 def ask(nlp: Language, context: str, questions: Union[str, Sequence[str]]) -> List[Span]:

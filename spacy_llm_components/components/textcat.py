@@ -1,6 +1,7 @@
 """hf_textcat: `AutoModelForSequenceClassification` as a spaCy component writing `doc.cats`."""
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -9,51 +10,28 @@ from spacy.tokens import Doc
 
 from ..core.align import pack_units, refine_units, unit_piece_ranges
 from ..core.decode import decide_labels, label_thresholds, softmax
-from ..models.checkpoint import DEFAULT_MODEL
+from ..core.settings import setting
 from ..tasks.textcat import TEXTCAT
-from .base import Feature, HFPipe, ModelInput, shared_settings
+from .base import Feature, HFPipe, ModelInput
 from .inputs import Pieces, Rows
+from .settings import SharedSettings, component_factory
+from .strategies import WindowPooling, resolve_strategy
 
-POOLINGS = ("mean", "max")
 
+@dataclass
+class TextcatSettings(SharedSettings):
+    """hf_textcat's settings (`[components.textcat]` in a config)."""
 
-@Language.factory(
-    "hf_textcat",
-    assigns=["doc.cats"],
-    default_config={
-        "model": DEFAULT_MODEL,
-        "labels": None,
-        "multi_label": None,
-        "threshold": 0.5,
-        "thresholds": {},
-        "pooling": "mean",
-        **shared_settings(batch_size=64, max_length=None, scorer="spacy_llm_components.textcat_scorer.v1"),
-    },
-    default_score_weights=TEXTCAT.score_weights,
-)
-def make_hf_textcat(
-    nlp: Language,
-    name: str,
-    model: str,
-    labels: Optional[List[str]],
-    multi_label: Optional[bool],
-    threshold: float,
-    thresholds: Dict[str, float],
-    pooling: str,
-    batch_size: int,
-    max_length: Optional[int],
-    device: str,
-    dtype: str,
-    quantize: Optional[str],
-    runtime: str,
-    mixed_precision: bool,
-    scorer: Optional[Callable],
-) -> "HFTextCategorizer":
-    return HFTextCategorizer(
-        nlp, name, model=model, labels=labels, multi_label=multi_label, threshold=threshold,
-        thresholds=thresholds, pooling=pooling, batch_size=batch_size, max_length=max_length,
-        device=device, dtype=dtype, quantize=quantize, runtime=runtime, mixed_precision=mixed_precision, scorer=scorer,
-    )
+    labels: Optional[List[str]] = setting(None, "categories of a new head on a base encoder; null: the checkpoint's "
+                                                "(or, in `spacy train`, the data's)")
+    multi_label: Optional[bool] = setting(None, "a sigmoid per label instead of a softmax over them; null: the "
+                                                "checkpoint's problem_type (a new head: the data's)")
+    threshold: float = setting(0.5, "multi-label: a label is decided at or above this probability", ge=0, le=1)
+    thresholds: Dict[str, float] = setting({}, "multi-label: per-label thresholds that replace `threshold`")
+    pooling: Union[str, WindowPooling] = setting({"@sllm_strategies": "sllm.mean_windows.v1"},
+                                                 "a long doc's window logits to one (a registered strategy)")
+    scorer: Optional[Callable] = setting({"@scorers": "spacy_llm_components.textcat_scorer.v1"},
+                                         "the scorer `nlp.evaluate` uses")
 
 
 class HFTextCategorizer(HFPipe):
@@ -69,18 +47,15 @@ class HFTextCategorizer(HFPipe):
     spec = TEXTCAT
     per_token = False
 
-    def __init__(self, nlp: Language, name: str, *, labels: Optional[List[str]], multi_label: Optional[bool],
-                 threshold: float, thresholds: Dict[str, float], pooling: str, **kwargs) -> None:
-        super().__init__(nlp, name, **kwargs)
-        if pooling not in POOLINGS:
-            raise ValueError(f"{name}: pooling {pooling!r} is not one of {POOLINGS}")
-        bad = {k: v for k, v in thresholds.items() if not 0.0 <= v <= 1.0}
-        if not 0.0 <= threshold <= 1.0 or bad:
-            raise ValueError(f"{name}: thresholds must lie in [0, 1], got {threshold} {bad}")
-        self.new_head_labels = labels
-        self.multi_label_cfg = multi_label
-        self.pooling = pooling
-        self.cfg = {"threshold": threshold, "thresholds": dict(thresholds)}
+    def __init__(self, nlp: Language, name: str, settings: TextcatSettings) -> None:
+        super().__init__(nlp, name, settings)
+        bad = {k: v for k, v in settings.thresholds.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"{name}: thresholds must lie in [0, 1], got {bad}")
+        self.new_head_labels = settings.labels
+        self.multi_label_cfg = settings.multi_label
+        self.pooling = resolve_strategy("pooling", settings.pooling, name)
+        self.cfg = {"threshold": settings.threshold, "thresholds": dict(settings.thresholds)}
 
     def _new_head_labels(self) -> Optional[List[str]]:
         return self.new_head_labels
@@ -179,9 +154,8 @@ class HFTextCategorizer(HFPipe):
             for j in np.flatnonzero(~fitting).tolist():  # windows in row order: each doc's in text order
                 window_logits[owners[int(batch.rows[j]) - len(fitting_docs)]].append((int(batch.rows[j]),
                                                                                       logits[j].cpu().numpy()))
-        pool = np.mean if self.pooling == "mean" else np.max
         for d in long_docs:
-            pooled = pool(np.stack([x for _, x in sorted(window_logits[d], key=lambda w: w[0])]), axis=0)
+            pooled = self.pooling(np.stack([x for _, x in sorted(window_logits[d], key=lambda w: w[0])]))
             probs[d] = 1.0 / (1.0 + np.exp(-pooled)) if self.multi_label else softmax(pooled, axis=-1)
         return probs
 
@@ -203,3 +177,7 @@ class HFTextCategorizer(HFPipe):
         thresholds = label_thresholds(labels, self.cfg["threshold"], self.cfg["thresholds"])
         decided = decide_labels(probs, self.multi_label, thresholds)[0]
         return [label for label, keep in zip(labels, decided) if keep]
+
+
+make_hf_textcat = component_factory("hf_textcat", TextcatSettings, HFTextCategorizer, module=__name__,
+                                    assigns=["doc.cats"], default_score_weights=TEXTCAT.score_weights)

@@ -9,6 +9,7 @@ range, from which the CLI options, their help and the checks all derive.
 value and what is allowed, before any work starts.
 """
 
+import copy
 from dataclasses import MISSING, Field, field, fields
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -20,11 +21,25 @@ def setting(default: Any, help: str, *, ge: Optional[float] = None, gt: Optional
     `unset` is one more value allowed outside them, such as -1 for "no limit"). None is always allowed
     for a setting whose default is None."""
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    return field(default=default, metadata={"help": help, "bounds": bounds, "choices": choices, "unset": unset})
+    metadata = {"help": help, "bounds": bounds, "choices": choices, "unset": unset}
+    if isinstance(default, (dict, list, set)):  # each instance gets its own copy
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def same_as(config_class, name: str, help: Optional[str] = None) -> Field:
+    """The setting `name` of another config, declared there: the same default and range (and help, unless
+    this one says it in its own words)."""
+    f = next(f for f in fields(config_class) if f.name == name)
+    return field(default=default_of(f), metadata={**f.metadata, **({"help": help} if help else {})})
+
+
+def default_of(f: Field) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 def defaults(config_class) -> Dict[str, Any]:
-    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+    return {f.name: default_of(f) for f in fields(config_class)}
 
 
 def allowed(f: Field) -> str:
@@ -43,7 +58,7 @@ def allowed(f: Field) -> str:
 def problem(f: Field, value: Any) -> Optional[str]:
     """Why `value` is not valid for the setting `f` (None when it is)."""
     meta = f.metadata
-    if value is None and f.default is None:
+    if value is None and default_of(f) is None:
         return None
     if meta.get("unset", MISSING) is not MISSING and value == meta["unset"]:
         return None

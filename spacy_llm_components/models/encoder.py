@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
-from transformers import AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from .checkpoint import CheckpointError, Source, quiet_loading, weight_names
@@ -64,26 +64,29 @@ class Encoder:
         return min(limits)
 
 
-def has_pooler_option(config: PretrainedConfig) -> bool:
-    """Whether the family's base model can be built with or without a pooler (`add_pooling_layer`)."""
-    base_class = MODEL_MAPPING.get(type(config), None)
-    return base_class is not None and "add_pooling_layer" in inspect.signature(base_class.__init__).parameters
+def base_model_class(config: PretrainedConfig) -> type:
+    """The family's base model class (what `AutoModel` would pick): looked up directly, since
+    `AutoModel.from_pretrained` imports the config module of every family transformers knows to do so."""
+    try:
+        return MODEL_MAPPING[type(config)]  # (and not .get, which imports them all too)
+    except KeyError:
+        raise CheckpointError(f"a {config.model_type!r} model has no base model class in transformers") from None
 
 
 def load_base_model(source: Source, config: PretrainedConfig, *, torch_dtype: torch.dtype,
                     pooler: bool = False) -> PreTrainedModel:
-    """The checkpoint's base model (`AutoModel`), from a bare encoder or from a model with any head. A
+    """The checkpoint's base model (the `AutoModel` class of its family), from a bare encoder or from a model with any head. A
     pooler is built when the checkpoint has one or `pooler` asks for it (a BERT sequence head reads it),
     never made up otherwise. Missing encoder weights are an error: only heads and poolers start new."""
     kwargs = {}
     names = weight_names(source)
-    if has_pooler_option(config):
+    cls = base_model_class(config)
+    if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
         kwargs["add_pooling_layer"] = pooler or any(POOLER in name for name in names)
     try:
         with quiet_loading():
-            model, info = AutoModel.from_pretrained(source, config=config, trust_remote_code=False,
-                                                    use_safetensors=True, torch_dtype=torch_dtype,
-                                                    output_loading_info=True, **kwargs)
+            model, info = cls.from_pretrained(source, config=config, trust_remote_code=False, use_safetensors=True,
+                                              torch_dtype=torch_dtype, output_loading_info=True, **kwargs)
     except Exception as err:
         raise CheckpointError(f"{source}: cannot load the model weights: {err}") from err
     missing = [k for k in info.get("missing_keys") or [] if not k.startswith(POOLER)]

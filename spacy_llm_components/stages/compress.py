@@ -25,12 +25,12 @@ from transformers import TrainerCallback, set_seed
 from .. import artifacts
 from ..artifacts import METRICS, TRAINING_LOG, sha256_file, sha256_tree
 from ..components.pipeline import hf_component, make_input_doc
-from ..core.settings import setting
+from ..core.settings import check_settings, setting
 from ..data import DataError
 from ..models.devices import resolve_device
 from ..models.encoder import encoder_layers
 from ..models.task_model import save_task_checkpoint, with_layers
-from ..tasks import TASKS, load_docs
+from ..tasks import TASKS, factories_in_words, load_docs
 from .shared.references import local_pipeline, pin_model
 from .shared.trainer import training_device
 from .shared.training import (
@@ -79,7 +79,7 @@ def hf_components(pipeline: Path) -> List[str]:
     factories = {spec.factory for spec in TASKS.values()}
     names = [name for name, block in config["components"].items() if block.get("factory") in factories]
     if not names:
-        raise CompressError(f"{pipeline}: the pipeline has no hf_textcat, hf_ner or hf_qa component "
+        raise CompressError(f"{pipeline}: the pipeline has no {factories_in_words()} component "
                             f"(it has {list(config['components'])}): nothing to quantize")
     return names
 
@@ -132,10 +132,11 @@ class DistillConfig:
     """Distillation settings; each is also an option of `sllm distill` (and, prefixed, of `sllm run`)."""
 
     layers: Optional[int] = setting(None, "student encoder layers, taken evenly from the teacher's (default: every "
-                                          "other layer, as DistilBERT)")
+                                          "other layer, as DistilBERT)", ge=1)
     keep: Optional[str] = setting(None, "teacher layers the student keeps, by index, e.g. 0,2,4 (instead of --layers)")
-    alpha: float = setting(0.5, "weight of the teacher's soft outputs in the loss; 1 - alpha goes to the gold labels")
-    temperature: float = setting(2.0, "softmax temperature of the KL term (the term is scaled by T^2)")
+    alpha: float = setting(0.5, "weight of the teacher's soft outputs in the loss; 1 - alpha goes to the gold labels",
+                           ge=0, le=1)
+    temperature: float = setting(2.0, "softmax temperature of the KL term (the term is scaled by T^2)", gt=0)
     corpus: Optional[str] = setting(None, 'extra unlabelled text that the teacher labels: JSONL {"text": ..., '
                                           '"questions": [...]} per line, as `sllm predict` reads')
 
@@ -143,17 +144,12 @@ class DistillConfig:
 def check_distill_config(config: DistillConfig, teacher_layers: Optional[int] = None) -> Optional[List[int]]:
     """Refuse bad distillation settings before any work: alpha, temperature, the corpus file, --layers /
     --keep; with the teacher's layer count, also their range, and return the kept layer indices."""
-    if not 0.0 <= config.alpha <= 1.0:
-        raise CompressError(f"--alpha {config.alpha}: give a weight from 0 to 1")
-    if config.temperature <= 0:
-        raise CompressError(f"--temperature {config.temperature}: must be > 0")
+    check_settings(config, error=CompressError)
     if config.corpus and not Path(config.corpus).is_file():
         raise DataError(Path(config.corpus), None, "file does not exist")
     if teacher_layers is not None:
         return kept_layers(teacher_layers, config)
     _keep_indices(config)
-    if config.layers is not None and config.layers < 1:
-        raise CompressError(f"--layers {config.layers}: the student needs at least 1 layer")
     return None
 
 
@@ -255,6 +251,7 @@ def check_distillation(teacher: Union[str, Path], train: Union[str, Path], dev: 
 
 def _load_and_check(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneConfig,
                     distill_config: DistillConfig):
+    check_settings(config, error=CompressError)
     check_distill_config(distill_config)
     reference = pin_model(teacher)
     folder = local_pipeline(reference)

@@ -13,10 +13,19 @@ from transformers import TrainerCallback, set_seed
 from .. import artifacts
 from ..artifacts import sha256_file
 from ..components.pipeline import build_pipeline, hf_component
+from ..core.settings import check_settings
 from ..data import DataError
 from ..tasks import load_docs, task_spec
 from .shared.trainer import TrainingError, training_device
-from .shared.training import FinetuneConfig, FinetuneResult, TrainingPlan, check_prepared, schedule, train_component
+from .shared.training import (
+    FinetuneConfig,
+    FinetuneResult,
+    TrainingPlan,
+    check_prepared,
+    schedule,
+    train_component,
+    warn_if_capped,
+)
 
 FinetuneError = TrainingError  # the name callers of `finetune` catch
 
@@ -42,6 +51,7 @@ def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> Training
     """Read and check the data, build the pipeline over the base model and its training features, and
     work out the schedule: every error surfaces here, before an output folder exists."""
     spec = task_spec(task)
+    check_settings(config, error=TrainingError)
     info = check_prepared(spec.name, train, dev, "fine-tuning")
     device = training_device(config.device)
     vocab_nlp = spacy.blank(info.lang)
@@ -52,7 +62,9 @@ def _plan(task: str, train: Path, dev: Path, config: FinetuneConfig) -> Training
         settings["max_length"] = config.max_length
     set_seed(config.seed)  # the new head's initial weights
     nlp = build_pipeline(spec.name, config.base_model, settings=settings, lang=info.lang)
-    features = hf_component(nlp).features(train_docs)
+    pipe = hf_component(nlp)
+    warn_if_capped(config, pipe)
+    features = pipe.features(train_docs)
     if not features:
         raise DataError(train, None, "no training features (are the docs empty?)")
     total_steps, eval_steps = schedule(len(features), config)

@@ -41,6 +41,9 @@ class TaskSpec:
     targets: Tuple[str, ...] = ("labels",)  # the gold keys of a training feature (not model inputs)
     description: str  # what model cards call the task
     input_example: Dict[str, List[Any]]  # a served request's columns, logged with each model
+    # what its component's `record` adds to a served response, for the served model's signature: a column's
+    # kind, "map" (label -> probability) or "spans" (text, offsets, score and the extra fields named here)
+    output_columns: Dict[str, Tuple[str, Dict[str, str]]]
     request_note: str = ""  # what a served request needs besides its text (model cards say it)
     demo: Demo
 
@@ -158,6 +161,19 @@ def register_task(spec: TaskSpec) -> TaskSpec:
     TASKS[spec.name] = spec
     _BY_ANY_NAME.update({spec.name: spec, spec.hf_task: spec})
     return spec
+
+
+def unregister_task(name: str) -> None:
+    """Forget a task registered with `register_task` (a plugin's, or a test's)."""
+    spec = TASKS.pop(name)
+    for key in (spec.name, spec.hf_task):
+        _BY_ANY_NAME.pop(key, None)
+
+
+def factories_in_words() -> str:
+    """The components' factories as a sentence says them: "hf_textcat, hf_ner or hf_qa"."""
+    names = [spec.factory for spec in TASKS.values()]
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def task_spec(task: "str | TaskSpec") -> TaskSpec:

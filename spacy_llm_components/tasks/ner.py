@@ -27,6 +27,7 @@ class NerSpec(TaskSpec):
     gold_description = "entity annotation (doc.ents)"
     description = "named-entity recognition (hf_ner)"
     input_example = {"text": ["Marta Kowalczyk opened a bakery in Lindenfeld for Brightwater Foods."]}
+    output_columns = {"ents": ("spans", {"label": "string"})}
     corpus_formats = (".conll", ".iob", ".bio")
     demo = Demo(("train.conll", "dev.conll", "test.conll"), {"epochs": 10, "lr": 1e-4, "batch_size": 8},
                 {"dataframe_records": [{"text": "Lena Hartmann joined Brightwater Foods in Lindenfeld last spring."}]})

@@ -26,6 +26,7 @@ class QASpec(TaskSpec):
     input_example = {"text": ["The Lindenfeld bridge was finished in 1894 by the engineer Ada Brenner."],
                      "questions": [["When was the bridge finished?", "Who built the bridge?"]]}
     request_note = " with a `questions` list per row"
+    output_columns = {"answers": ("spans", {"question": "string"})}
     corpus_formats = (".json",)
     demo = Demo(("train.json", "dev.json", "test.json"), {"epochs": 6, "lr": 1e-4, "batch_size": 8, "max_length": 256},
                 {"dataframe_records": [{"text": "The Korvell mill was built in 1887 by Tomas Ekdahl on the river Sarn. "

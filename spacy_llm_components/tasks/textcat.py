@@ -27,6 +27,7 @@ class TextcatSpec(TaskSpec):
     gold_description = "categories (doc.cats)"
     description = "text classification (hf_textcat)"
     input_example = {"text": ["The delivery was quick and the soup was still hot."]}
+    output_columns = {"cats": ("map", {})}
     demo = Demo(("train.csv", "dev.csv", "test.csv"), {"epochs": 8, "lr": 1e-4, "batch_size": 16},
                 {"dataframe_records": [{"text": "Great little hotel, friendly staff and a lovely breakfast."}]})
 

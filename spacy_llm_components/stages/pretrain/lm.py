@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorForLanguageModeling, DataCollatorForWholeWordMask
 
+from ...core.settings import check_settings as check_config
 from ...core.settings import setting
 from ...data import DataError
 from ...models.masked_lm import MaskedLM, load_masked_lm
@@ -43,24 +44,20 @@ class LMDataConfig:
     """How text becomes masked blocks; each is also an option of `sllm pretrain` and `sllm evaluate-lm`."""
 
     max_length: int = setting(256, "block length in word pieces: documents are packed into blocks, and one longer "
-                                   "than a block is split, never truncated (capped by the model)")
-    mlm_probability: float = setting(0.15, "share of word pieces masked")
+                                   "than a block is split, never truncated (capped by the model)", ge=MIN_BLOCK)
+    mlm_probability: float = setting(0.15, "share of word pieces masked", gt=0, lt=1)
     whole_word_mask: bool = setting(False, "mask all pieces of a word together (WordPiece tokenizers such as BERT's)")
     text_unit: str = setting("line", "plain-text files: one document per 'line', or per 'paragraph' (blank-line "
-                                     "separated)")
+                                     "separated)", choices=TEXT_UNITS)
     text_column: str = setting("text", "JSONL field or CSV/TSV column holding the text")
-    seed: int = setting(0, "random seed of the masking")
-    eval_batch_size: int = setting(32, "blocks per forward pass when scoring perplexity")
+    seed: int = setting(0, "random seed of the masking", ge=0)
+    eval_batch_size: int = setting(32, "blocks per forward pass when scoring perplexity", ge=1)
     device: str = setting("auto", "auto, cpu or cuda:N")
 
 
 def check_settings(config: LMDataConfig) -> None:
-    if config.text_unit not in TEXT_UNITS:
-        raise TrainingError(f"--text-unit {config.text_unit!r}: use one of {', '.join(TEXT_UNITS)}")
-    if not 0.0 < config.mlm_probability < 1.0:
-        raise TrainingError(f"--mlm-probability {config.mlm_probability}: use a share between 0 and 1, e.g. 0.15")
-    if config.max_length < MIN_BLOCK:
-        raise TrainingError(f"--max-length {config.max_length}: blocks need at least {MIN_BLOCK} word pieces")
+    """Every setting in its range (`sllm pretrain`'s and `evaluate-lm`'s options have checked them already)."""
+    check_config(config, error=TrainingError)
 
 
 def block_length(lm: MaskedLM, config: LMDataConfig) -> int:

@@ -16,7 +16,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from ...components.pipeline import doc_predictions, make_input_doc
 from ...data.errors import DataError
-from ...tasks import task_spec
+from ...tasks import TASKS, task_spec
 from .tracking import PIPELINE_ARTIFACT
 
 # Request limits of the served model (environment variables override them): a request over a
@@ -123,7 +123,8 @@ def request_docs(nlp, records: List[Dict[str, Any]]) -> Iterator:
 
 
 def model_signature():
-    """Input: `text` and optional `questions` (list of strings); output: cats / ents / answers.
+    """Input: `text` and optional `questions` (list of strings); output: what each task's component
+    records (cats, ents, answers: the specs' `output_columns`), each column optional.
 
     `text` is declared Any, not string: for the `inputs` request format MLflow casts values to the
     declared type before the model sees them, which turns a null into the text "None". The model
@@ -134,11 +135,10 @@ def model_signature():
     span = [Property("text", "string"), Property("start_char", "long"), Property("end_char", "long"),
             Property("score", "double")]
     inputs = Schema([ColSpec(AnyType(), "text"), ColSpec(Array("string"), "questions", required=False)])
-    outputs = Schema([
-        ColSpec(Map("double"), "cats", required=False),
-        ColSpec(Array(Object([*span, Property("label", "string")])), "ents", required=False),
-        ColSpec(Array(Object([*span, Property("question", "string")])), "answers", required=False),
-    ])
+    columns = {name: kind for spec in TASKS.values() for name, kind in spec.output_columns.items()}
+    outputs = Schema([ColSpec(Map("double") if kind == "map" else
+                              Array(Object([*span, *(Property(k, t) for k, t in extra.items())])), name, required=False)
+                      for name, (kind, extra) in columns.items()])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 

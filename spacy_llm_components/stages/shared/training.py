@@ -5,6 +5,7 @@ through torchrun/accelerate) -> a spaCy pipeline folder. Dev evaluations run the
 `nlp.pipe` and its scorers, and pick the best checkpoint by that metric.
 """
 
+import logging
 import math
 import os
 import shutil
@@ -22,7 +23,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from ... import artifacts
 from ...artifacts import CHECKPOINTS, METRICS, LabelInfo, read_labels
 from ...components.pipeline import hf_component
-from ...core.settings import setting
+from ...components.settings import SharedSettings
+from ...core.settings import same_as, setting
 from ...data import DataError
 from ...models.checkpoint import DEFAULT_MODEL
 from ...models.collate import CountingCollator
@@ -44,6 +46,8 @@ from .trainer import (
     world_size,
 )
 
+logger = logging.getLogger("spacy_llm_components")
+
 
 @dataclass
 class FinetuneConfig(TrainerSettings):
@@ -52,8 +56,7 @@ class FinetuneConfig(TrainerSettings):
     base_model: str = setting(DEFAULT_MODEL, "local HF checkpoint folder or hub name to start from")
     patience: Optional[int] = setting(None, "stop early after N evaluations without improvement", ge=1)
     device: str = setting("auto", "auto, cpu or cuda:N (bf16 on CUDA devices that support it)")
-    max_length: Optional[int] = setting(None, "cap on the model input in word pieces (long docs are windowed; "
-                                              "capped by the model's own limit)", ge=8)
+    max_length: Optional[int] = same_as(SharedSettings, "max_length")  # the component's setting
     eval_batch_size: int = setting(64, "nlp.pipe batch size of the dev evaluations", ge=1)
 
 
@@ -198,6 +201,14 @@ def check_prepared(task: str, train: Path, dev: Path, stage: str, whose: str = "
         raise DataError(train.parent / artifacts.LABELS, None,
                         f"the data was prepared for {info.task!r}, not {task!r}" + (f" ({whose})" if whose else ""))
     return info
+
+
+def warn_if_capped(config: FinetuneConfig, pipe) -> None:
+    """Say so when --max-length asks for more word pieces than the model takes (the model's limit rules)."""
+    limit = pipe.checkpoint.max_length
+    if config.max_length and config.max_length > limit:
+        logger.warning("--max-length %d is capped to %d, the longest input %s takes", config.max_length, limit,
+                       pipe.checkpoint.source)
 
 
 def schedule(n_features: int, config: FinetuneConfig) -> Tuple[int, int]:
