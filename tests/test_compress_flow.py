@@ -146,7 +146,7 @@ def test_bad_compress_input_writes_no_version(tiny_pipelines, mlflow_project, tm
         compress("models:/refused/1", str(parts["test"]), ["int8"], max_drop=-1, workdir=str(workdir))
     corpus = parts["corpus"]
     data = {"train": str(corpus / "train.spacy"), "dev": str(corpus / "dev.spacy"), "workdir": str(workdir)}
-    for settings, message in (({"layers": 0}, "--layers 0: the student needs"),
+    for settings, message in (({"layers": 0}, "--layers 0: must be >= 1"),
                               ({"layers": 3}, "--layers 3: the student needs 1 to 2 layers"),
                               ({"keep": "0,2"}, "--keep '0,2': the teacher has 2 layers"),
                               ({"alpha": 1.5}, "--alpha 1.5"), ({"temperature": 0}, "--temperature 0")):

@@ -99,7 +99,7 @@ def test_a_component_setting_out_of_range_is_refused_by_name(ckpts, factory, set
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("--batch-size", "0", "--batch-size 0: must be >= 1"), ("--lr", "-1", "--lr -1.0: must be > 0"),
+    ("--batch-size", "0", "--batch-size 0: must be >= 1"), ("--lr", "-1", "--lr -1.0: must be >= 0"),
     ("--epochs", "0", "--epochs 0.0: must be > 0"), ("--max-length", "4", "--max-length 4: must be >= 8"),
     ("--max-steps", "0", "--max-steps 0: must be -1 or >= 1"), ("--warmup-ratio", "1", "must be >= 0 and < 1"),
 ])

@@ -37,7 +37,7 @@ class TrainerSettings:
     epochs: float = setting(3.0, "training epochs", gt=0)
     max_steps: int = setting(-1, "stop after this many optimizer steps (overrides --epochs)", ge=1, unset=-1)
     batch_size: int = setting(16, "batch size per device", ge=1)
-    lr: float = setting(5e-5, "peak learning rate (linear warmup and decay)", gt=0)
+    lr: float = setting(5e-5, "peak learning rate (linear warmup and decay; 0 trains nothing)", ge=0)
     weight_decay: float = setting(0.01, "AdamW weight decay", ge=0)
     warmup_ratio: float = setting(0.1, "share of steps spent warming up", ge=0, lt=1)
     grad_accum: int = setting(1, "gradient accumulation steps", ge=1)
