@@ -213,3 +213,12 @@ def test_the_inference_check_sees_training_imports():
     code = "import sys, spacy_llm_components.stages.shared.trainer; print('transformers.trainer' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "True"
+
+
+def test_only_models_load_checkpoints():
+    """One way to load a checkpoint: `from_pretrained` is called in models/ only."""
+    calls = [f"{path.relative_to(REPO)}:{node.lineno}" for module, path in SOURCES.items()
+             if not module.startswith(f"{ROOT}.models")
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf8")))
+             if isinstance(node, ast.Attribute) and node.attr == "from_pretrained"]
+    assert not calls, calls

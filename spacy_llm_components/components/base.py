@@ -96,6 +96,7 @@ class HFPipe(TrainablePipe):
         from tokenizers import Tokenizer
 
         self._checkpoint = checkpoint
+        checkpoint.encoder.name = checkpoint.encoder.owner = self.name  # its own encoder, saved with it
         # what inference runs: the checkpoint's model, an int8 copy of it, or an ONNX Runtime session (the
         # float32 weights stay, for to_disk, export and fine-tuning)
         self._model = inference_model(checkpoint.model, quantize=self.quantize, runtime=self.runtime,

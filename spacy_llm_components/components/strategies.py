@@ -16,7 +16,7 @@ them as plain strings ("first", "viterbi", "mean"...), which still resolve.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -37,9 +37,6 @@ class Strategy:
 
     kind = "strategy"
     name: str
-
-    def to_config(self) -> Dict[str, str]:
-        return {f"@{CATEGORY}": self.name}
 
 
 # -- word aggregation -------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Reading a Hugging Face checkpoint: where it is, its config, its fast tokenizer and its safetensors weights.
 
 Safetensors weights only, never `trust_remote_code`, fast tokenizers only (the components need
-character offsets). Errors name the path and the problem. `encoder`, `task_model` and `masked_lm`
-build models from what this module reads; nothing else calls `from_pretrained`.
+character offsets). Errors name the path and the problem. `encoder` and `masked_lm` build models from
+what this module reads; nothing outside `models/` calls `from_pretrained`.
 """
 
 import importlib

@@ -34,10 +34,6 @@ class Encoder:
         return self.model.config
 
     @property
-    def family(self) -> str:
-        return self.model.config.model_type
-
-    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
