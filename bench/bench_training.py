@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from transformers import DataCollatorForTokenClassification  # noqa: E402
 
 from spacy_llm_components.models.checkpoint import DEFAULT_MODEL, resolve_source  # noqa: E402
-from spacy_llm_components.models.collate import CountingCollator  # noqa: E402
+from spacy_llm_components.models.collate import FeatureCollator  # noqa: E402
 from spacy_llm_components.models.devices import precision_for, resolve_device  # noqa: E402
 from spacy_llm_components.stages.finetune import finetune  # noqa: E402
 from spacy_llm_components.stages.prepare import prepare  # noqa: E402
@@ -71,16 +71,27 @@ def plain_trainer(steps: int, batch: int, lr: float, group_by_length: bool) -> d
             labels.append(-100 if wid is None or wid == previous else tag_id[tags[wid]])
             previous = wid
         features.append({"input_ids": enc["input_ids"], "token_type_ids": enc["token_type_ids"], "labels": labels})
-    collator = CountingCollator(DataCollatorForTokenClassification(tokenizer), tokenizer)
+    collator = FeatureCollator(DataCollatorForTokenClassification(tokenizer), tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
                                  warmup_ratio=0.1, weight_decay=0.01, save_strategy="no", eval_strategy="no",
                                  logging_steps=50, report_to="none", use_cpu=DEVICE.type == "cpu",
                                  bf16=PRECISION == "bf16", fp16=PRECISION == "fp16",
                                  group_by_length=group_by_length, seed=0, data_seed=0, disable_tqdm=True)
-        out = Trainer(model=model, args=args, train_dataset=features, data_collator=collator).train()
+        trainer = PiecesCounted(model=model, args=args, train_dataset=features, data_collator=collator)
+        out = trainer.train()
     seconds = out.metrics["train_runtime"]
-    return {"seconds": seconds, "word_pieces": collator.word_pieces, "word_pieces_per_second": collator.word_pieces / seconds}
+    return {"seconds": seconds, "word_pieces": trainer.pieces, "word_pieces_per_second": trainer.pieces / seconds}
+
+
+class PiecesCounted(Trainer):
+    """The plain Trainer, counting the real (unpadded) word pieces it trains on, as sllm finetune does."""
+
+    pieces = 0
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.pieces += int(inputs["attention_mask"].sum())
+        return super().training_step(model, inputs, *args, **kwargs)
 
 
 def ours(steps: int, batch: int, lr: float) -> dict:

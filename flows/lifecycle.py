@@ -28,7 +28,8 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
                    label_sep: Optional[str] = None, pretrain_corpus: Optional[List[str]] = None,
                    pretrain_dev: Optional[List[str]] = None, pretrain_config: Optional[Dict[str, Any]] = None,
                    progress: bool = True, compress_methods: Optional[List[str]] = None,
-                   max_drop: float = 0.5, distill_config: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   max_drop: float = 0.5, distill_config: Optional[Dict[str, Any]] = None,
+                   strict: bool = False) -> Dict[str, Any]:
     """prepare -> (pretrain ->) finetune -> evaluate (on `test`, else the dev split) -> register (-> promote)
     (-> compress: `compress_methods` variants of the new version, gated on `max_drop` points).
     With a `pretrain_corpus`, the fine-tune's base model is first pre-trained on it, and the fine-tune
@@ -52,8 +53,8 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
             base = FinetuneConfig(**(finetune_config or {})).base_model
             check_distill_config(DistillConfig(**(distill_config or {})), peek_config(base).get("num_hidden_layers"))
     root = Path(workdir) if workdir else project_dir() / "training" / name
-    prepared = prepare_data(task, train, str(root / "corpus"), dev=dev, text_column=text_column,
-                            label_column=label_column, label_sep=label_sep)
+    read = dict(text_column=text_column, label_column=label_column, label_sep=label_sep, strict=strict)
+    prepared = prepare_data(task, train, str(root / "corpus"), dev=dev, **read)
     finetune_config = dict(finetune_config or {})
     encoder = None
     if pretrain_corpus:
@@ -63,7 +64,7 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
         finetune_config["base_model"] = encoder["encoder"]
     tuned = finetune(task, prepared["train"], prepared["dev"], str(root / "model"), config=finetune_config,
                      data_summary=prepared["summary"], progress=progress)
-    scored = evaluate(tuned["pipeline"], test or prepared["dev"], str(root / "evaluation"), name=name)
+    scored = evaluate(tuned["pipeline"], test or prepared["dev"], str(root / "evaluation"), name=name, **read)
     version = register(tuned["pipeline"], name, metrics=scored["metrics_file"])
     result = {"name": name, "version": version["version"], "uri": version["uri"], "task": task,
               "primary": scored["primary"], "score": scored["score"], "scores": scored["scores"],

@@ -88,22 +88,29 @@ def prepare_task(task_name: str, train: List[str], dev: Optional[str], output: s
                  input_sha256: List[str], code_version: str) -> Dict[str, Any]:
     prepared = prepare(task_name, [Path(p) for p in train], Path(output), dev=Path(dev) if dev else None,
                        dev_fraction=options["dev_fraction"], seed=options["seed"], lang=options["lang"],
-                       options=ReadOptions(options["text_column"], options["label_column"], options["label_sep"]))
+                       options=read_options(options))
     out = Path(prepared.output)
     return {"output": str(out), "train": str(out / "train.spacy"), "dev": str(out / "dev.spacy"),
             "content_hash": prepared.summary["content_hash"], "summary": prepared.summary,
             "files": output_hashes(out / "train.spacy", out / "dev.spacy")}
 
 
+def read_options(options: Dict[str, Any]) -> ReadOptions:
+    """The readers' options among a flow's (columns, label separator, strict tag schemes)."""
+    return ReadOptions(options.get("text_column", "text"), options.get("label_column", "label"),
+                       options.get("label_sep"), bool(options.get("strict", False)))
+
+
 @flow(name="prepare-data")
 def prepare_data(task: str, train: List[str], output: str, dev: Optional[str] = None, dev_fraction: float = 0.1,
                  seed: int = 0, lang: str = "en", text_column: str = "text", label_column: str = "label",
-                 label_sep: Optional[str] = None) -> Dict[str, Any]:
-    """Read labelled files (CoNLL / CSV / TSV / JSONL / SQuAD) into train.spacy and dev.spacy."""
+                 label_sep: Optional[str] = None, strict: bool = False) -> Dict[str, Any]:
+    """Read labelled files (CoNLL / CSV / TSV / JSONL / SQuAD) into train.spacy and dev.spacy; with
+    `strict`, CoNLL tag sequences that break their scheme are errors instead of repaired."""
     train = [existing_file(p) for p in train]
     dev = existing_file(dev)
     options = dict(dev_fraction=dev_fraction, seed=seed, lang=lang, text_column=text_column,
-                   label_column=label_column, label_sep=label_sep)
+                   label_column=label_column, label_sep=label_sep, strict=strict)
     return cached(prepare_task, task_name=task, train=train, dev=dev, output=str(Path(output).resolve()),
                    options=options, input_sha256=[sha256_file(Path(p)) for p in train + ([dev] if dev else [])])
 
@@ -170,8 +177,8 @@ def finetune(task: str, train: str, dev: str, output: str, config: Optional[Dict
 
 @task(name="evaluate", cache_policy=CACHE, **RETRIES)
 def evaluate_task(pipeline: str, test: str, output: str, pipeline_sha256: str, test_sha256: str,
-                  code_version: str) -> Dict[str, Any]:
-    result = evaluate_pipeline(pipeline, test, output)
+                  code_version: str, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    result = evaluate_pipeline(pipeline, test, output, options=read_options(options or {}))
     run_id = tracking.log_evaluation(output)
     return {"output": output, "metrics_file": str(Path(output) / METRICS), "task": result.task,
             "primary": result.primary, "score": result.primary_score, "scores": result.scores,
@@ -181,11 +188,14 @@ def evaluate_task(pipeline: str, test: str, output: str, pipeline_sha256: str, t
 
 
 @flow(name="evaluate")
-def evaluate(pipeline: str, test: str, output: str, name: Optional[str] = None) -> Dict[str, Any]:
-    """Score a pipeline on test data; publish the per-label table and the report as artifacts."""
+def evaluate(pipeline: str, test: str, output: str, name: Optional[str] = None, text_column: str = "text",
+             label_column: str = "label", label_sep: Optional[str] = None, strict: bool = False) -> Dict[str, Any]:
+    """Score a pipeline on test data (read with the same options as its training data); publish the
+    per-label table and the report as artifacts."""
     pipeline, test, output = str(Path(pipeline).resolve()), existing_file(test), str(Path(output).resolve())
+    options = dict(text_column=text_column, label_column=label_column, label_sep=label_sep, strict=strict)
     result = cached(evaluate_task, pipeline=pipeline, test=test, output=output,
-                     pipeline_sha256=sha256_tree(Path(pipeline)), test_sha256=sha256_file(Path(test)))
+                    pipeline_sha256=sha256_tree(Path(pipeline)), test_sha256=sha256_file(Path(test)), options=options)
     key = artifact_key(f"{name or Path(pipeline).name}-{result['task']}")
     create_table_artifact(result["per_label"], key=f"{key}-metrics",
                           description=f"{result['task']} evaluation of {pipeline} on {test}")

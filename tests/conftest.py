@@ -216,3 +216,42 @@ def model_inputs(pipe) -> list:
 
     pipe.checkpoint.model.register_forward_hook(record, with_kwargs=True)
     return seen
+
+
+@pytest.fixture
+def trainer_steps(monkeypatch) -> list:
+    """(step, learning rate) of every optimizer step a Hugging Face Trainer runs in this process from now on
+    (gradient accumulation 1): what only a real resume changes, as the final weights cannot tell."""
+    from transformers import Trainer
+
+    seen: list = []
+    original = Trainer.training_step
+
+    def counting(self, model, inputs, *args, **kwargs):
+        seen.append((self.state.global_step + 1, float(self.lr_scheduler.get_last_lr()[0])))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", counting)
+    return seen
+
+
+def assert_same_steps(got: list, want: list) -> None:
+    """The same optimizer steps (`trainer_steps` entries), at the same learning rates."""
+    assert [step for step, _ in got] == [step for step, _ in want], (got, want)
+    assert [lr for _, lr in got] == pytest.approx([lr for _, lr in want], rel=1e-6), (got, want)
+
+
+def store_state(project: Path) -> dict:
+    """What an MLflow project holds: registered models and their versions, runs per experiment, and the
+    artifact files: compared before and after an operation that must write nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from spacy_llm_components.stages.shared.tracking import use_tracking
+
+    client = MlflowClient(use_tracking())
+    models = {m.name: sorted(str(v.version) for v in client.search_model_versions(f"name = '{m.name}'"))
+              for m in client.search_registered_models()}
+    runs = {e.name: len(client.search_runs([e.experiment_id])) for e in client.search_experiments()}
+    files = sorted(str(p.relative_to(project)) for p in project.rglob("*")
+                   if p.is_file() and "mlartifacts" in p.parts)
+    return {"models": models, "runs": runs, "artifacts": files}

@@ -41,7 +41,9 @@ def test_snapped_spans_lie_on_token_boundaries_and_cover_the_span(data):
         return
     first, last = snapped
     assert (first, last) == (overlapping[0], overlapping[-1] + 1)
-    assert starts[first] <= start or starts[first] > start and first == overlapping[0]
+    # the tokens just outside the result do not touch the span: snapping neither stops short nor overshoots
+    assert first == 0 or not (spans[first - 1][0] < end and spans[first - 1][1] > start)
+    assert last == len(spans) or not (spans[last][0] < end and spans[last][1] > start)
     # every token of the result overlaps the span: nothing extra, nothing lost
     assert all(spans[i][0] < end and spans[i][1] > start for i in range(first, last))
 

@@ -72,7 +72,7 @@ def test_hub_name_without_network_is_a_clear_error():
         load_checkpoint("some-org/no-such-model", "token")
 
 
-def test_device_and_dtype_rules():
+def test_device_and_dtype_rules(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == (torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
     with pytest.raises(ValueError, match="float16.*CUDA"):
@@ -80,9 +80,11 @@ def test_device_and_dtype_rules():
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="use 'auto'"):
         resolve_device("tpu")
-    if not torch.cuda.is_available():
+    with monkeypatch.context() as m:  # on a machine without a GPU (whatever this one has)
+        m.setattr(torch.cuda, "is_available", lambda: False)
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda:0")
+        assert resolve_device("auto") == torch.device("cpu")
 
 
 def test_save_writes_a_plain_safetensors_folder(ckpts, tmp_path):

@@ -290,3 +290,41 @@ def test_an_interrupted_training_command_says_how_to_resume(tmp_path, monkeypatc
             "distill": ["distill", tmp_path, "--train", "t.spacy", "--dev", "d.spacy", "-o", out]}[command]
     result = invoke(*args, "--no-track", code=130)
     assert f"--resume (checkpoints in {out}/checkpoints)" in result.output
+
+
+@pytest.mark.slow
+def test_the_prefect_ui_on_another_port_calls_the_api_on_that_port(tmp_path):
+    """`sllm ui prefect --port P`: the UI's settings (what the browser asks for first) point at P's API,
+    not at the default 4200, where nothing listens."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    proc = subprocess.Popen([sys.executable, "-m", "spacy_llm_components.cli", "ui", "prefect", "--port", str(port)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, settings = time.monotonic() + 120, None
+        while settings is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "the Prefect server did not start"
+            try:
+                settings = requests.get(f"http://127.0.0.1:{port}/ui-settings", timeout=2).json()
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
+        assert requests.get(f"{settings['api_url']}/health", timeout=5).json() is True
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

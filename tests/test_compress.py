@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import spacy
 import torch
-from conftest import NER_TAGS, demo_files, make_ckpt
+from conftest import NER_TAGS, assert_same_steps, demo_files, make_ckpt
 from safetensors.numpy import load_file
 from transformers import BertForTokenClassification, TrainerCallback
 from typer.testing import CliRunner
@@ -213,6 +213,31 @@ def test_onnxruntime_int8_runs_int8_operators_close_to_float32(teachers, tmp_pat
     fp32 = scores_of(predictions(spacy.load(source), "textcat"))
     int8 = scores_of(predictions(reloaded, "textcat"))
     assert not np.array_equal(int8, fp32) and np.abs(int8 - fp32).max() < 0.05
+    # the references, on the same texts: ONNX Runtime's own int8 quantization of transformers' model
+    # exported on its own, and PyTorch's dynamic int8 (the other int8 path, within the same noise of fp32)
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = next(source.glob("*/model"))
+    raw, tokenizer = AutoModelForSequenceClassification.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    torch.onnx.export(raw, (), str(tmp_path / "raw.onnx"), kwargs={n: torch.ones(1, 8, dtype=torch.long) for n in names},
+                      input_names=names, output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "b", 1: "s"} for n in names})
+    quantize_dynamic(str(tmp_path / "raw.onnx"), str(tmp_path / "raw-int8.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=True)
+    session = ort.InferenceSession(str(tmp_path / "raw-int8.onnx"), providers=["CPUExecutionProvider"])
+    labels = [raw.config.id2label[i] for i in range(raw.config.num_labels)]
+    torch_int8 = spacy.load(source, config={"components": {"textcat": {"quantize": "int8", "device": "cpu"}}})
+    for text in TEXTS:
+        feed = {k: v.astype(np.int64) for k, v in tokenizer(text, return_tensors="np").items() if k in names}
+        logits = session.run(["logits"], feed)[0][0]
+        want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        got = reloaded(text).cats
+        np.testing.assert_allclose([got[label] for label in labels], want, atol=2e-3, err_msg=text)
+        pytorch_int8 = torch_int8(text).cats
+        assert max(abs(got[label] - pytorch_int8[label]) for label in labels) < 0.05
 
 
 def test_onnxruntime_setting_is_checked_when_the_component_is_made(ckpts, monkeypatch):
@@ -444,11 +469,12 @@ class _Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_distillation_resumes_to_the_uninterrupted_weights(teachers, tmp_path):
+def test_distillation_resumes_to_the_uninterrupted_weights(teachers, tmp_path, trainer_steps):
     parts = teachers["ner"]
-    settings = config(max_steps=6, eval_steps=2, batch_size=4)
+    settings = config(max_steps=6, eval_steps=2, batch_size=4, warmup_ratio=0.5)  # (a learning rate that moves)
     distill(parts["pipeline"], parts["train"], parts["dev"], tmp_path / "straight", settings, DistillConfig(layers=2),
             progress=False)
+    straight_steps = list(trainer_steps)
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         distill(parts["pipeline"], parts["train"], parts["dev"], out, settings, DistillConfig(layers=2),
@@ -462,16 +488,18 @@ def test_distillation_resumes_to_the_uninterrupted_weights(teachers, tmp_path):
     with pytest.raises(FinetuneError, match="another distill_loss"):  # nor another loss
         distill(parts["pipeline"], parts["train"], parts["dev"], out, settings, DistillConfig(layers=2, alpha=0.9),
                 resume=True, progress=False)
+    trainer_steps.clear()
     result = distill(parts["pipeline"], parts["train"], parts["dev"], out, settings, DistillConfig(layers=2),
                      resume=True, progress=False)
     assert result.steps == 6 and result.resumed_from == 2
+    assert_same_steps(trainer_steps, straight_steps[2:])  # only steps 3 to 6 ran, at their learning rates
     straight, resumed = weights(tmp_path / "straight"), weights(out)
     for name in straight:
         np.testing.assert_allclose(resumed[name], straight[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 # -- bad input ---------------------------------------------------------------------------------------
-def test_bad_distillation_input_fails_before_writing(teachers, tmp_path):
+def test_bad_distillation_input_fails_before_writing(teachers, tmp_path, monkeypatch):
     ner, textcat = teachers["ner"], teachers["textcat"]
     other = tmp_path / "other.conll"
     other.write_text("Lena B-MISC\nHartmann I-MISC\nsang O\n\nTomas B-MISC\nsang O\n")
@@ -510,7 +538,8 @@ def test_bad_distillation_input_fails_before_writing(teachers, tmp_path):
                                       str(ner["dev"]), "-o", str(tmp_path / "out"), "--layers", "9", "--no-track"])
     assert result.exit_code == 2 and "--layers 9: the student needs 1 to 4 layers" in result.output
     assert not (tmp_path / "out").exists()
-    if not torch.cuda.is_available():  # --gpu-id is honoured: a GPU this machine lacks is named
+    with monkeypatch.context() as m:  # --gpu-id is honoured: a GPU the machine lacks is named (whatever it has)
+        m.setattr(torch.cuda, "is_available", lambda: False)
         result = CliRunner().invoke(app, ["distill", str(ner["pipeline"]), "--train", str(ner["train"]), "--dev",
                                           str(ner["dev"]), "-o", str(tmp_path / "out"), "--gpu-id", "0", "--no-track"])
         assert result.exit_code == 2 and "device 'cuda:0': no CUDA device" in result.output, result.output

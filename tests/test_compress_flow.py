@@ -126,7 +126,7 @@ def test_the_gate_moves_the_alias_only_within_max_drop(tiny_pipelines, mlflow_pr
         registry.gate_variant("gated", "1", "int8", max_drop=0.5)
 
 
-def test_bad_compress_input_writes_no_version(tiny_pipelines, mlflow_project, tmp_path):
+def test_bad_compress_input_writes_no_version(tiny_pipelines, mlflow_project, tmp_path, monkeypatch):
     parts = tiny_pipelines["ner"]
     registry.register(parts["pipeline"], "refused", metrics=parts["evaluation"] / "metrics.json")
     workdir = tmp_path / "work"
@@ -153,7 +153,8 @@ def test_bad_compress_input_writes_no_version(tiny_pipelines, mlflow_project, tm
         # int8 is listed first: the distillation settings are refused before any variant is made
         with pytest.raises(CompressError, match=message):
             compress("models:/refused/1", str(parts["test"]), ["int8", "distill"], distill_config=settings, **data)
-    if not torch.cuda.is_available():  # distillation's device is checked before any variant too
+    with monkeypatch.context() as m:  # distillation's device is checked before any variant too (on a machine
+        m.setattr(torch.cuda, "is_available", lambda: False)  # without a GPU, whatever this one has)
         with pytest.raises(ValueError, match="device 'cuda:0': no CUDA device"):
             compress("models:/refused/1", str(parts["test"]), ["int8", "distill"],
                      finetune_config={**TRAINING, "device": "cuda:0"}, **data)

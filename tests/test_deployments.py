@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import assert_same_predictions, in_process_predictions
 from mlflow.tracking import MlflowClient
+
+from spacy_llm_components.artifacts import sha256_tree
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,10 +141,24 @@ def test_a_deployed_run_trains_registers_and_promotes(deployed, ckpts):
     assert (folder / "training" / "ner-model" / "evaluation" / "metrics.json").is_file()
 
 
-def test_a_deployed_run_on_a_missing_file_fails_naming_it(deployed):
+def test_a_deployed_run_on_a_missing_file_fails_naming_it_and_writes_nothing(deployed):
+    folder, _ = deployed
+
+    def written():  # the project's outputs and its registry, as files with sizes and times, and versions
+        files = {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+                 for p in folder.rglob("*") if p.is_file() and p.parts[len(folder.parts)] in ("training", "mlartifacts")}
+        versions = []
+        if (folder / "mlflow.db").exists():
+            client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+            versions = sorted((v.name, str(v.version)) for m in client.search_registered_models()
+                              for v in client.search_model_versions(f"name = '{m.name}'"))
+        return files, versions
+
+    before = written()
     run = _run(deployed, "train-pipeline/nightly-ner", {"train": ["demo/ner/no-such-file.conll"]})
     assert run["state"]["type"] == "FAILED"
     assert "no-such-file.conll" in run["state"]["message"] and "does not exist" in run["state"]["message"]
+    assert written() == before
 
 
 def test_the_annotation_deployment_uses_the_champion(deployed):
@@ -154,3 +171,10 @@ def test_the_annotation_deployment_uses_the_champion(deployed):
     lines = [json.loads(line) for shard in sorted((folder / "annotated" / "ner-model").glob("shard-*.jsonl"))
              for line in shard.read_text().splitlines()]
     assert len(lines) == 5 and all("ents" in line for line in lines)
+    # what the champion predicts, loaded here from the folder it was registered from
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias("ner-model", "champion")
+    records = [{"text": line["text"]} for line in lines]
+    want = in_process_predictions(folder / "training" / "ner-model" / "model", records)
+    assert champion.tags["pipeline_sha256"] == sha256_tree(folder / "training" / "ner-model" / "model")
+    assert_same_predictions([{"ents": line["ents"]} for line in lines], want)

@@ -159,7 +159,7 @@ def test_bad_input_is_not_retried(tmp_path, mlflow_project):
     assert not (tmp_path / "corpus").exists()
 
 
-def test_a_killed_finetune_resumes_from_its_checkpoint(ckpts, mlflow_project, tmp_path):
+def test_a_killed_finetune_resumes_from_its_checkpoint(ckpts, mlflow_project, tmp_path, trainer_steps):
     """A real kill (SIGKILL of `sllm run` mid-training), then the same run again."""
     train, dev, _ = demo_files("ner")
     workdir = tmp_path / "work"
@@ -187,6 +187,8 @@ def test_a_killed_finetune_resumes_from_its_checkpoint(ckpts, mlflow_project, tm
                                                        "eval_steps": 5, "batch_size": 4})
     training = json.loads((workdir / "model" / "metrics.json").read_text())["training"]
     assert training["resumed_from"] >= 5 and training["steps"] == 300
+    # this process ran only the steps after the checkpoint the killed one left
+    assert [step for step, _ in trainer_steps] == list(range(training["resumed_from"] + 1, 301))
     assert result["version"] == "1"
 
 
@@ -334,6 +336,28 @@ def test_run_command_reports_bad_input_and_writes_nothing(mlflow_project, tmp_pa
     assert not (tmp_path / "work" / "corpus").exists()
 
 
+def test_run_strict_refuses_broken_tag_sequences_and_the_lenient_run_warns(mlflow_project, tmp_path, caplog):
+    """`sllm run --strict` refuses a CoNLL sequence that breaks its scheme before any step writes; without
+    it, preparing warns with the file, the count and the line of each repair (summary.json lists them all)."""
+    from test_cli import IOB2_BROKEN
+    from typer.testing import CliRunner
+
+    from spacy_llm_components.cli import app
+    from spacy_llm_components.stages.prepare import prepare
+
+    train = tmp_path / "train.conll"
+    train.write_text(IOB2_BROKEN)
+    (tmp_path / "dev.conll").write_text("Oslo B-LOC\n")
+    result = CliRunner().invoke(app, ["run", "ner", "--train", str(train), "--dev", str(tmp_path / "dev.conll"),
+                                      "--name", "strict", "--workdir", str(tmp_path / "work"), "--strict"])
+    assert result.exit_code == 2, result.output
+    assert f"{train}, line 5: 'I-PER' after 'B-ORG' breaks IOB2 (--strict refuses it)" in result.output
+    assert not (tmp_path / "work" / "corpus").exists()
+    with caplog.at_level("WARNING", logger="spacy_llm_components"):
+        prepare("ner", train, tmp_path / "lenient", dev=tmp_path / "dev.conll")
+    assert f"{train}: 1 tag sequence(s) broke their scheme" in caplog.text and "line 5: 'I-PER' after" in caplog.text
+
+
 def test_sllm_annotate_writes_what_the_pipeline_predicts(tiny_pipelines, mlflow_project, tmp_path):
     from conftest import assert_same_predictions, in_process_predictions
     from typer.testing import CliRunner
@@ -366,7 +390,7 @@ def test_sllm_run_with_promote_registers_and_makes_the_champion(ckpts, mlflow_pr
     assert result.exit_code == 0, result.output
     score = json.loads((tmp_path / "work" / "evaluation" / "metrics.json").read_text())["scores"]["cats_score"]
     assert f"cli-run version 1: cats_score {100 * score:.2f}" in result.output
-    assert "promotion: no champion yet" in result.output
+    assert "promotion: there was no champion" in result.output
     client = MlflowClient(tracking.use_tracking())
     assert str(client.get_model_version_by_alias("cli-run", "champion").version) == "1"
 
@@ -414,3 +438,28 @@ def test_train_pipeline_pretrains_the_encoder_first_and_caches_it(ckpts, mlflow_
     corpus.write_text(corpus.read_text() + "Brightwater Foods opened a mill in Lindenfeld .\n")  # new domain text
     changed = lifecycle.train_pipeline(**params)
     assert len(_runs("pretrain")) == 2 and len(_runs("finetune")) == 2 and changed["version"] != first["version"]
+
+
+@pytest.mark.slow
+def test_the_demo_reports_what_the_registry_holds_and_its_progress(ckpts, mlflow_project):
+    """`sllm demo` (one task, two training steps on the tiny base): each stage line says where the run is,
+    and the summary names the champion and its score as the registry has them after the promotion."""
+    import socket
+
+    from spacy_llm_components.cli.demo import run_demo
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lines = []
+    results = run_demo(port, echo=lines.append, tasks=["textcat"],
+                       overrides={"base_model": str(ckpts["base"]), "max_steps": 2, "epochs": 1})
+    text = "\n".join(lines)
+    from spacy_llm_components.stages.shared.references import version_by_alias
+
+    champion = version_by_alias("demo-textcat", "champion")
+    assert str(champion.version) == str(results["textcat"]["version"]) == "1"
+    score = 100 * float(champion.tags["primary_value"])
+    assert f"promoted (there was no champion); champion: version 1, cats_score {score:.1f}" in text
+    assert "=== textcat (1 of 1)" in text and "textcat took " in text and "next: serving the champions" in text
+    assert '"cats"' in text  # the served champion answered

@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 import spacy
 import torch
+from conftest import minilm_path
 from spacy.tokens import DocBin
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 from spacy_llm_components import export_hf
 from spacy_llm_components.cli import app
+from spacy_llm_components.components.pipeline import hf_component
+from spacy_llm_components.core.decode import tags_for_types
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "Angela Merkel visited Paris. Was the visit long? It was short."
@@ -150,12 +153,24 @@ def test_spacy_assemble_the_shipped_configs_on_the_real_minilm(tmp_path, name, p
     doc = nlp.make_doc("Angela Merkel visited Paris. It rained.")
     doc._.questions = ["Who visited Paris?"]
     doc = nlp(doc)
+    pipe = hf_component(nlp)
     checks = {
-        "ents": lambda: all(e.label_ in {"PER", "LOC", "ORG", "MISC"} for e in doc.ents),
-        "cats": lambda: set(doc.cats) == {"negative", "positive"},
+        "ents": lambda: (pipe.checkpoint.id2label == tags_for_types(["PER", "LOC", "ORG", "MISC"], "IOB2")
+                         and all(e.label_ in {"PER", "LOC", "ORG", "MISC"} for e in doc.ents)),
+        "cats": lambda: pipe.labels == ["negative", "positive"] and set(doc.cats) == {"negative", "positive"}
+                        and sum(doc.cats.values()) == pytest.approx(1.0) and nlp.pipe_names == ["sentencizer", name],
         "answers": lambda: [s._.question for s in doc.spans["answers"]] == ["Who visited Paris?"],
     }
     assert checks[probe]()
+    # the new head sits on MiniLM's own encoder weights, unchanged, and its model is MiniLM's size
+    from safetensors.numpy import load_file
+
+    minilm = load_file(str(minilm_path() / "model.safetensors"))
+    encoder = {k: v.numpy() for k, v in pipe.checkpoint.encoder.model.state_dict().items()}
+    weights = {k for k in minilm if k != "embeddings.position_ids"  # (a buffer, rebuilt at load)
+               and (probe == "cats" or not k.startswith("pooler."))}  # (only BERT's sequence head reads the pooler)
+    assert encoder.keys() >= weights and all(np.array_equal(encoder[k], minilm[k]) for k in weights if k in encoder)
+    assert pipe.checkpoint.max_length == 512 and pipe.checkpoint.encoder.config.num_hidden_layers == 6
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ from spacy_llm_components.stages.pretrain.lm import (
     heldout_masking,
     masked_batches,
     pack_blocks,
+    perplexity,
     read_documents,
     to_blocks,
 )
@@ -249,7 +250,8 @@ def test_the_encoder_is_a_plain_hf_folder_that_keeps_the_bases_unused_weights(en
                               base["embeddings.word_embeddings.weight"])  # trained
 
 
-def test_pretraining_is_deterministic_and_resumes_as_if_never_interrupted(encoder, ckpts, texts, tmp_path):
+def test_pretraining_is_deterministic_and_resumes_as_if_never_interrupted(encoder, ckpts, texts, tmp_path,
+                                                                          trainer_steps):
     out, result = encoder
     config = tiny(ckpts["base"])
     again = pretrain(texts / "corpus.txt", tmp_path / "again", config, dev=[texts / "dev.txt"], progress=False)
@@ -272,8 +274,10 @@ def test_pretraining_is_deterministic_and_resumes_as_if_never_interrupted(encode
         pretrain(texts / "corpus.txt", interrupted, config, dev=[texts / "dev.txt"], progress=False)
     with pytest.raises(TrainingError, match="another corpus"):
         pretrain(texts / "dev.txt", interrupted, config, dev=[texts / "dev.txt"], resume=True, progress=False)
+    trainer_steps.clear()
     resumed = pretrain(texts / "corpus.txt", interrupted, config, dev=[texts / "dev.txt"], resume=True, progress=False)
     assert resumed.training["resumed_from"] == 16 and resumed.perplexity_before == result.perplexity_before
+    assert [step for step, _ in trainer_steps] == list(range(17, resumed.training["steps"] + 1))
     straight, continued = load_file(str(out / "model.safetensors")), load_file(str(interrupted / "model.safetensors"))
     for name in straight:
         np.testing.assert_allclose(continued[name], straight[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -431,13 +435,19 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(ckpts, texts, tmp_path, c
 
 
 @pytest.mark.slow
-def test_torchrun_pretrains_on_two_cpu_processes(ckpts, texts, tmp_path):
+def test_torchrun_pretrains_on_two_cpu_processes(texts, tmp_path):
+    """Two processes of 4 blocks each train as one process of 8 does (the same weights, within the float
+    noise of summing gradients in another order): each rank trained on its own half of every batch. The
+    control, one process of 4 blocks (what two ranks on the same shard would amount to), ends elsewhere."""
+    base = make_ckpt(tmp_path / "base", "base", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     out = tmp_path / "enc"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    settings = ["--max-length", "32", "--lr", "2e-3", "--max-steps", "6", "--eval-steps", "3", "--warmup-ratio",
+                "0", "--device", "cpu"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "spacy_llm_components.cli", "pretrain", "--corpus", str(texts / "corpus.txt"), "--dev",
-           str(texts / "dev.txt"), "--output", str(out), "--base-model", str(ckpts["base"]), "--max-length", "32",
-           "--batch-size", "4", "--lr", "2e-3", "--max-steps", "6", "--eval-steps", "3", "--device", "cpu", "--no-track"]
+           str(texts / "dev.txt"), "--output", str(out), "--base-model", str(base), "--batch-size", "4",
+           *settings, "--no-track"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -445,5 +455,44 @@ def test_torchrun_pretrains_on_two_cpu_processes(ckpts, texts, tmp_path):
     assert training["world_size"] == 2 and training["steps"] == 6
     assert metrics["perplexity_after"] < metrics["perplexity_before"]
     assert (out / "model.safetensors").is_file() and not (out / "checkpoints").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["enc"]  # both processes' corpus caches are gone
-    shutil.rmtree(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "enc"]  # both processes' corpus caches are gone
+
+    config = dict(base_model=str(base), max_length=32, lr=2e-3, max_steps=6, eval_steps=3, warmup_ratio=0.0,
+                  device="cpu")
+    single = pretrain(texts / "corpus.txt", tmp_path / "single", PretrainConfig(batch_size=8, **config),
+                      dev=[texts / "dev.txt"], progress=False)
+    half = pretrain(texts / "corpus.txt", tmp_path / "half", PretrainConfig(batch_size=4, **config),
+                    dev=[texts / "dev.txt"], progress=False)
+    assert single.training["word_pieces"] == training["word_pieces"]  # the ranks' pieces, summed: the same blocks
+    ddp, one, control = (load_file(str(p / "model.safetensors")) for p in (out, tmp_path / "single", tmp_path / "half"))
+    diff = max(float(np.abs(ddp[k] - one[k]).max()) for k in one if not k.endswith("attention.self.key.bias"))
+    apart = max(float(np.abs(control[k] - one[k]).max()) for k in one)
+    assert diff < 1e-4 < apart, (diff, apart)
+    assert metrics["perplexity_after"] == pytest.approx(single.perplexity_after, rel=1e-3)
+
+
+def test_perplexity_is_exp_of_the_mean_over_every_masked_piece_by_hand(ckpts):
+    """Two batches with 1 and 6 masked pieces: the perplexity is exp(sum of their cross-entropies / 7),
+    computed here from the model's full logits with a plain log-softmax, not a mean of batch means."""
+    lm = load_masked_lm(ckpts["base"], device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for rows, masked in ((1, [(0, 3)]), (2, [(0, 1), (0, 2), (0, 5), (1, 1), (1, 4), (1, 6)])):
+        ids = torch.randint(1000, 2000, (rows, 8), generator=generator)
+        labels = torch.full_like(ids, -100)
+        for r, c in masked:
+            labels[r, c] = ids[r, c]
+            ids[r, c] = lm.tokenizer.mask_token_id
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    total, count, batch_means = 0.0, 0, []
+    with torch.no_grad():
+        for batch in batches:
+            logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            log_probs = logits.log_softmax(-1)
+            picked = [-float(log_probs[r, c, batch["labels"][r, c]]) for r, c in (batch["labels"] != -100).nonzero()]
+            total, count = total + sum(picked), count + len(picked)
+            batch_means.append(sum(picked) / len(picked))
+    result = perplexity(lm.model, batches, torch.device("cpu"))
+    assert result.masked_pieces == 7 and result.blocks == 3
+    assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert abs(math.exp(total / count) - math.exp(sum(batch_means) / 2)) > 1e-3 * math.exp(total / count)

@@ -66,6 +66,11 @@ def test_a_new_evaluation_replaces_the_old_ones_tags_whole(tiny_pipelines, mlflo
 
 
 def test_register_rejects_bad_input(tiny_pipelines, mlflow_project, tmp_path):
+    """Every refusal leaves the MLflow store, the registry and the artifacts as they were."""
+    from conftest import store_state
+
+    registry.register(tiny_pipelines["textcat"]["pipeline"], "x")  # a store with something in it
+    before = store_state(mlflow_project)
     with pytest.raises(ValueError, match="not a spaCy pipeline folder"):
         registry.register(tmp_path, "x")
     bad = tmp_path / "m.json"
@@ -81,6 +86,7 @@ def test_register_rejects_bad_input(tiny_pipelines, mlflow_project, tmp_path):
         registry.register(tiny_pipelines["ner"]["pipeline"], "x", metrics=textcat_metrics)
     with pytest.raises(RegistryError, match="cannot be empty or hold quotes"):
         registry.register(tiny_pipelines["ner"]["pipeline"], "it's")
+    assert store_state(mlflow_project) == before and before["models"] == {"x": ["1"]}
 
 
 def test_promotion_is_gated_on_the_same_evaluation_set(tiny_pipelines, mlflow_project, tmp_path):
@@ -91,7 +97,7 @@ def test_promotion_is_gated_on_the_same_evaluation_set(tiny_pipelines, mlflow_pr
 
     registry.register(ner["pipeline"], "gated", metrics=_metrics(ner["evaluation"], 0.50))
     first = registry.promote("gated")
-    assert first.promoted and first.reason == "no champion yet"
+    assert first.promoted and first.reason == "there was no champion"
     assert str(client.get_model_version_by_alias("gated", "champion").version) == "1"
 
     worse = registry.register(_copy(ner["pipeline"], tmp_path, "worse"), "gated",

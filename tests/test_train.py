@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import spacy
+from conftest import assert_same_steps
 from safetensors.numpy import load_file
 from test_ner import raw_entities
 from transformers import AutoTokenizer, TrainerCallback
@@ -53,12 +54,34 @@ def test_ner_features_label_first_piece_of_each_word(ckpts):
 
 
 def test_ner_features_window_long_docs_like_predict(ckpts):
+    """Training features of a long doc are the windows inference runs (the same pieces, between [CLS] and
+    [SEP]), and each window labels the first piece of every word it holds with the word's gold tag, and
+    nothing else: checked against the raw tokenizer and the window rule, for every window."""
+    from spacy.tokens import Span
+
+    from spacy_llm_components.core.align import window_spans
+
     nlp = build_pipeline("ner", str(ckpts["base"]), settings={"labels": ["PER"], "device": "cpu"})
     pipe = hf_component(nlp)
-    doc = nlp.make_doc(" ".join(["word"] * 150))  # 150 pieces, model input 64
+    words = (["word"] * 9 + ["Schwarzenegger", "Arnold"]) * 12  # 132 words, the names in several pieces
+    doc = spacy.tokens.Doc(nlp.vocab, words=words)
+    doc.ents = [Span(doc, i, i + 2, "PER") for i in range(9, len(words), 11)]
+    tok = AutoTokenizer.from_pretrained(ckpts["base"])
+    encoded = tok(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, word_of = encoded["input_ids"], encoded.word_ids()
+    tag_ids = {tag: i for i, tag in enumerate(pipe.tags)}
+    gold = {}  # the tag of each piece that starts a word
+    for k, w in enumerate(word_of):
+        if k == 0 or word_of[k - 1] != w:
+            token = doc[w]
+            gold[k] = tag_ids["O" if not token.ent_type_ else f"{'B' if token.ent_iob_ == 'B' else 'I'}-PER"]
+    windows = window_spans(len(ids), 64 - 2, pipe.stride)
     features = pipe.features([doc])
-    assert len(features) == len(pipe._windows(150)) > 1
-    assert all(len(f["input_ids"]) <= 64 for f in features)
+    assert len(ids) > len(words) and len(features) == len(windows) > 3
+    for feature, (start, end) in zip(features, windows):
+        assert feature["input_ids"] == [tok.cls_token_id, *ids[start:end], tok.sep_token_id]
+        assert feature["labels"] == [-100, *(gold.get(k, -100) for k in range(start, end)), -100]
+    assert {tag_ids["B-PER"], tag_ids["I-PER"], tag_ids["O"]} <= {label for f in features for label in f["labels"]}
 
 
 def test_qa_features_point_at_the_answer(ckpts):
@@ -126,10 +149,14 @@ def _weights(folder: Path) -> dict:
     return load_file(str(next((folder / "ner" / "model").glob("*.safetensors"))))
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(ner_data, ckpts, tmp_path):
+def test_resume_after_interruption_matches_uninterrupted_run(ner_data, ckpts, tmp_path, trainer_steps):
+    """A resumed run executes only the steps after its checkpoint, at the learning rates the uninterrupted
+    run had there (the scheduler's state), and ends at its weights (the optimizer's state, the data order)."""
     # 6 sentences, batch 4: 2 steps per epoch; checkpoint-3 lies in the middle of the second epoch
     config = tiny_config(base_model=str(ckpts["base"]), max_steps=7, eval_steps=3)
     finetune("ner", ner_data.train, ner_data.dev, tmp_path / "straight", config, progress=False)
+    straight_steps = list(trainer_steps)
+    assert [step for step, _ in straight_steps] == list(range(1, 8))
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         finetune("ner", ner_data.train, ner_data.dev, out, config, progress=False, callbacks=[_Interrupt(5)])
@@ -138,8 +165,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(ner_data, ckpts, tm
     assert last_complete_checkpoint(out / "checkpoints").endswith("checkpoint-3")
     with pytest.raises(FinetuneError, match="holds an interrupted run .* pass --resume"):
         finetune("ner", ner_data.train, ner_data.dev, out, config, progress=False)
+    trainer_steps.clear()
     result = finetune("ner", ner_data.train, ner_data.dev, out, config, resume=True, progress=False)
     assert result.steps == 7
+    assert_same_steps(trainer_steps, straight_steps[3:])  # steps 4 to 7 only, at their learning rates
     straight, resumed = _weights(tmp_path / "straight"), _weights(out)
     for name in straight:
         np.testing.assert_allclose(resumed[name], straight[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -155,6 +184,29 @@ def test_resume_refuses_other_data(ner_data, ckpts, tmp_path):
     other = prepare("ner", ner_data.output / "../train.conll", tmp_path / "other", dev_fraction=0.5, seed=3)
     with pytest.raises(FinetuneError, match="another train"):
         finetune("ner", other.train, ner_data.dev, out, config, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("task", ["textcat", "qa"])
+def test_textcat_and_qa_learn_a_learnable_toy_set(ckpts, tmp_path, task):
+    """The loss falls and the dev score ends above a constant predictor's (textcat: the majority class,
+    0.5; QA: no answer, F1 0): fine-tuning trains the head and the encoder, not only runs."""
+    if task == "textcat":
+        rows = "".join(f"{'good great fine' if i % 2 else 'bad awful poor'} {i},{'pos' if i % 2 else 'neg'}\n"
+                       for i in range(20))
+        (tmp_path / "t.csv").write_text("text,label\n" + rows)
+        data, constant = prepare("textcat", tmp_path / "t.csv", tmp_path / "data"), 0.5
+    else:
+        qas = [{"id": str(i), "question": q, "answers": [{"text": a, "answer_start": s}]}
+               for i, (q, a, s) in enumerate([("Where is the tower?", "Paris", 16), ("What is tall?", "It", 23)])]
+        squad = {"data": [{"title": f"t{k}", "paragraphs": [{"context": "The tower is in Paris. It is tall.",
+                                                             "qas": qas}]} for k in range(4)]}
+        (tmp_path / "s.json").write_text(json.dumps(squad))
+        data, constant = prepare("qa", tmp_path / "s.json", tmp_path / "data", dev_fraction=0.25), 0.0
+    result = finetune(task, data.train, data.dev, tmp_path / "model",
+                      tiny_config(base_model=str(ckpts["base"]), max_steps=60, eval_steps=30, lr=5e-3), progress=False)
+    losses = [e["loss"] for e in result.log if "loss" in e]
+    assert len(losses) >= 2 and losses[-1] < losses[0] / 5, losses
+    assert result.dev_metrics[result.primary] >= constant + 0.5, result.dev_metrics
 
 
 def test_finetune_textcat_and_qa(ckpts, tmp_path):
@@ -207,6 +259,7 @@ def test_finetune_rejects_unprepared_input(ner_data, ckpts, tmp_path):
         finetune("ner", ner_data.output / "../train.conll", ner_data.dev, tmp_path / "m", tiny_config())
     with pytest.raises(DataError, match="prepared for 'ner', not 'textcat'"):
         finetune("textcat", ner_data.train, ner_data.dev, tmp_path / "m", tiny_config())
+    assert not (tmp_path / "m").exists()  # nothing written: no folder, no checkpoints/run.json, no log
 
 
 def test_length_grouped_order_depends_on_seed_and_epoch_only():
@@ -223,3 +276,23 @@ def test_length_grouped_order_depends_on_seed_and_epoch_only():
     assert list(sampler) == first and sorted(first) == list(range(len(lengths)))
     sampler.set_epoch(2)
     assert list(sampler) != first
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(ner_data, ckpts, tmp_path, monkeypatch):
+    """A failure the Trainer finds when it starts (here: its arguments refused) leaves no output folder,
+    no checkpoints/run.json and no log; a run with a checkpoint stays, to be resumed."""
+    from spacy_llm_components.stages.shared import training
+
+    def refused(*args, **kwargs):
+        raise ValueError("--bf16 needs a GPU")
+
+    monkeypatch.setattr(training, "training_arguments", refused)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        finetune("ner", ner_data.train, ner_data.dev, out, tiny_config(base_model=str(ckpts["base"])), progress=False)
+    assert not out.exists()
+    monkeypatch.undo()
+    with pytest.raises(KeyboardInterrupt):  # after its first checkpoint (step 2): resumable, so it stays
+        finetune("ner", ner_data.train, ner_data.dev, out, tiny_config(base_model=str(ckpts["base"])), progress=False,
+                 callbacks=[_Interrupt(3)])
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()

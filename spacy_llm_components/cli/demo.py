@@ -8,37 +8,54 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import requests
 
+from ..stages.registry import CHAMPION
 from ..stages.serve import serve_command, serve_env
+from ..stages.shared.references import version_by_alias
 from ..stages.shared.tracking import project_dir, tracking_uri
+from ..stages.shared.trainer import duration
 from ..tasks import TASKS
 
 DEMO_DATA = Path(__file__).resolve().parents[2] / "demo"
-def run_demo(port: int = 5151, echo: Callable[[str], None] = print) -> Dict[str, dict]:
+
+
+def run_demo(port: int = 5151, echo: Callable[[str], None] = print, *, tasks: Optional[Sequence[str]] = None,
+             overrides: Optional[Dict[str, Any]] = None) -> Dict[str, dict]:
+    """The demo for `tasks` (default: every task), each with its spec's demo settings (and `overrides`,
+    which tests use to train a few steps only)."""
     if not DEMO_DATA.is_dir():
         raise FileNotFoundError(f"{DEMO_DATA}: the demo data is in the repository; run the demo from a clone")
-    # one line per stage is the demo's own output: Prefect's INFO lines and the Trainer's bars would bury it
+    # the demo's own lines and the fine-tuning's progress bar: Prefect's INFO lines would bury them
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from ..flows.lifecycle import train_pipeline
 
-    results = {}
-    for task, spec in TASKS.items():  # (small data: each spec's demo settings train longer than the defaults)
+    chosen = list(tasks or TASKS)
+    results, started = {}, time.perf_counter()
+    for n, task in enumerate(chosen, start=1):  # (small data: each spec's demo settings train longer than defaults)
+        spec = TASKS[task]
         train, dev, test = (str(DEMO_DATA / task / name) for name in spec.demo.files)
-        echo(f"\n=== {task}: prepare, fine-tune, evaluate, register, promote (demo data in {DEMO_DATA / task})")
-        result = train_pipeline(task, [train], f"demo-{task}", dev=dev, test=test, finetune_config=spec.demo.config,
-                                promote_if_better=True, progress=False)
+        echo(f"\n=== {task} ({n} of {len(chosen)}): prepare, fine-tune (its progress below), evaluate, register, "
+             f"promote; demo data in {DEMO_DATA / task}")
+        task_start = time.perf_counter()
+        result = train_pipeline(task, [train], f"demo-{task}", dev=dev, test=test,
+                                finetune_config={**spec.demo.config, **(overrides or {})}, promote_if_better=True,
+                                progress=True)
+        left = ", ".join(chosen[n:]) or "serving the champions"
         echo(f"{result['name']} version {result['version']}: test {result['primary']} {100 * result['score']:.1f}; "
-             f"{result['promotion']['reason']}")
+             f"{'promoted' if result['promotion']['promoted'] else 'not promoted'} ({result['promotion']['reason']}); "
+             f"{champion_line(result['name'])}")
+        echo(f"{task} took {duration(time.perf_counter() - task_start)}, {duration(time.perf_counter() - started)} "
+             f"so far; next: {left}")
         results[task] = result
 
     echo("\n=== serving each champion with `mlflow models serve` and sending one request")
     servers: List[subprocess.Popen] = []
     try:
         urls = {}
-        for i, task in enumerate(TASKS):
+        for i, task in enumerate(chosen):
             args = serve_command(f"models:/demo-{task}@champion", port=port + i)
             servers.append(subprocess.Popen(args, env=serve_env(), stdout=subprocess.DEVNULL,
                                             stderr=subprocess.STDOUT))
@@ -65,6 +82,16 @@ Prefect flow runs and artifacts: {project_dir() / '.prefect'}
   open the Prefect UI: .venv/bin/sllm ui prefect   then http://127.0.0.1:4200
 Serve a champion yourself: .venv/bin/sllm serve demo-ner --port 5000""")
     return results
+
+
+def champion_line(name: str) -> str:
+    """What the registry holds for `name` now: its champion's version and score, read back from it."""
+    champion = version_by_alias(name, CHAMPION)
+    if champion is None:
+        return "no champion"
+    metric, value = champion.tags.get("primary_metric"), champion.tags.get("primary_value")
+    score = f", {metric} {100 * float(value):.1f}" if metric and value else ""
+    return f"champion: version {champion.version}{score}"
 
 
 def wait_until_ready(url: str, server: subprocess.Popen, timeout: float = 180.0) -> None:

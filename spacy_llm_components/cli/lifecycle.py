@@ -13,7 +13,7 @@ from ..data import DataError
 from ..stages.compress import DistillConfig
 from ..stages.pretrain import PretrainConfig
 from ..stages.shared.training import FinetuneConfig
-from .common import LabelColumn, LabelSep, SkipBad, TaskArg, TextColumn, app, check_task, fail, with_settings
+from .common import LabelColumn, LabelSep, SkipBad, Strict, TaskArg, TextColumn, app, check_task, fail, with_settings
 from .compress import Compress, MaxDrop, parse_methods, variant_line
 
 
@@ -90,7 +90,7 @@ def _flow_parameters(task: str, train: List[Path], name: str, dev: Optional[Path
                      label_sep: Optional[str], config: FinetuneConfig, pretrain_corpus: Optional[List[Path]] = None,
                      pretrain_dev: Optional[List[Path]] = None, pretrain_config: Optional[PretrainConfig] = None,
                      compress: Optional[str] = None, max_drop: float = 0.5,
-                     distill_config: Optional[DistillConfig] = None) -> dict:
+                     distill_config: Optional[DistillConfig] = None, strict: bool = False) -> dict:
     """train_pipeline's parameters with absolute paths (a scheduled run starts elsewhere)."""
     absolute = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
     pretraining = {}
@@ -104,7 +104,8 @@ def _flow_parameters(task: str, train: List[Path], name: str, dev: Optional[Path
                 test=absolute(test), workdir=absolute(workdir), finetune_config=asdict(config),
                 promote_if_better=promote, text_column=text_column, label_column=label_column, label_sep=label_sep,
                 compress_methods=parse_methods(compress) if compress else None, max_drop=max_drop,
-                distill_config=asdict(distill_config) if distill_config is not None else None, **pretraining)
+                distill_config=asdict(distill_config) if distill_config is not None else None, strict=strict,
+                **pretraining)
 
 
 PretrainCorpus = typer.Option(None, help="domain text (repeatable; any format `sllm pretrain` reads): pre-train the "
@@ -129,6 +130,7 @@ def run_command(
     text_column: str = TextColumn,
     label_column: str = LabelColumn,
     label_sep: Optional[str] = LabelSep,
+    strict: bool = Strict,
     pretrain_corpus: Optional[List[Path]] = PretrainCorpus,
     pretrain_dev: Optional[List[Path]] = PretrainDev,
     compress: Optional[str] = Compress,
@@ -141,7 +143,7 @@ def run_command(
     and compress). Finished steps are skipped on a re-run with the same inputs; an interrupted fine-tune resumes."""
     params = _flow_parameters(task, train, name, dev, test, workdir, promote, text_column, label_column, label_sep,
                               config, pretrain_corpus, pretrain_dev, pretrain_config, compress, max_drop,
-                              distill_config)
+                              distill_config, strict)
     from ..flows.lifecycle import train_pipeline
 
     try:
@@ -172,6 +174,7 @@ def schedule_command(
     text_column: str = TextColumn,
     label_column: str = LabelColumn,
     label_sep: Optional[str] = LabelSep,
+    strict: bool = Strict,
     pretrain_corpus: Optional[List[Path]] = PretrainCorpus,
     pretrain_dev: Optional[List[Path]] = PretrainDev,
     compress: Optional[str] = Compress,
@@ -192,7 +195,7 @@ def schedule_command(
                         "PREFECT_API_URL=http://127.0.0.1:4200/api"))
     params = _flow_parameters(task, train, name, dev, test, workdir, promote, text_column, label_column, label_sep,
                               config, pretrain_corpus, pretrain_dev, pretrain_config, compress, max_drop,
-                              distill_config)
+                              distill_config, strict)
     from prefect.deployments.runner import EntrypointType
 
     from ..flows.lifecycle import train_pipeline
@@ -243,7 +246,11 @@ def ui_command(
         args = [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking_uri(),
                 "--default-artifact-root", artifact_root().as_uri(), "-h", "127.0.0.1", "-p", str(port or 5000)]
     elif which == "prefect":
-        args = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port or 4200)]
+        port = port or 4200
+        args = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        # the UI calls the API where these say, not on the default port 4200
+        env.update(PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
+                   PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     else:
         fail(ValueError(f"unknown UI {which!r}; use mlflow or prefect"))
     typer.echo(" ".join(args))

@@ -121,6 +121,7 @@ def evaluate_command(
     text_column: str = TextColumn,
     label_column: str = LabelColumn,
     label_sep: Optional[str] = LabelSep,
+    strict: bool = Strict,
     skip_bad: bool = SkipBad,
     track: bool = Track,
 ) -> None:
@@ -128,7 +129,7 @@ def evaluate_command(
     from ..stages.evaluate import evaluate
 
     try:
-        result = evaluate(model, test, output, options=read_options(text_column, label_column, label_sep),
+        result = evaluate(model, test, output, options=read_options(text_column, label_column, label_sep, strict),
                           skip_bad=skip_bad, batch_size=batch_size)
     except (DataError, ValueError) as err:
         fail(err)

@@ -20,7 +20,7 @@ from spacy.util import ensure_path, minibatch
 from thinc.api import Model, Optimizer
 
 from ..models.checkpoint import peek_labels
-from ..models.collate import CountingCollator
+from ..models.collate import FeatureCollator
 from ..models.devices import resolve_device, resolve_dtype
 from ..models.runtimes import check_runtime, inference_model
 from ..models.task_model import TaskCheckpoint, has_head, load_task_checkpoint, save_task_checkpoint
@@ -102,7 +102,7 @@ class HFPipe(TrainablePipe):
         self._model = inference_model(checkpoint.model, quantize=self.quantize, runtime=self.runtime,
                                       input_names=checkpoint.encoder.input_names, output_names=self.output_names)
         # what `spacy train` updates: the checkpoint's model wrapped for thinc (features in, loss out)
-        collate = CountingCollator(self.spec.collator(checkpoint.tokenizer), checkpoint.tokenizer)
+        collate = FeatureCollator(self.spec.collator(checkpoint.tokenizer), checkpoint.tokenizer)
         trainable = self.quantize is None and self.runtime == "torch"
         self.model = (loss_model(checkpoint.model, collate, checkpoint.device, self.mixed_precision)
                       if trainable else None)

@@ -8,6 +8,7 @@ moved into place only when all of them are complete.
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -22,6 +23,8 @@ from ..data.types import Loaded, ReadOptions
 from ..tasks import load_docs, task_spec
 
 FORMAT_VERSION = 1  # bump when the written docs change for the same input
+
+logger = logging.getLogger("spacy_llm_components")
 
 
 @dataclass
@@ -64,6 +67,12 @@ def prepare(
     parts = [load_docs(task, p, nlp, options=options, skip_bad=skip_bad) for p in train_paths]
     if dev is not None:
         parts.append(load_docs(task, dev, nlp, options=options, skip_bad=skip_bad))
+    for part in parts:  # what was read leniently, per file (summary.json lists every place)
+        if part.repairs:
+            first = "; ".join(f"{r.where}: {r.problem}" for r in part.repairs[:3])
+            logger.warning("%s: %d tag sequence(s) broke their scheme and were repaired as conlleval reads them "
+                           "(--strict refuses them): %s%s", part.path, len(part.repairs), first,
+                           "; ..." if len(part.repairs) > 3 else "")
     labels, multi = spec.labels(parts, multi_label)
     train_docs = [doc for part in parts[: len(train_paths)] for doc in part.docs]
     if dev is None:

@@ -198,7 +198,7 @@ def promote(name: str, *, test: Optional[Union[str, Path]] = None,
                     f"{name} versions {champion.version} (champion) and {challenger.version} (challenger) were not "
                     f"evaluated on the same set with the same metric; pass --test FILE to evaluate both on it")
     if champion is None:
-        return _decide(client, name, True, "no champion yet", challenger, None, (metric, ch_score), (metric, None),
+        return _decide(client, name, True, "there was no champion", challenger, None, (metric, ch_score), (metric, None),
                        experiment)
     if ch_score > cp_score:
         return _decide(client, name, True, f"challenger {metric} {ch_score:.4f} > champion {cp_score:.4f}",

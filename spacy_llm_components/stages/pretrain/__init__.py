@@ -29,7 +29,7 @@ from ...artifacts import CHECKPOINTS, METRICS, sha256_file
 from ...core.settings import setting
 from ...data import DataError
 from ...models.checkpoint import DEFAULT_MODEL
-from ...models.collate import CountingCollator
+from ...models.collate import FeatureCollator
 from ...models.devices import precision_for, resolve_device
 from ...models.masked_lm import MaskedLM, load_masked_lm, write_masked_lm
 from ..shared.trainer import (
@@ -41,6 +41,7 @@ from ..shared.trainer import (
     check_resume,
     checkpoint_step,
     duration,
+    nothing_left_unless_resumable,
     start_run,
     training_arguments,
     world_size,
@@ -132,8 +133,11 @@ class KeyedSampler(torch.utils.data.Sampler):
 
 
 class MaskedLMTrainer(TimedTrainer):
-    """A Trainer whose evaluation is the perplexity of the fixed held-out batches, and whose loss computes
-    vocabulary logits for the masked positions only (when the model is not wrapped for several processes)."""
+    """A Trainer whose evaluation is the perplexity of the fixed held-out batches, and whose loss is the mean
+    over every masked piece of the global batch: in one process computed from vocabulary logits of the
+    masked positions only; under torchrun from each process' own forward pass (which synchronises the
+    gradients), weighted by its share of the masked pieces, so that N processes train as one does on the
+    same global batch (a plain mean of the processes' means would weigh a block with few masked pieces more)."""
 
     def __init__(self, *args, heldout: List[Dict[str, torch.Tensor]], **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -144,9 +148,13 @@ class MaskedLMTrainer(TimedTrainer):
         return KeyedSampler(len(self.train_dataset), self.args.data_seed or self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or self.head is None or model is not self.model:
+        if return_outputs or self.head is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        if model is not self.model:  # wrapped for several processes
+            count = (inputs["labels"] != -100).sum()
+            everywhere = self.accelerator.gather(count.reshape(1)).sum().clamp(min=1)
+            return model(**inputs).loss * count * self.accelerator.num_processes / everywhere
         with self.accelerator.autocast():
             total, count = masked_loss_sum(model, self.head, inputs)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -183,11 +191,11 @@ def pretrain(corpus: Union[PathLike, Sequence[PathLike]], output: PathLike, conf
     config = config or PretrainConfig()
     output = Path(output)
     corpus, dev = _paths(corpus), _paths(dev)
-    with corpus_cache(beside=output) as cache, datasets_progress(progress):
+    with corpus_cache(beside=output) as cache, datasets_progress(progress), nothing_left_unless_resumable(output):
         plan = _plan(corpus, dev, config, cache)
         last = check_resume(output, plan.run, resume, same=["corpus_sha256", "dev_sha256"])
         start_run(output, plan.run, last)
-        collator = CountingCollator(BlockMasking(plan.lm, config, derived_seed(config.seed, "train")),
+        collator = FeatureCollator(BlockMasking(plan.lm, config, derived_seed(config.seed, "train")),
                                     plan.lm.tokenizer)
         total_steps = _total_steps(len(plan.train_blocks), config)
         args = training_arguments(
@@ -203,7 +211,7 @@ def pretrain(corpus: Union[PathLike, Sequence[PathLike]], output: PathLike, conf
         with _tied_weights_understood(plan.lm.model):
             train_out = trainer.train(resume_from_checkpoint=last)
     best_step = checkpoint_step(trainer.state.best_model_checkpoint) if trainer.state.best_model_checkpoint else None
-    training = trainer.speed(train_out.metrics.get("train_runtime", 0.0), collator.word_pieces,
+    training = trainer.speed(train_out.metrics.get("train_runtime", 0.0),
                              time.perf_counter() - wall_start, plan.device, precision_for(plan.device), last)
     result = PretrainResult(output, before["eval_perplexity"], float(trainer.state.best_metric), best_step, training,
                             plan.corpus)

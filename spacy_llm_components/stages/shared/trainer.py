@@ -6,10 +6,12 @@ checkpointing out of the throughput, and the rule that one process writes under 
 
 import logging
 import os
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -129,6 +131,20 @@ def check_resume(output: Path, run: Dict[str, Any], resume: bool, same: List[str
     return last
 
 
+@contextmanager
+def nothing_left_unless_resumable(output: Path) -> Iterator[None]:
+    """An output folder this run made is removed again when the run fails before it wrote a complete
+    checkpoint (a bad setting the Trainer finds, a crash in the first steps): nothing half made stays
+    behind. One with a checkpoint stays, to be resumed."""
+    fresh = not output.exists()
+    try:
+        yield
+    except BaseException:
+        if fresh and is_main_process() and not last_complete_checkpoint(output / CHECKPOINTS):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
 def start_run(output: Path, run: Dict[str, Any], resume_from: Optional[str]) -> None:
     """Record the run beside its checkpoints and start (or trim) its log; only then is anything written."""
     if not is_main_process():
@@ -183,6 +199,11 @@ class TimedTrainer(Trainer):
         self.add_callback(BestCheckpointOnEveryRank())
         self.eval_seconds = 0.0
         self.checkpoint_seconds = 0.0
+        self.word_pieces = 0  # the real (unpadded) pieces this process trained on
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        self.word_pieces += int(inputs["attention_mask"].sum())
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def dev_scores(self) -> Dict[str, float]:
         """The model's scores on the stage's dev data (called with the model in eval mode)."""
@@ -229,9 +250,10 @@ class TimedTrainer(Trainer):
         finally:
             self.checkpoint_seconds += time.perf_counter() - start
 
-    def speed(self, train_runtime: float, word_pieces: int, wall_seconds: float, device: torch.device,
-              precision: str, resumed_from: Optional[str]) -> Dict[str, Any]:
-        """The `training` block of metrics.json."""
+    def speed(self, train_runtime: float, wall_seconds: float, device: torch.device, precision: str,
+              resumed_from: Optional[str]) -> Dict[str, Any]:
+        """The `training` block of metrics.json (word pieces summed over the processes)."""
+        word_pieces = sum_over_processes(self.word_pieces, self.args.device)
         train_seconds = max(train_runtime - self.eval_seconds - self.checkpoint_seconds, 0.0)
         return {"steps": self.state.global_step, "wall_seconds": round(wall_seconds, 2),
                 "train_seconds": round(train_seconds, 2), "eval_seconds": round(self.eval_seconds, 2),

@@ -27,7 +27,7 @@ from ...components.settings import SharedSettings
 from ...core.settings import same_as, setting
 from ...data import DataError
 from ...models.checkpoint import DEFAULT_MODEL
-from ...models.collate import CountingCollator
+from ...models.collate import FeatureCollator
 from ...models.devices import precision_for
 from ...tasks import TaskSpec
 from .scoring import score_pipeline
@@ -40,8 +40,8 @@ from .trainer import (
     check_resume,
     checkpoint_step,
     duration,
+    nothing_left_unless_resumable,
     start_run,
-    sum_over_processes,
     training_arguments,
     world_size,
 )
@@ -155,31 +155,31 @@ def train_component(plan: TrainingPlan, output: Path, config: FinetuneConfig, *,
     """Train the plan's pipeline with the Trainer (`trainer_class`, a PipelineTrainer) and write it to
     `output`: what fine-tuning and distillation share (resume, schedule, callbacks, best checkpoint,
     outputs)."""
-    last = check_resume(output, plan.run, resume, same=list(plan.resume_keys))
-    start_run(output, plan.run, last)
+    with nothing_left_unless_resumable(output):  # a run that fails before its first checkpoint leaves nothing
+        last = check_resume(output, plan.run, resume, same=list(plan.resume_keys))
+        start_run(output, plan.run, last)
 
-    pipe = hf_component(plan.nlp)
-    collator = CountingCollator(plan.spec.collator(pipe.checkpoint.tokenizer), pipe.checkpoint.tokenizer)
-    trainer_callbacks: List[TrainerCallback] = [EvaluateAtEnd(), JsonlLog(output), *callbacks]
-    if config.patience:
-        trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.patience))
-    args = training_arguments(
-        output, config, device=plan.device, eval_steps=plan.eval_steps, metric=plan.spec.primary,
-        greater_is_better=True, progress=progress, group_by_length=True)  # (in the seeded order of PipelineTrainer's sampler)
-    trainer = (trainer_class or PipelineTrainer)(
-        model=pipe.checkpoint.model, args=args, train_dataset=plan.features,
-        eval_dataset=plan.features[:1],  # required by the Trainer; evaluation runs the pipeline on dev_docs
-        data_collator=collator, callbacks=trainer_callbacks, nlp=plan.nlp, dev_docs=plan.dev_docs,
-        eval_batch_size=config.eval_batch_size, **(trainer_kwargs or {}))
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log dict
-    train_out = trainer.train(resume_from_checkpoint=last)
+        pipe = hf_component(plan.nlp)
+        collator = FeatureCollator(plan.spec.collator(pipe.checkpoint.tokenizer), pipe.checkpoint.tokenizer)
+        trainer_callbacks: List[TrainerCallback] = [EvaluateAtEnd(), JsonlLog(output), *callbacks]
+        if config.patience:
+            trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.patience))
+        args = training_arguments(
+            output, config, device=plan.device, eval_steps=plan.eval_steps, metric=plan.spec.primary,
+            greater_is_better=True, progress=progress, group_by_length=True)  # (in the seeded order of PipelineTrainer's sampler)
+        trainer = (trainer_class or PipelineTrainer)(
+            model=pipe.checkpoint.model, args=args, train_dataset=plan.features,
+            eval_dataset=plan.features[:1],  # required by the Trainer; evaluation runs the pipeline on dev_docs
+            data_collator=collator, callbacks=trainer_callbacks, nlp=plan.nlp, dev_docs=plan.dev_docs,
+            eval_batch_size=config.eval_batch_size, **(trainer_kwargs or {}))
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log dict
+        train_out = trainer.train(resume_from_checkpoint=last)
     pipe.checkpoint.model.to(plan.device).eval()
     barrier()  # under torchrun: the log is complete, and no process reads the checkpoints any more
 
     best_step, dev_metrics = best_evaluation(trainer, plan.spec.primary)
-    word_pieces = sum_over_processes(collator.word_pieces, args.device)  # each process counts its own batches
-    training = trainer.speed(train_out.metrics.get("train_runtime", 0.0), word_pieces,
+    training = trainer.speed(train_out.metrics.get("train_runtime", 0.0),
                              time.perf_counter() - wall_start, plan.device, precision_for(plan.device), last)
     if trainer.is_world_process_zero():  # under torchrun, one process writes
         write_outputs(plan, output, best_step, dev_metrics, training, keep_checkpoints)
