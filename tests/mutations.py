@@ -103,6 +103,30 @@ def _ddp_mean_of_means():
     MaskedLMTrainer.compute_loss = mean_of_means
 
 
+def _runs_lose_their_steps():
+    """An MLflow run gets no per-step metrics (only its final ones)."""
+    from spacy_llm_components.stages.shared import tracking
+
+    tracking.log_steps = lambda run_id, folder: None
+
+
+def _register_writes_before_checking():
+    """`register` creates the registered model before it checks the pipeline folder and the metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from spacy_llm_components.stages import registry
+    from spacy_llm_components.stages.shared.tracking import use_tracking
+
+    check, calls = registry.pipeline_info, []
+
+    def early(pipeline):
+        calls.append(pipeline)
+        MlflowClient(use_tracking()).create_registered_model(f"written-early-{len(calls)}")
+        return check(pipeline)
+
+    registry.pipeline_info = early
+
+
 MUTATIONS = {
     "resume-ignored": (_resume_ignored, [
         "test_train.py::test_resume_after_interruption_matches_uninterrupted_run",
@@ -118,6 +142,10 @@ MUTATIONS = {
     "features-drift-from-predict": (_features_drift_from_predict, [
         "test_train.py::test_ner_features_window_long_docs_like_predict"]),
     "ddp-mean-of-means": (_ddp_mean_of_means, ["test_pretrain.py::test_torchrun_pretrains_on_two_cpu_processes"]),
+    "runs-lose-their-steps": (_runs_lose_their_steps, [
+        "test_runs.py::test_finetune_run_logs_params_steps_hashes_versions_and_pipeline"]),
+    "register-writes-before-checking": (_register_writes_before_checking, [
+        "test_registry.py::test_register_rejects_bad_input"]),
 }
 
 if os.environ.get(ENV) and not globals().get("_APPLIED"):  # imported at interpreter start (sitecustomize)
