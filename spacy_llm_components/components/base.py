@@ -2,15 +2,11 @@
 inference, and storing the checkpoint inside the pipeline folder."""
 
 import os
-import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import srsly
 import torch
 from spacy.language import Language
 from spacy.pipeline import TrainablePipe
@@ -19,17 +15,28 @@ from spacy.training import Example
 from spacy.util import ensure_path, minibatch
 from thinc.api import Model, Optimizer
 
-from ..models.checkpoint import peek_labels
+from ..models.checkpoint import DEFAULT_MODEL, peek_labels
 from ..models.collate import FeatureCollator
 from ..models.devices import resolve_device, resolve_dtype
 from ..models.runtimes import check_runtime, inference_model
-from ..models.task_model import TaskCheckpoint, has_head, load_task_checkpoint, save_task_checkpoint
+from ..models.task_model import (
+    TaskCheckpoint,
+    attach_head,
+    has_head,
+    load_task_checkpoint,
+    peek_head_labels,
+    save_head,
+    save_task_checkpoint,
+)
 from ..tasks import TaskSpec
+from .encoder import HFEncoder, check_writers, find_encoder
+from .folders import FolderBytes
 from .inputs import Batch, Feature, ModelInput, Pieces, Rows, SpecialTokens, pad_inputs, padded_batches
 from .settings import SharedSettings, check_component_settings
 from .spacy_train import check_labels, loss_model, training_docs
 
 MODEL_DIR = "model"  # the checkpoint's folder inside the component's folder
+HEAD_DIR = "head"  # the head alone, for a component that reads a shared encoder
 
 def _one_thread_after_fork() -> None:
     """Forked children (spaCy's `nlp.pipe(n_process=N)`) cannot use the parent's OpenMP
@@ -48,17 +55,22 @@ def span_record(span, **extra: Any) -> Dict[str, Any]:
             "score": None if score is None else round(float(score), 6)}
 
 
-class HFPipe(TrainablePipe):
+class HFPipe(FolderBytes, TrainablePipe):
     """Base of hf_textcat, hf_ner and hf_qa.
 
     The checkpoint loads on first use, not in the factory: `spacy.load` then
     restores it from the pipeline folder and never touches `model` (the path the
     pipeline was first built from, which may be gone).
+
+    With `encoder` naming an hf_encoder component earlier in the pipeline, the component is a head on
+    that shared encoder: it reads the encoder's hidden states (`reads_hidden`) or runs its own pass
+    through the same weights, and saves only its head.
     """
 
     spec: ClassVar[TaskSpec]
     output_names: ClassVar[Tuple[str, ...]] = ("logits",)
     per_token: ClassVar[bool] = True
+    reads_hidden: ClassVar[bool] = True  # a shared encoder's hidden states serve this head (not QA's pairs)
 
     def __init__(self, nlp: Language, name: str, settings: SharedSettings) -> None:
         check_component_settings(name, settings)
@@ -67,7 +79,12 @@ class HFPipe(TrainablePipe):
         self.settings = settings
         self.vocab = nlp.vocab
         self.name = name
-        self.model_name = settings.model
+        self.encoder_name = settings.encoder
+        if self.encoder_name is not None and (settings.quantize or settings.runtime != "torch"):
+            raise ValueError(f"{name}: a head on the shared encoder {self.encoder_name!r} runs in PyTorch at the "
+                             "encoder's precision; set quantize = null and runtime = \"torch\"")
+        self._nlp = nlp
+        self._shared: Optional[HFEncoder] = None
         self.batch_size = settings.batch_size
         self.max_length_cfg = settings.max_length
         self.device = settings.device
@@ -92,18 +109,40 @@ class HFPipe(TrainablePipe):
     def _on_load(self) -> None:
         """Read what the component needs from a freshly loaded checkpoint (labels, scheme)."""
 
+    @property
+    def model_name(self) -> str:
+        """Where the head (and, without a shared encoder, the encoder) loads from."""
+        if self.settings.model is not None:
+            return self.settings.model
+        return self.shared.model_name if self.encoder_name is not None else DEFAULT_MODEL
+
+    @property
+    def shared(self) -> HFEncoder:
+        """The hf_encoder component this head reads, checked: it exists, comes before this head, and no other
+        head on it writes what this one writes. (`model`, when set, is where the head's weights load from:
+        a checkpoint trained on the same encoder weights, which `attach_head` checks, or a head folder.)"""
+        if self._shared is None:
+            self._shared = find_encoder(self._nlp, self)
+            check_writers(self._nlp, self.encoder_name)
+        return self._shared
+
+    def writes(self) -> List[str]:
+        """What the component sets on a doc (two heads on one encoder must not set the same)."""
+        raise NotImplementedError
+
     def _set_checkpoint(self, checkpoint: TaskCheckpoint) -> None:
         from tokenizers import Tokenizer
 
         self._checkpoint = checkpoint
-        checkpoint.encoder.name = checkpoint.encoder.owner = self.name  # its own encoder, saved with it
+        if self.encoder_name is None:
+            checkpoint.encoder.name = checkpoint.encoder.owner = self.name  # its own encoder, saved with it
         # what inference runs: the checkpoint's model, an int8 copy of it, or an ONNX Runtime session (the
         # float32 weights stay, for to_disk, export and fine-tuning)
         self._model = inference_model(checkpoint.model, quantize=self.quantize, runtime=self.runtime,
                                       input_names=checkpoint.encoder.input_names, output_names=self.output_names)
         # what `spacy train` updates: the checkpoint's model wrapped for thinc (features in, loss out)
         collate = FeatureCollator(self.spec.collator(checkpoint.tokenizer), checkpoint.tokenizer)
-        trainable = self.quantize is None and self.runtime == "torch"
+        trainable = self.quantize is None and self.runtime == "torch" and self.encoder_name is None
         self.model = (loss_model(checkpoint.model, collate, checkpoint.device, self.mixed_precision)
                       if trainable else None)
         self._specials = SpecialTokens.of(checkpoint.tokenizer)
@@ -116,6 +155,10 @@ class HFPipe(TrainablePipe):
 
     @property
     def checkpoint(self) -> TaskCheckpoint:
+        if self._checkpoint is None and self.encoder_name is not None:
+            self._set_checkpoint(attach_head(self.shared.encoder, self.model_name, self.spec.head,
+                                             labels=self._new_head_labels(),
+                                             problem_type=self._new_head_problem_type()))
         if self._checkpoint is None:
             self._set_checkpoint(
                 load_task_checkpoint(
@@ -137,6 +180,8 @@ class HFPipe(TrainablePipe):
         """
         if self._checkpoint is not None:
             return self._checkpoint.id2label
+        if self.encoder_name is not None:  # the encoder's checkpoint may hold another task's head
+            return peek_head_labels(self.model_name, self.spec.head) or self._new_head_labels() or []
         return peek_labels(self.model_name) or self._new_head_labels() or []
 
     @property
@@ -146,6 +191,8 @@ class HFPipe(TrainablePipe):
 
     @property
     def max_length(self) -> int:
+        if self.encoder_name is not None and self.reads_hidden:
+            return self.shared.max_length  # the encoder's windows
         limit = self.checkpoint.max_length
         return min(limit, self.max_length_cfg) if self.max_length_cfg else limit
 
@@ -174,6 +221,10 @@ class HFPipe(TrainablePipe):
         (`drop` is not applied: the checkpoint's own dropout settings are.)"""
         losses = {} if losses is None else losses
         losses.setdefault(self.name, 0.0)
+        if self.encoder_name is not None:
+            raise ValueError(f"{self.name}: `spacy train` does not train heads that share the encoder "
+                             f"{self.encoder_name!r} (each head's optimizer would step the encoder again); train "
+                             "each task in its own pipeline")
         if self.quantize or self.runtime != "torch":
             raise ValueError(f"{self.name}: a component with quantize = {self.quantize!r} and runtime = "
                              f"{self.runtime!r} cannot be trained; train the float32 PyTorch pipeline and set "
@@ -198,10 +249,15 @@ class HFPipe(TrainablePipe):
         error_handler = self.get_error_handler()
         try:
             self.set_annotations([doc], self.predict([doc]))
-            return doc
         except Exception as err:
             error_handler(self.name, self, [doc], err)
-            return doc
+        self._release([doc])
+        return doc
+
+    def _release(self, docs: Sequence[Doc]) -> None:
+        """The last head to read a shared encoder's hidden states lets them go."""
+        if self.encoder_name is not None and self.reads_hidden and self.shared.readers()[-1:] == [self.name]:
+            self.shared.release(docs)
 
     def predict(self, docs: Sequence[Doc]) -> Any:
         return self._predict_prepared(docs, self._prepare(docs))
@@ -245,6 +301,7 @@ class HFPipe(TrainablePipe):
             self.set_annotations(docs, self._predict_prepared(docs, prepared()))
         except Exception as err:
             error_handler(self.name, self, docs, err)
+        self._release(docs)
         return docs
 
     def _encode(self, texts: Sequence[str]) -> list:
@@ -259,23 +316,21 @@ class HFPipe(TrainablePipe):
         return self.specials.single(ids)
 
     def _feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: Optional[np.ndarray] = None):
-        ck = self.checkpoint
-        feed = {"input_ids": torch.from_numpy(input_ids).to(ck.device),
-                "attention_mask": torch.from_numpy(attention_mask).to(ck.device)}
-        if "token_type_ids" in ck.encoder.input_names:
-            types = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
-            feed["token_type_ids"] = torch.from_numpy(types).to(ck.device)
-        return feed
+        return self.checkpoint.encoder.feed(input_ids, attention_mask, token_type_ids)
 
-    def _run(self, pieces: Pieces, rows: Rows) -> Iterator[Tuple[Batch, Any]]:
-        """Single-sequence rows of `pieces` through the model, in length-sorted padded batches: yields
-        each batch with the model's outputs (tensors on the model's device; reduce them there)."""
+    def _run(self, docs: Sequence[Doc], pieces: Pieces, rows: Rows) -> Iterator[Tuple[Batch, Any]]:
+        """Single-sequence rows of the docs' `pieces` through the model, in length-sorted padded batches:
+        yields each batch with the model's outputs (tensors on the model's device; reduce them there).
+        On a shared encoder, only the head runs, on the hidden states the encoder kept for those rows."""
         ck = self.checkpoint
         pad_id = ck.tokenizer.pad_token_id or 0
         self._model.eval()  # (spacy train's updates leave it in training mode)
         with torch.inference_mode():
             for batch in padded_batches(pieces.ids, rows, self.specials, self.batch_size, pad_id):
-                yield batch, self._model(**self._feed(batch.input_ids, batch.attention_mask))
+                if self.encoder_name is not None:
+                    yield batch, ck.head(self.shared.hidden(docs, pieces, rows, batch))
+                else:
+                    yield batch, self._model(**self._feed(batch.input_ids, batch.attention_mask))
 
     def _forward(self, inputs: Sequence[ModelInput]) -> List[Tuple[np.ndarray, ...]]:
         """Run the model over sequences of any shape (pairs too), batched by similar length; results in
@@ -309,30 +364,23 @@ class HFPipe(TrainablePipe):
         """Weights (safetensors), tokenizer and label map go into `path/model`."""
         path = ensure_path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if MODEL_DIR not in exclude:
+        if MODEL_DIR in exclude:
+            return
+        if self.encoder_name is not None:  # the encoder is the hf_encoder component's to save
+            save_head(self.checkpoint, path / HEAD_DIR)
+        else:
             save_task_checkpoint(self.checkpoint, path / MODEL_DIR)
 
     def from_disk(self, path, *, exclude: Iterable[str] = tuple()) -> "HFPipe":
         if MODEL_DIR in exclude:
             return self
-        model_dir = ensure_path(path) / MODEL_DIR
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"{self.name}: no checkpoint folder at {model_dir}")
-        self._set_checkpoint(load_task_checkpoint(model_dir, self.spec.head, device=self.device, dtype=self.dtype))
+        folder = ensure_path(path) / (HEAD_DIR if self.encoder_name is not None else MODEL_DIR)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{self.name}: no {'head' if self.encoder_name else 'checkpoint'} folder at "
+                                    f"{folder}: the pipeline folder is incomplete; save it again with nlp.to_disk")
+        if self.encoder_name is not None:
+            self._set_checkpoint(attach_head(self.shared.encoder, folder, self.spec.head))
+        else:
+            self._set_checkpoint(load_task_checkpoint(folder, self.spec.head, device=self.device, dtype=self.dtype))
         return self
 
-    def to_bytes(self, *, exclude: Iterable[str] = tuple()) -> bytes:
-        with tempfile.TemporaryDirectory() as tmp:
-            self.to_disk(Path(tmp) / "c", exclude=exclude)
-            files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
-        return srsly.msgpack_dumps(files)
-
-    def from_bytes(self, bytes_data: bytes, *, exclude: Iterable[str] = tuple()) -> "HFPipe":
-        tmp = Path(tempfile.mkdtemp())
-        try:
-            for rel, data in srsly.msgpack_loads(bytes_data).items():
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / rel).write_bytes(data)
-            return self.from_disk(tmp / "c", exclude=exclude)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)

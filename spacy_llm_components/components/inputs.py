@@ -138,10 +138,11 @@ class Words:
 @dataclass
 class Rows:
     """Single sequences to run: row j is pieces ids[start[j] : start[j] + length[j]] of a `Pieces`,
-    between the tokenizer's special tokens."""
+    between the tokenizer's special tokens, from doc `doc[j]`."""
 
     start: np.ndarray
     length: np.ndarray
+    doc: Optional[np.ndarray] = None  # the doc (of the batch) each row belongs to
 
 
 @dataclass

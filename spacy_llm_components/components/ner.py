@@ -79,9 +79,17 @@ class HFEntityRecognizer(HFPipe):
         self.decoder = resolve_strategy("decoder", settings.decoder, name)
         self.spans_key = settings.spans_key
         self.overwrite_ents = settings.overwrite_ents
-        self.stride = settings.stride
+        self.stride_cfg = settings.stride
         self.snapped = 0  # entities grown to token boundaries since the component was made
         self.cfg = {"spans_key": settings.spans_key}
+
+    @property
+    def stride(self) -> int:
+        """Pieces that windows of a long doc overlap by: on a shared encoder, the encoder's windows."""
+        return self.shared.stride if self.encoder_name is not None else self.stride_cfg
+
+    def writes(self) -> List[str]:
+        return [f"doc.spans[{self.spans_key!r}]" if self.spans_key else "doc.ents"]
 
     def _new_head_labels(self) -> Optional[List[str]]:
         if not self.entity_types:
@@ -157,9 +165,9 @@ class HFEntityRecognizer(HFPipe):
 
     def _predict_prepared(self, docs: Sequence[Doc], prepared: Tuple[List[int], Pieces, Words]) -> Entities:
         text_lengths, pieces, words = prepared
-        return self._entities(docs, text_lengths, words, self._word_log_probs(pieces, words))
+        return self._entities(docs, text_lengths, words, self._word_log_probs(docs, pieces, words))
 
-    def _word_log_probs(self, pieces: Pieces, words: Words) -> np.ndarray:
+    def _word_log_probs(self, docs: Sequence[Doc], pieces: Pieces, words: Words) -> np.ndarray:
         """(words x tags) log-probabilities: each word's piece logits aggregated (its first piece, or the
         mean of its pieces) and normalised on the model's device, so only those leave it. A doc longer
         than one window runs in overlapping windows whose piece logits are merged on the host first."""
@@ -170,13 +178,14 @@ class HFEntityRecognizer(HFPipe):
         windows = {d: window_spans(int(lengths[d]), window, self.stride) for d in long_docs}
         owners = [(d, k) for d in long_docs for k in range(len(windows[d]))]
         rows = Rows(np.concatenate([starts[fits], [starts[d] + windows[d][k][0] for d, k in owners]]).astype(np.int64),
-                    np.concatenate([lengths[fits], [windows[d][k][1] - windows[d][k][0] for d, k in owners]]).astype(np.int64))
+                    np.concatenate([lengths[fits], [windows[d][k][1] - windows[d][k][0] for d, k in owners]]).astype(np.int64),
+                    np.concatenate([np.flatnonzero(fits), [d for d, _ in owners]]).astype(np.int64))
         n_fitting = int(fits.sum())
         word_lp = np.zeros((len(words.first), len(self.tags)), dtype=np.float32)
         window_logits: Dict[Tuple[int, int], np.ndarray] = {}
         first_piece = np.zeros(len(pieces.ids), dtype=bool)
         first_piece[words.first] = True
-        for batch, out in self._run(pieces, rows):
+        for batch, out in self._run(docs, pieces, rows):
             logits = out.logits
             fitting = batch.rows[batch.row] < n_fitting
             keep = fitting & self.aggregation.select(first_piece[batch.piece], words.of_piece[batch.piece])

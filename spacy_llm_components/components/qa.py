@@ -57,6 +57,7 @@ class HFQuestionAnswerer(HFPipe):
 
     spec = QA
     output_names = ("start_logits", "end_logits")
+    reads_hidden = False  # question + context in one sequence: its own pass, on a shared encoder's weights
 
     def __init__(self, nlp: Language, name: str, settings: QASettings) -> None:
         super().__init__(nlp, name, settings)
@@ -69,6 +70,9 @@ class HFQuestionAnswerer(HFPipe):
         self.handle_impossible = settings.handle_impossible
         self.null_threshold = settings.null_threshold
         self.cfg = {"spans_key": settings.spans_key}
+
+    def writes(self) -> List[str]:
+        return [f"doc.spans[{self.spans_key!r}]"]
 
     def _questions_of(self, doc: Doc) -> List[str]:
         asked = doc._.questions

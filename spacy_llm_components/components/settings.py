@@ -23,8 +23,11 @@ from ..models.runtimes import QUANTIZATIONS, RUNTIMES
 class SharedSettings:
     """What every hf_* component has: its checkpoint, batching, device, precision and scorer."""
 
-    model: str = setting(DEFAULT_MODEL, "the checkpoint: a local Hugging Face folder or hub name (a base encoder "
-                                        "gets a new head; a fine-tuned checkpoint brings its own)")
+    model: Optional[str] = setting(None, "the checkpoint: a local Hugging Face folder or hub name (a base encoder "
+                                         "gets a new head; a fine-tuned checkpoint brings its own); null: the shared "
+                                         f"encoder's, or else {DEFAULT_MODEL}")
+    encoder: Optional[str] = setting(None, "the hf_encoder component (earlier in the pipeline) this head reads, so "
+                                           "several heads share one encoder pass; null: the component's own encoder")
     batch_size: int = setting(64, "sequences per forward pass (length-sorted batches)", ge=1)
     max_length: Optional[int] = setting(None, "cap on the model input in word pieces; null: the model's own limit "
                                               "(longer docs are windowed)", ge=8)

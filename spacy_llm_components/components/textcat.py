@@ -91,7 +91,14 @@ class HFTextCategorizer(HFPipe):
             return self.multi_label_cfg
         return self.checkpoint.head.problem_type == "multi_label_classification"
 
+    def writes(self) -> List[str]:
+        return [f"doc.cats[{label!r}]" for label in self.labels]
+
     def _windows(self, doc: Doc, offsets: Sequence, window: int):
+        """A long doc's windows: sentence (else token) boundaries packed to fit; on a shared encoder, the
+        encoder's windows of word pieces, whose hidden states are already there."""
+        if self.encoder_name is not None:
+            return self.shared.windows(len(offsets))
         if len(offsets) <= window:
             return [(0, len(offsets))]
         tokens = unit_piece_ranges([(t.idx, t.idx + len(t)) for t in doc], offsets)
@@ -141,10 +148,11 @@ class HFTextCategorizer(HFPipe):
         rows = Rows(np.concatenate([starts[fitting_docs], [starts[d] + s for d in long_docs for s, _ in windows[d]]]
                                    ).astype(np.int64),
                     np.concatenate([lengths[fitting_docs], [e - s for d in long_docs for s, e in windows[d]]]
-                                   ).astype(np.int64))
+                                   ).astype(np.int64),
+                    np.concatenate([fitting_docs, owners]).astype(np.int64))
         probs = np.zeros((len(docs), len(self.labels)), dtype=np.float32)
         window_logits: Dict[int, List[np.ndarray]] = {d: [] for d in long_docs}
-        for batch, out in self._run(pieces, rows):
+        for batch, out in self._run(docs, pieces, rows):
             logits = out.logits.float()
             fitting = batch.rows < len(fitting_docs)
             if fitting.any():

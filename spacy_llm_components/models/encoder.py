@@ -8,15 +8,15 @@ or saves an encoder it does not own.
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from .checkpoint import CheckpointError, Source, quiet_loading, weight_names
-
-POOLER = "pooler."  # BERT-style encoders' dense + tanh over the first token, inside the base model
+from .heads import POOLER
 
 
 @dataclass
@@ -42,6 +42,17 @@ class Encoder:
         """The inputs it takes: ids and mask, and segment ids where the tokenizer makes them."""
         types = ("token_type_ids",) if "token_type_ids" in self.tokenizer.model_input_names else ()
         return ("input_ids", "attention_mask", *types)
+
+    def feed(self, input_ids, attention_mask, token_type_ids=None) -> Dict[str, torch.Tensor]:
+        """The model's keyword inputs from numpy arrays, on its device (segment ids where it takes them:
+        zeros unless given)."""
+        device = self.device
+        out = {"input_ids": torch.from_numpy(input_ids).to(device),
+               "attention_mask": torch.from_numpy(attention_mask).to(device)}
+        if "token_type_ids" in self.input_names:
+            types = token_type_ids if token_type_ids is not None else np.zeros_like(input_ids)
+            out["token_type_ids"] = torch.from_numpy(types).to(device)
+        return out
 
     @property
     def max_length(self) -> int:
@@ -70,15 +81,16 @@ def base_model_class(config: PretrainedConfig) -> type:
 
 
 def load_base_model(source: Source, config: PretrainedConfig, *, torch_dtype: torch.dtype,
-                    pooler: bool = False) -> PreTrainedModel:
-    """The checkpoint's base model (the `AutoModel` class of its family), from a bare encoder or from a model with any head. A
-    pooler is built when the checkpoint has one or `pooler` asks for it (a BERT sequence head reads it),
-    never made up otherwise. Missing encoder weights are an error: only heads and poolers start new."""
+                    pooler: Optional[bool] = None) -> PreTrainedModel:
+    """The checkpoint's base model (the `AutoModel` class of its family), from a bare encoder or from a model
+    with any head. A pooler is built when the checkpoint has one (`pooler` None), always (True: a BERT
+    sequence head reads it) or never (False: a shared encoder, whose sequence heads hold their own).
+    Missing encoder weights are an error: only heads and poolers start new."""
     kwargs = {}
     names = weight_names(source)
     cls = base_model_class(config)
     if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
-        kwargs["add_pooling_layer"] = pooler or any(POOLER in name for name in names)
+        kwargs["add_pooling_layer"] = pooler if pooler is not None else any(POOLER in name for name in names)
     try:
         with quiet_loading():
             model, info = cls.from_pretrained(source, config=config, trust_remote_code=False, use_safetensors=True,

@@ -34,9 +34,10 @@ from ..core.constants import IGNORE_INDEX
 from .checkpoint import CheckpointError
 
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+POOLER = "pooler."  # the pooler's weights, in a base model or in a head that holds its own
 
 
-def _width(config: PretrainedConfig) -> int:
+def hidden_width(config: PretrainedConfig) -> int:
     return getattr(config, "hidden_size", None) or config.dim  # DistilBERT calls it dim
 
 
@@ -76,6 +77,11 @@ class Head(nn.Module):
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
                 "label2id": {label: i for i, label in enumerate(self.labels)}, "problem_type": self.problem_type}
 
+    def hf_name(self, name: str, prefix: str) -> str:
+        """The name a weight of this head has in its `AutoModelFor*` class (a pooler's sits in the base
+        model, under the class' prefix)."""
+        return f"{prefix}.{name}" if name.startswith(POOLER) else name
+
     def architecture(self, config: PretrainedConfig) -> str:
         """The transformers class of the encoder family with this head, e.g. BertForTokenClassification."""
         try:
@@ -85,13 +91,26 @@ class Head(nn.Module):
                                   "transformers to export to") from None
 
 
+class FirstTokenPooler(nn.Module):
+    """BERT's pooler, dense + tanh on the first token. It lives inside `BertModel`; a sequence head on a
+    shared encoder holds its own copy, so that training one head's pooler never moves another head."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_width(config), hidden_width(config))
+        init_linear(self.dense, config)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
 class TokenClassificationHead(Head):
     kind, auto_class = "token", AutoModelForTokenClassification
 
     def __init__(self, config, labels, problem_type=None) -> None:
         super().__init__(config, labels, None)
         self.dropout = nn.Dropout(_dropout(config, "classifier_dropout", "hidden_dropout_prob", "dropout"))
-        self.classifier = nn.Linear(_width(config), len(self.labels))
+        self.classifier = nn.Linear(hidden_width(config), len(self.labels))
         init_linear(self.classifier, config)
 
     def hf_config(self) -> Dict:
@@ -113,7 +132,7 @@ class _DenseOnFirst(nn.Module):
 
     def __init__(self, config, num_labels: int, activation: str) -> None:
         super().__init__()
-        width = _width(config)
+        width = hidden_width(config)
         self.dense = nn.Linear(width, width)
         self.dropout = nn.Dropout(_dropout(config, "classifier_dropout", "hidden_dropout_prob"))
         self.out_proj = nn.Linear(width, num_labels)
@@ -144,7 +163,7 @@ class SequenceClassificationHead(Head):
         if self.pooling is None:
             raise CheckpointError(f"sequence classification on a {config.model_type!r} encoder: its pooling is not "
                                   f"known here; supported families: {', '.join(sorted(SEQUENCE_POOLING))}")
-        width, n = _width(config), len(self.labels)
+        width, n = hidden_width(config), len(self.labels)
         if self.pooling == "pooled":
             self.uses_pooler = True
             self.dropout = nn.Dropout(_dropout(config, "classifier_dropout", "hidden_dropout_prob"))
@@ -162,6 +181,8 @@ class SequenceClassificationHead(Head):
     def forward(self, hidden: torch.Tensor, pooled: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> SequenceClassifierOutput:
         if self.pooling == "pooled":
+            if pooled is None and getattr(self, "pooler", None) is not None:
+                pooled = self.pooler(hidden)
             if pooled is None:
                 raise CheckpointError("this sequence head reads the encoder's pooler, and the encoder has none")
             logits = self.classifier(self.dropout(pooled))
@@ -195,7 +216,7 @@ class SpanHead(Head):
         super().__init__(config, [], None)
         qa_dropout = getattr(config, "qa_dropout", None)  # DistilBERT's only; the other families apply none
         self.dropout = nn.Dropout(qa_dropout) if qa_dropout is not None else nn.Identity()
-        self.qa_outputs = nn.Linear(_width(config), 2)
+        self.qa_outputs = nn.Linear(hidden_width(config), 2)
         init_linear(self.qa_outputs, config)
 
     def hf_config(self) -> Dict:
