@@ -12,6 +12,7 @@ import spacy
 from typer.testing import CliRunner
 
 from spacy_llm_components.cli import app
+from spacy_llm_components.components.encoder import EncoderSettings
 from spacy_llm_components.components.ner import NerSettings
 from spacy_llm_components.components.qa import QASettings
 from spacy_llm_components.components.strategies import MeanWindows, WindowPooling, strategies
@@ -19,7 +20,7 @@ from spacy_llm_components.components.textcat import TextcatSettings
 from spacy_llm_components.core.settings import defaults
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = {"hf_ner": NerSettings, "hf_textcat": TextcatSettings, "hf_qa": QASettings}
+SETTINGS = {"hf_ner": NerSettings, "hf_textcat": TextcatSettings, "hf_qa": QASettings, "hf_encoder": EncoderSettings}
 
 
 @pytest.mark.parametrize("factory", SETTINGS)
@@ -39,7 +40,7 @@ def test_shipped_configs_state_only_what_they_choose(path):
     config = spacy.util.load_config(path, interpolate=False)
     for name, block in config["components"].items():
         if block["factory"] in SETTINGS:
-            assert set(block) <= {"factory", "model", "labels"}, (name, sorted(block))
+            assert set(block) <= {"factory", "model", "labels", "encoder"}, (name, sorted(block))
 
 
 def _nlp(ckpts, **config):

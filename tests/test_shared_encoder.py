@@ -9,6 +9,7 @@ window for a long doc's pooled categories.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ TAGS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 FAMILIES = ("bert", "roberta", "distilbert")  # the three ways a sequence head pools
 TEXTS = ["Marta Kowalczyk opened a bakery in Lindenfeld.", "The soup was still hot", "", "a",
          " ".join(["The river Sarn runs past the old mill of Tomas Ekdahl."] * 12)]  # several windows
+ROOT = Path(__file__).resolve().parents[1]
 WINDOW = dict(max_length=24, stride=6)  # small windows: the long text takes several
 
 
@@ -287,3 +289,32 @@ def test_a_folder_missing_a_part_fails_to_load_naming_it(checkpoints, tmp_path, 
     shutil.rmtree(tmp_path / "p" / missing)
     with pytest.raises(FileNotFoundError, match=words):
         spacy.load(tmp_path / "p")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ner-textcat", "ner-textcat-qa"])
+def test_spacy_assemble_the_shared_configs_on_the_real_minilm(tmp_path, name):
+    from conftest import minilm_path
+    from safetensors.numpy import load_file
+
+    bin_dir = Path(sys.executable).parent
+    out = tmp_path / name
+    subprocess.run([str(bin_dir / "spacy"), "assemble", str(ROOT / "pipelines" / f"{name}.cfg"), str(out)],
+                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    nlp = spacy.load(out)
+    doc = nlp.make_doc("Angela Merkel visited Paris. It rained.")
+    doc._.questions = ["Who visited Paris?"]
+    doc = nlp(doc)
+    assert nlp.get_pipe("ner").labels == ["PER", "LOC", "ORG", "MISC"]
+    assert all(e.label_ in {"PER", "LOC", "ORG", "MISC"} for e in doc.ents)
+    assert set(doc.cats) == {"negative", "positive"} and sum(doc.cats.values()) == pytest.approx(1.0)
+    assert [s._.question for s in doc.spans.get("answers", [])] == (["Who visited Paris?"] if "qa" in name else [])
+    # one encoder in the folder, MiniLM's weights unchanged; the heads hold only their own layers
+    minilm = load_file(str(minilm_path() / "model.safetensors"))
+    saved = load_file(str(out / "encoder" / "model" / "model.safetensors"))
+    assert all(np.array_equal(saved[k], minilm[k]) for k in saved) and len(saved) >= len(minilm) - 3
+    heads = {p.parent.parent.name: set(load_file(str(p))) for p in out.glob("*/head/model.safetensors")}
+    assert heads == {"ner": {"classifier.weight", "classifier.bias"},
+                     "textcat": {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
+                                 "bert.pooler.dense.bias"},
+                     **({"qa": {"qa_outputs.weight", "qa_outputs.bias"}} if "qa" in name else {})}
