@@ -6,6 +6,7 @@ from typing import List, Optional
 import typer
 
 from ..data import DataError
+from ..stages.shared.multitask import MultitaskSettings
 from ..stages.shared.training import FinetuneConfig
 from ..tasks import TASKS
 from .common import (
@@ -72,27 +73,40 @@ def prepare_command(
 
 
 @app.command("finetune")
+@with_settings(MultitaskSettings, "multitask")
 @with_settings(FinetuneConfig, "config")
 def finetune_command(
-    task: str = TaskArg,
-    train: Path = typer.Option(..., help="train.spacy from `sllm prepare`"),
-    dev: Path = typer.Option(..., help="dev.spacy from `sllm prepare`"),
+    task: str = typer.Argument(..., help=f"one of: {', '.join(TASKS)}; or several joined by + (ner+textcat): one "
+                                         "head each on a shared encoder, trained together"),
+    train: List[Path] = typer.Option(..., help="train.spacy from `sllm prepare` (several tasks: one per task, in "
+                                               "their order)"),
+    dev: List[Path] = typer.Option(..., help="dev.spacy from `sllm prepare` (one per task)"),
     output: Path = typer.Option(..., "--output", "-o", help="spaCy pipeline folder to write"),
     gpu_id: Optional[int] = GpuId,
     resume: bool = Resume,
     keep_checkpoints: bool = KeepCheckpoints,
     track: bool = Track,
     config: FinetuneConfig = None,
+    multitask: MultitaskSettings = None,
 ) -> None:
-    """Fine-tune a Hugging Face model with the Trainer and save a spaCy pipeline."""
-    from ..stages.finetune import finetune
+    """Fine-tune a Hugging Face model with the Trainer and save a spaCy pipeline. Several tasks (or a
+    --base-model pipeline whose heads share an encoder, to add heads to it) train one shared encoder."""
+    from ..stages.finetune import finetune, finetune_tasks
     from ..stages.shared.trainer import is_main_process
 
-    task = check_task(task)
+    tasks = [check_task(t) for t in task.split("+")]
     if gpu_id is not None:
         config.device = device_of(gpu_id)
     with training_errors(output):
-        result = finetune(task, train, dev, output, config, resume=resume, keep_checkpoints=keep_checkpoints)
+        if len(tasks) > 1 or (Path(config.base_model).expanduser() / "config.cfg").is_file():
+            result = finetune_tasks(tasks, train, dev, output, config, multitask, resume=resume,
+                                    keep_checkpoints=keep_checkpoints)
+        elif len(train) != 1 or len(dev) != 1:
+            raise ValueError(f"one task ({tasks[0]}) takes one --train and one --dev file; got {len(train)} and "
+                             f"{len(dev)}")
+        else:
+            result = finetune(tasks[0], train[0], dev[0], output, config, resume=resume,
+                              keep_checkpoints=keep_checkpoints)
     if not is_main_process():  # under torchrun, one process reports and logs
         return
     typer.echo(result.summary())

@@ -114,7 +114,8 @@ class HFPipe(FolderBytes, TrainablePipe):
         """Where the head (and, without a shared encoder, the encoder) loads from."""
         if self.settings.model is not None:
             return self.settings.model
-        return self.shared.model_name if self.encoder_name is not None else DEFAULT_MODEL
+        return self.shared.encoder.source if self.encoder_name is not None else DEFAULT_MODEL  # (where its weights
+        # are now: a loaded pipeline's own folder, not the checkpoint it was first built from)
 
     @property
     def shared(self) -> HFEncoder:

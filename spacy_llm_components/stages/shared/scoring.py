@@ -46,9 +46,11 @@ class Evaluation:
                 "per_label": self.per_label, "confusion": self.confusion}
 
 
-def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Optional[int] = None) -> Evaluation:
-    """Run the pipeline over the references' texts and score its predictions against them."""
-    pipe = hf_component(nlp)
+def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Optional[int] = None,
+                   component: Optional[str] = None) -> Evaluation:
+    """Run the pipeline over the references' texts and score the predictions of its hf_* component (the
+    first, or `component`) against them."""
+    pipe = nlp.get_pipe(component) if component else hf_component(nlp)
     spec = pipe.spec
     start = time.perf_counter()
     predictions = list(nlp.pipe((spec.input_doc(nlp, ref) for ref in references), batch_size=batch_size))

@@ -134,11 +134,11 @@ class TrainingPlan:
     """Everything a training run of a pipeline (fine-tuning, distillation) needs, checked and built
     before anything is written."""
 
-    spec: TaskSpec
+    spec: Optional[TaskSpec]  # the task (None for several: see `name`, `primary`, `model`, `collator`)
     run: Dict[str, Any]  # what run.json records: task, data hashes, labels, settings
     nlp: Language
     features: List[Dict[str, Any]]
-    dev_docs: List[Doc]
+    dev_docs: Any  # the dev docs (several tasks: by head)
     device: torch.device
     total_steps: int
     eval_steps: int
@@ -146,6 +146,16 @@ class TrainingPlan:
     verb: str = "fine-tuned"  # what the run does, for its summary line
     meta: Dict[str, Any] = field(default_factory=dict)  # meta.json's `sllm` block (best_step is added)
     resume_keys: Tuple[str, ...] = ("task", "train_sha256", "dev_sha256", "labels")  # a resume needs the same
+    name: str = ""  # the task's name, or the tasks' ("ner+textcat")
+    primary: str = ""  # the dev metric that picks the best checkpoint
+    model: Optional[torch.nn.Module] = None  # what the Trainer trains: the component's model unless given
+    collator: Optional[Any] = None  # how its batches are padded: the task's collator unless given
+    trainer_kwargs: Dict[str, Any] = field(default_factory=dict)  # what the Trainer class takes besides
+
+    def __post_init__(self) -> None:
+        if self.spec is not None:
+            self.name = self.name or self.spec.name
+            self.primary = self.primary or self.spec.primary
 
 
 def train_component(plan: TrainingPlan, output: Path, config: FinetuneConfig, *, wall_start: float, resume: bool,
@@ -160,31 +170,34 @@ def train_component(plan: TrainingPlan, output: Path, config: FinetuneConfig, *,
         start_run(output, plan.run, last)
 
         pipe = hf_component(plan.nlp)
-        collator = FeatureCollator(plan.spec.collator(pipe.checkpoint.tokenizer), pipe.checkpoint.tokenizer)
+        model = plan.model or pipe.checkpoint.model
+        collator = plan.collator or FeatureCollator(plan.spec.collator(pipe.checkpoint.tokenizer),
+                                                    pipe.checkpoint.tokenizer)
         trainer_callbacks: List[TrainerCallback] = [EvaluateAtEnd(), JsonlLog(output), *callbacks]
         if config.patience:
             trainer_callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.patience))
         args = training_arguments(
-            output, config, device=plan.device, eval_steps=plan.eval_steps, metric=plan.spec.primary,
-            greater_is_better=True, progress=progress, group_by_length=True)  # (in the seeded order of PipelineTrainer's sampler)
+            output, config, device=plan.device, eval_steps=plan.eval_steps, metric=plan.primary,
+            greater_is_better=True, progress=progress, group_by_length=True,  # (in the seeded order of the sampler)
+            ddp_find_unused_parameters=plan.model is not None or None)  # (a multi-task batch uses one head)
         trainer = (trainer_class or PipelineTrainer)(
-            model=pipe.checkpoint.model, args=args, train_dataset=plan.features,
+            model=model, args=args, train_dataset=plan.features,
             eval_dataset=plan.features[:1],  # required by the Trainer; evaluation runs the pipeline on dev_docs
             data_collator=collator, callbacks=trainer_callbacks, nlp=plan.nlp, dev_docs=plan.dev_docs,
-            eval_batch_size=config.eval_batch_size, **(trainer_kwargs or {}))
+            eval_batch_size=config.eval_batch_size, **plan.trainer_kwargs, **(trainer_kwargs or {}))
         if not progress:
             trainer.remove_callback(PrinterCallback)  # without a progress bar the Trainer prints every log dict
         train_out = trainer.train(resume_from_checkpoint=last)
-    pipe.checkpoint.model.to(plan.device).eval()
+    model.to(plan.device).eval()
     barrier()  # under torchrun: the log is complete, and no process reads the checkpoints any more
 
-    best_step, dev_metrics = best_evaluation(trainer, plan.spec.primary)
+    best_step, dev_metrics = best_evaluation(trainer, plan.primary)
     training = trainer.speed(train_out.metrics.get("train_runtime", 0.0),
                              time.perf_counter() - wall_start, plan.device, precision_for(plan.device), last)
     if trainer.is_world_process_zero():  # under torchrun, one process writes
         write_outputs(plan, output, best_step, dev_metrics, training, keep_checkpoints)
     barrier()  # every process returns once the pipeline is written
-    return FinetuneResult(output=output, task=plan.spec.name, primary=plan.spec.primary, dev_metrics=dev_metrics,
+    return FinetuneResult(output=output, task=plan.name, primary=plan.primary, dev_metrics=dev_metrics,
                           best_step=best_step, training=training, log=artifacts.read_log(output), verb=plan.verb)
 
 
@@ -235,12 +248,12 @@ def write_outputs(plan: TrainingPlan, output: Path, best_step: Optional[int], de
     then metrics.json."""
     nlp = plan.nlp
     nlp.meta.update(
-        name=f"sllm_{plan.spec.name}", version="0.0.0", description=plan.description,
+        name=f"sllm_{plan.name.replace('+', '_')}", version="0.0.0", description=plan.description,
         performance={k: v for k, v in dev_metrics.items() if isinstance(v, (int, float))},
     )
     nlp.meta[artifacts.META_BLOCK] = {**plan.meta, "best_step": best_step}
     save_pipeline(nlp, output)
-    artifacts.write_json(output / METRICS, {"primary": plan.spec.primary, "best_step": best_step,
+    artifacts.write_json(output / METRICS, {"primary": plan.primary, "best_step": best_step,
                                             "dev": dev_metrics, "training": training})
     if not keep_checkpoints:
         shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)

@@ -1,0 +1,233 @@
+"""Several heads trained together on one encoder (`sllm finetune ner+textcat`), and a head added later on a
+frozen encoder. References: batch counts worked out by hand, each head's own loss on its training features
+computed through transformers-style encoder + head modules before and after, the optimizer steps a resumed
+process runs, and the other heads' predictions bit for bit."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import spacy
+import torch
+from conftest import assert_same_steps, demo_files
+from safetensors.numpy import load_file
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from spacy_llm_components.cli import app
+from spacy_llm_components.components.pipeline import doc_predictions
+from spacy_llm_components.models.collate import FeatureCollator
+from spacy_llm_components.stages.finetune import FinetuneError, finetune_tasks
+from spacy_llm_components.stages.prepare import prepare
+from spacy_llm_components.stages.shared.multitask import (
+    MultitaskSampler,
+    MultitaskSettings,
+    parse_weights,
+    task_batch_counts,
+)
+from spacy_llm_components.stages.shared.training import FinetuneConfig
+from spacy_llm_components.tasks import load_docs, task_spec
+
+TEXTS = ["Lena Hartmann joined Brightwater Foods in Lindenfeld.", "The pancakes were fluffy and the staff kind.",
+         "Awful service, cold soup."]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multitask-data")
+    out = {}
+    for task in ("ner", "qa"):
+        train, dev, _ = demo_files(task)
+        out[task] = prepare(task, [train], root / task, dev=dev).output
+    rows = "".join(f"{'good great fine' if i % 2 else 'bad awful poor'} {i},{'positive' if i % 2 else 'negative'}\n"
+                   for i in range(24))  # a set the tiny model can learn
+    (root / "t.csv").write_text("text,label\n" + rows)
+    out["textcat"] = prepare("textcat", [root / "t.csv"], root / "textcat", dev_fraction=0.25).output
+    return out
+
+
+def files(data, tasks):
+    return [data[t] / "train.spacy" for t in tasks], [data[t] / "dev.spacy" for t in tasks]
+
+
+def config(ckpts, **kwargs) -> FinetuneConfig:
+    return FinetuneConfig(**{"base_model": str(ckpts["base"]), "batch_size": 4, "max_steps": 6, "eval_steps": 3,
+                             "seed": 0, **kwargs})
+
+
+# -- sampling (pure) -----------------------------------------------------------------------------------
+def test_batch_counts_proportional_and_temperature_by_hand():
+    sizes, batch = [100, 10], 4  # 25 and 3 batches of their own: 28 per epoch
+    assert task_batch_counts(sizes, batch, "proportional", 2.0) == [25, 3]
+    # p ~ n^(1/2): 10 : 3.162 -> 28 * 0.7597 = 21.27, 28 * 0.2403 = 6.73: floors 21 + 6, one more to the
+    # larger remainder (6.73)
+    assert task_batch_counts(sizes, batch, "temperature", 2.0) == [21, 7]
+    assert task_batch_counts(sizes, batch, "temperature", 1.0) == [25, 3]  # T = 1 is proportional
+    assert sum(task_batch_counts([7, 5, 1], 2, "temperature", 50.0)) == 4 + 3 + 1
+    assert task_batch_counts([7, 5, 1], 2, "temperature", 50.0) == [3, 3, 2]  # nearly even: every task its share
+
+
+def test_sampler_batches_hold_one_task_cover_the_data_and_follow_seed_and_epoch():
+    tasks = [0] * 10 + [1] * 7
+    lengths = [(i * 7) % 11 + 1 for i in range(17)]
+    sampler = MultitaskSampler(tasks, lengths, 4, seed=3, counts=[3, 2])
+    order = list(iter(sampler))
+    assert len(order) == len(sampler) == 5 * 4
+    batches = [order[i:i + 4] for i in range(0, len(order), 4)]
+    assert all(len({tasks[i] for i in b}) == 1 for b in batches)  # the DataLoader's batches never mix tasks
+    assert [sum(tasks[b[0]] == t for b in batches) for t in (0, 1)] == [3, 2]
+    assert set(order) == set(range(17))  # proportional counts: every feature once (short batches filled up)
+    assert list(iter(sampler)) == order  # the same (seed, epoch): the same order, as a resume needs
+    sampler.set_epoch(1)
+    assert list(iter(sampler)) != order
+    upsampled = list(iter(MultitaskSampler(tasks, lengths, 4, seed=3, counts=[1, 5])))  # task 1 goes round again
+    assert sum(tasks[i] == 1 for i in upsampled) == 20 and len(set(i for i in upsampled if tasks[i] == 1)) == 7
+
+
+@pytest.mark.parametrize("text, words", [("ner=x", "is not a number"), ("pos=1", "TASK=WEIGHT"), ("ner=0", "> 0"),
+                                         ("ner", "TASK=WEIGHT")])
+def test_bad_weights_are_refused(text, words):
+    with pytest.raises(FinetuneError, match=words):
+        parse_weights(text, ["ner", "textcat"], "--loss-weights")
+    assert parse_weights("textcat=0.5", ["ner", "textcat"], "x") == {"ner": 1.0, "textcat": 0.5}
+
+
+# -- training together --------------------------------------------------------------------------------
+def head_losses(folder: Path, data) -> dict:
+    """Each head's mean loss over its training features: the encoder and that head alone (TaskModel, as in
+    single-task training), batches of 8, dropout off."""
+    nlp = spacy.load(folder)
+    out = {}
+    for task in ("ner", "textcat"):
+        spec, pipe = task_spec(task), nlp.get_pipe(task)
+        features = pipe.features(load_docs(task, data[task] / "train.spacy", nlp).docs)
+        collate = FeatureCollator(spec.collator(pipe.checkpoint.tokenizer), pipe.checkpoint.tokenizer)
+        model = pipe.checkpoint.model.eval()
+        with torch.no_grad():
+            losses = [float(model(**collate(features[i:i + 8])).loss) for i in range(0, len(features), 8)]
+        out[task] = sum(losses) / len(losses)
+    return out
+
+
+def test_training_together_lowers_both_heads_losses_and_keeps_the_best_weighted_checkpoint(ckpts, data, tmp_path):
+    train, dev = files(data, ["ner", "textcat"])
+    start = finetune_tasks(["ner", "textcat"], train, dev, tmp_path / "start", config(ckpts, lr=0.0, max_steps=1),
+                           progress=False)
+    # (the demo NER set has several times the toy textcat set's batches: sampled evenly, both learn in 60 steps)
+    settings = MultitaskSettings(sampling="temperature", temperature=20.0, score_weights="ner=3,textcat=1",
+                                 loss_weights="textcat=2")
+    result = finetune_tasks(["ner", "textcat"], train, dev, tmp_path / "out",
+                            config(ckpts, lr=5e-3, max_steps=60, eval_steps=20), settings, progress=False)
+    before, after = head_losses(start.output, data), head_losses(result.output, data)
+    assert after["ner"] < 0.7 * before["ner"] and after["textcat"] < 0.7 * before["textcat"], (before, after)
+    log = [json.loads(line) for line in (tmp_path / "out" / "training_log.jsonl").read_text().splitlines()]
+    evals = [e for e in log if "eval_weighted_score" in e]
+    assert [e["step"] for e in evals] == [20, 40, 60]
+    for e in evals:  # every head on its own dev set, weighed 3 : 1
+        assert e["eval_weighted_score"] == pytest.approx((3 * e["eval_ner_ents_f"] + e["eval_textcat_cats_score"]) / 4)
+    best = max(evals, key=lambda e: e["eval_weighted_score"])
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["primary"] == "weighted_score" and metrics["best_step"] == best["step"] == result.best_step
+    nlp = spacy.load(tmp_path / "out")
+    assert nlp.pipe_names == ["encoder", "ner", "textcat"]
+    n_ner = len(load_docs("ner", train[0], nlp).docs)  # (demo sentences: one window each)
+    own = [math.ceil(n_ner / 4), math.ceil(18 / 4)]
+    counts = nlp.meta["sllm"]["batches_per_epoch"]
+    assert sum(counts.values()) == sum(own) and abs(counts["ner"] - counts["textcat"]) <= 1, (counts, own)
+    prediction = doc_predictions(nlp(TEXTS[0]), nlp)
+    assert set(prediction) == {"ents", "cats"} and set(prediction["cats"]) == {"negative", "positive"}
+
+
+class _Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            raise KeyboardInterrupt
+
+
+def _weights(folder: Path) -> dict:
+    return {**load_file(str(folder / "encoder" / "model" / "model.safetensors")),
+            **{f"{t}.{k}": v for t in ("ner", "textcat")
+               for k, v in load_file(str(folder / t / "head" / "model.safetensors")).items()}}
+
+
+def test_a_resumed_run_trains_only_the_remaining_steps_and_ends_at_the_same_weights(ckpts, data, tmp_path,
+                                                                                    trainer_steps):
+    train, dev = files(data, ["ner", "textcat"])
+    settings = MultitaskSettings(sampling="temperature", temperature=3.0)
+    cfg = config(ckpts, lr=1e-3, max_steps=7, eval_steps=3)
+    finetune_tasks(["ner", "textcat"], train, dev, tmp_path / "straight", cfg, settings, progress=False)
+    straight = list(trainer_steps)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        finetune_tasks(["ner", "textcat"], train, dev, out, cfg, settings, progress=False, callbacks=[_Interrupt()])
+    trainer_steps.clear()
+    result = finetune_tasks(["ner", "textcat"], train, dev, out, cfg, settings, resume=True, progress=False)
+    assert result.resumed_from == 3
+    assert_same_steps(trainer_steps, straight[3:])
+    want, got = _weights(tmp_path / "straight"), _weights(out)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_head_added_later_on_the_frozen_encoder_leaves_the_others_bit_identical(ckpts, data, tmp_path):
+    train, dev = files(data, ["ner", "textcat"])
+    first = finetune_tasks(["ner", "textcat"], train, dev, tmp_path / "deployed", config(ckpts, lr=1e-3),
+                           progress=False).output
+    before = spacy.load(first)
+    want = [doc_predictions(doc, before) for doc in before.pipe(TEXTS)]
+    qa_train, qa_dev = files(data, ["qa"])
+    result = finetune_tasks(["qa"], qa_train, qa_dev, tmp_path / "with-qa",
+                            config(ckpts, base_model=str(first), lr=3e-3, max_steps=8, eval_steps=4),
+                            MultitaskSettings(freeze_encoder=True), progress=False)
+    nlp = spacy.load(result.output)
+    assert nlp.pipe_names == ["encoder", "ner", "textcat", "qa"]
+    got = [{k: v for k, v in doc_predictions(doc, nlp).items() if k != "answers"} for doc in nlp.pipe(TEXTS)]
+    assert got == want  # ==: bit for bit
+    old, new = _weights(first), _weights(result.output)
+    assert all(np.array_equal(old[k], new[k]) for k in old)  # encoder and old heads: the same tensors
+    doc = nlp.make_doc(TEXTS[0])
+    doc._.questions = ["Who joined Brightwater Foods?"]
+    assert [s._.question for s in nlp(doc).spans["answers"]] == ["Who joined Brightwater Foods?"]
+
+
+# -- bad input: refused before anything is written ----------------------------------------------------------
+@pytest.mark.parametrize("tasks, pick, words", [
+    (["ner", "textcat"], lambda t, d: (t[:1], d), "need as many --train and --dev files"),
+    (["ner", "ner"], lambda t, d: (t, d), "each once"),
+    (["ner", "textcat"], lambda t, d: (t[::-1], d[::-1]), "prepared for 'textcat', not 'ner'"),
+])
+def test_a_bad_multitask_run_is_refused_before_writing(ckpts, data, tmp_path, tasks, pick, words):
+    train, dev = pick(*files(data, ["ner", "textcat"]))
+    from spacy_llm_components.data import DataError
+
+    with pytest.raises((FinetuneError, DataError), match=words):
+        finetune_tasks(tasks, train, dev, tmp_path / "out", config(ckpts), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_base_pipeline_that_has_the_head_already_is_refused(ckpts, data, tmp_path):
+    train, dev = files(data, ["ner", "textcat"])
+    first = finetune_tasks(["ner", "textcat"], train, dev, tmp_path / "p", config(ckpts, max_steps=1),
+                           progress=False).output
+    with pytest.raises(FinetuneError, match=r"already has \['ner'\]; train the tasks it lacks"):
+        finetune_tasks(["ner"], train[:1], dev[:1], tmp_path / "out", config(ckpts, base_model=str(first)),
+                       progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_trains_several_tasks_and_refuses_mismatched_files(ckpts, data, tmp_path):
+    train, dev = files(data, ["ner", "textcat"])
+    common = ["--base-model", str(ckpts["base"]), "--max-steps", "2", "--batch-size", "4", "--no-track"]
+    bad = CliRunner().invoke(app, ["finetune", "ner+textcat", "--train", str(train[0]), "--dev", str(dev[0]),
+                                   "--dev", str(dev[1]), "-o", str(tmp_path / "bad"), *common])
+    assert bad.exit_code == 2 and "need as many --train and --dev files" in bad.output
+    assert not (tmp_path / "bad").exists()
+    good = CliRunner().invoke(app, ["finetune", "ner+textcat", "--train", str(train[0]), "--train", str(train[1]),
+                                    "--dev", str(dev[0]), "--dev", str(dev[1]), "-o", str(tmp_path / "out"),
+                                    "--sampling", "temperature", "--loss-weights", "ner=2", *common])
+    assert good.exit_code == 0, good.output
+    assert "fine-tuned ner+textcat" in good.output and spacy.load(tmp_path / "out").pipe_names == [
+        "encoder", "ner", "textcat"]
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["sllm"]["config"]["sampling"] == "temperature"
