@@ -231,3 +231,69 @@ def test_the_cli_trains_several_tasks_and_refuses_mismatched_files(ckpts, data, 
     assert "fine-tuned ner+textcat" in good.output and spacy.load(tmp_path / "out").pipe_names == [
         "encoder", "ner", "textcat"]
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["sllm"]["config"]["sampling"] == "temperature"
+
+
+# -- evaluate, register, promote as one ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_versions(ckpts, data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("multitask-versions")
+    train, dev = files(data, ["ner", "textcat"])
+    return [finetune_tasks(["ner", "textcat"], train, dev, root / f"v{i}", config(ckpts, lr=lr, max_steps=4),
+                           progress=False).output for i, lr in enumerate((1e-3, 3e-3))]
+
+
+def test_each_head_is_evaluated_as_its_exported_single_task_pipeline_scores(two_versions, data, tmp_path):
+    from spacy_llm_components.components.pipeline import build_pipeline, export_hf
+    from spacy_llm_components.stages.evaluate import evaluate, evaluate_heads
+
+    tests = {"ner": demo_files("ner")[2], "textcat": data["textcat"] / "dev.spacy"}
+    tests["textcat"] = tmp_path / "t.csv"  # the toy set's dev split, as a file `prepare` reads
+    tests["textcat"].write_text("text,label\n" + "".join(
+        f"{'good great fine' if i % 2 else 'bad awful poor'} {i},{'positive' if i % 2 else 'negative'}\n"
+        for i in range(30, 38)))
+    metrics = evaluate_heads(two_versions[0], tests, tmp_path / "eval")
+    nlp = spacy.load(two_versions[0])
+    for head in ("ner", "textcat"):
+        single = build_pipeline(head, export_hf(nlp, head, tmp_path / f"hf-{head}"), settings={"device": "cpu"})
+        want = evaluate(single, tests[head])
+        assert metrics["heads"][head]["scores"] == pytest.approx(want.scores), head
+        assert all(metrics["scores"][f"{head}_{k}"] == pytest.approx(v) for k, v in want.scores.items())
+    primaries = [metrics["heads"][h]["scores"][metrics["heads"][h]["primary"]] for h in ("ner", "textcat")]
+    assert metrics["primary"] == "weighted_score" and metrics["scores"]["weighted_score"] == pytest.approx(
+        sum(primaries) / 2)
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["task"] == "ner+textcat" and set(written["heads"]) == {"ner", "textcat"}
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Head ner" in report and "## Head textcat" in report and (tmp_path / "eval" / "confusion-textcat.png").is_file()
+    with pytest.raises(ValueError, match=r"give one test file for each, as HEAD=FILE; none for \['textcat'\]"):
+        evaluate_heads(two_versions[0], {"ner": tests["ner"]}, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def _metrics(ner: float, textcat: float) -> dict:
+    heads = {"ner": {"task": "ner", "primary": "ents_f", "scores": {"ents_f": ner}, "test": "n", "test_sha256": "a",
+                     "statistics": {"docs": 5}},
+             "textcat": {"task": "textcat", "primary": "cats_score", "scores": {"cats_score": textcat}, "test": "t",
+                         "test_sha256": "b", "statistics": {"docs": 8}}}
+    return {"task": "ner+textcat", "primary": "weighted_score", "test_sha256": "ab", "heads": heads,
+            "scores": {"weighted_score": (ner + textcat) / 2, "ner_ents_f": ner, "textcat_cats_score": textcat},
+            "statistics": {"docs": 13}}
+
+
+def test_one_version_carries_every_head_and_promotion_gates_on_each(two_versions, mlflow_project):
+    from mlflow.tracking import MlflowClient
+
+    from spacy_llm_components.stages import registry
+
+    first = registry.register(two_versions[0], "mt", metrics=_metrics(0.80, 0.70))
+    assert first.tags["task"] == "ner+textcat" and first.tags["head.ner"] == "ner_ents_f"
+    card = MlflowClient().get_model_version("mt", first.version).description
+    assert "**ner** (ner)" in card and "**ents_f 80.00**" in card and "**cats_score 70.00**" in card
+    assert registry.promote("mt").promoted
+    # a better mean that costs one head more than the margin is refused, naming the head
+    second = registry.register(two_versions[1], "mt", metrics=_metrics(0.78, 0.90))
+    decision = registry.promote("mt", max_head_drop=1.0)
+    assert not decision.promoted and "head ner ner_ents_f 78.00 is 2.00 points below the champion's 80.00" in \
+        decision.reason
+    assert registry.promote("mt", max_head_drop=2.5).promoted  # within a wider margin it is promoted
+    assert str(registry.version_by_alias("mt", "champion").version) == second.version

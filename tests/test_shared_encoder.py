@@ -318,3 +318,35 @@ def test_spacy_assemble_the_shared_configs_on_the_real_minilm(tmp_path, name):
                      "textcat": {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight",
                                  "bert.pooler.dense.bias"},
                      **({"qa": {"qa_outputs.weight", "qa_outputs.bias"}} if "qa" in name else {})}
+
+
+def test_int8_of_a_shared_pipeline_quantizes_the_encoder_once_for_every_head(checkpoints, tmp_path):
+    """`sllm quantize` (quantized_copy) of a shared pipeline: the encoder runs int8, exactly torch's dynamic
+    quantization (one scale per channel) of the checkpoint's own encoder; every head reads it, QA's own
+    pass too; the folder keeps the float32 weights."""
+    import copy
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from spacy_llm_components.stages.compress import quantized_copy
+
+    ckpts = checkpoints["bert"]
+    shared_pipeline(ckpts).to_disk(tmp_path / "fp32")
+    quantized_copy(tmp_path / "fp32", tmp_path / "int8")
+    nlp = spacy.load(tmp_path / "int8")
+    encoder = nlp.get_pipe("encoder")
+    assert nlp.config["components"]["encoder"]["quantize"] == "int8"
+    assert nlp.get_pipe("qa")._model.encoder is encoder.runner  # QA's pass runs the int8 encoder
+    raw = HEADS["base"].from_pretrained(ckpts["ner"]).eval()
+    reference = quantize_dynamic(copy.deepcopy(raw), {torch.nn.Linear: per_channel_dynamic_qconfig})
+    doc = nlp.make_doc(TEXTS[1])
+    encoder.encode([doc], needed=True)
+    (key, got), = encoder._encoded[doc].rows.items()
+    ids = encoder.specials.single(encoder._backend.encode(TEXTS[1], add_special_tokens=False).ids).input_ids
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        full = raw(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, full, atol=1e-4)
+    with safe_open(str(tmp_path / "int8" / "encoder" / "model" / "model.safetensors"), "pt") as stored:
+        assert all(torch.equal(stored.get_tensor(k), v) for k, v in raw.state_dict().items() if k in stored.keys())
+    assert predictions(nlp)  # every head runs on it

@@ -40,12 +40,14 @@ def promote_command(
     name: str = typer.Argument(..., help="registered model name"),
     test: Optional[Path] = typer.Option(None, help="evaluate challenger and champion on this file now, "
                                                     "instead of comparing their recorded evaluations"),
+    max_head_drop: float = typer.Option(0.5, min=0, help="several heads on one encoder: points any head may lose "
+                                                         "against the champion's"),
 ) -> None:
     """Move the `champion` alias to the challenger if it beats the champion on the same evaluation set."""
     from ..stages.registry import promote
 
     try:
-        decision = promote(name, test=test)
+        decision = promote(name, test=test, max_head_drop=max_head_drop)
     except ValueError as err:
         fail(err)
     verdict = (f"champion is now version {decision.challenger}" if decision.promoted

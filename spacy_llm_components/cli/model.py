@@ -129,7 +129,8 @@ def local_model(model: str) -> Path:
 @app.command("evaluate")
 def evaluate_command(
     model: str = ModelArg,
-    test: Path = typer.Argument(..., help="test data in any format `sllm prepare` reads"),
+    test: List[str] = typer.Argument(..., help="test data in any format `sllm prepare` reads; a pipeline of several "
+                                               "heads: HEAD=FILE for each (ner=test.conll textcat=test.tsv)"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for metrics.json, report.md, confusion.png"),
     batch_size: Optional[int] = BatchSize,
     text_column: str = TextColumn,
@@ -140,13 +141,31 @@ def evaluate_command(
     track: bool = Track,
 ) -> None:
     """Score a model on test data through nlp.pipe; write metrics and a report."""
-    from ..stages.evaluate import evaluate
+    from ..stages.evaluate import evaluate, evaluate_heads
 
+    options = read_options(text_column, label_column, label_sep, strict)
     try:
-        result = evaluate(model, test, output, options=read_options(text_column, label_column, label_sep, strict),
-                          skip_bad=skip_bad, batch_size=batch_size)
+        if len(test) > 1 or "=" in test[0] and not Path(test[0]).exists():
+            tests = dict(t.split("=", 1) if "=" in t else ("", t) for t in test)
+            if "" in tests:
+                raise ValueError(f"several test files: write HEAD=FILE for each (got {test})")
+            metrics = evaluate_heads(model, tests, output, options=options, skip_bad=skip_bad, batch_size=batch_size)
+            for head, evaluation in metrics["heads"].items():
+                typer.echo(f"{head}: {evaluation['primary']} {100 * evaluation['scores'][evaluation['primary']]:.2f} "
+                           f"on {evaluation['statistics']['docs']:,} docs of {evaluation['test']}")
+            typer.echo(f"{metrics['primary']}: {100 * metrics['scores'][metrics['primary']]:.2f}")
+            result = None
+        else:
+            result = evaluate(model, Path(test[0]), output, options=options, skip_bad=skip_bad, batch_size=batch_size)
     except (DataError, ValueError) as err:
         fail(err)
+    if result is None:
+        typer.echo(f"wrote {output}/metrics.json and {output}/report.md")
+        if track:
+            from ..stages.shared.tracking import log_evaluation, tracking_uri
+
+            typer.echo(f"MLflow run {log_evaluation(output)} in {tracking_uri()}")
+        return
     st = result.statistics
     typer.echo(f"{result.primary}: {100 * result.primary_score:.2f} on {st['docs']:,} docs "
                f"({st['docs_per_second']:,} docs/s, {st['words_per_second']:,} words/s, "

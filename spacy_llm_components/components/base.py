@@ -21,6 +21,7 @@ from ..models.devices import resolve_device, resolve_dtype
 from ..models.runtimes import check_runtime, inference_model
 from ..models.task_model import (
     TaskCheckpoint,
+    TaskModel,
     attach_head,
     has_head,
     load_task_checkpoint,
@@ -141,6 +142,8 @@ class HFPipe(FolderBytes, TrainablePipe):
         # float32 weights stay, for to_disk, export and fine-tuning)
         self._model = inference_model(checkpoint.model, quantize=self.quantize, runtime=self.runtime,
                                       input_names=checkpoint.encoder.input_names, output_names=self.output_names)
+        if self.encoder_name is not None and self.shared.runner is not checkpoint.encoder.model:
+            self._model = TaskModel(self.shared.runner, checkpoint.head).eval()  # an own pass (QA) on the int8 encoder
         # what `spacy train` updates: the checkpoint's model wrapped for thinc (features in, loss out)
         collate = FeatureCollator(self.spec.collator(checkpoint.tokenizer), checkpoint.tokenizer)
         trainable = self.quantize is None and self.runtime == "torch" and self.encoder_name is None

@@ -32,8 +32,9 @@ from spacy.util import ensure_path, minibatch
 from ..core.align import window_spans
 from ..core.settings import setting
 from ..models.checkpoint import DEFAULT_MODEL
-from ..models.devices import DTYPES
+from ..models.devices import DTYPES, resolve_device, resolve_dtype
 from ..models.encoder import Encoder
+from ..models.runtimes import QUANTIZATIONS, check_runtime, inference_model
 from ..models.task_model import load_encoder, save_encoder
 from .folders import FolderBytes
 from .inputs import Batch, Pieces, Rows, SpecialTokens, padded_batches
@@ -54,6 +55,9 @@ class EncoderSettings:
     stride: int = setting(128, "word pieces two windows of a long doc overlap by", ge=0)
     device: str = setting("auto", "auto, cpu or cuda:N")
     dtype: str = setting("float32", "weights' precision", choices=tuple(DTYPES))
+    quantize: Optional[str] = setting(None, "int8: the encoder's Linear layers dynamically quantized on the CPU for "
+                                            "inference (the heads stay float32; float32 weights stay on disk)",
+                                      choices=QUANTIZATIONS)
 
 
 @dataclass
@@ -70,6 +74,8 @@ class HFEncoder(FolderBytes, Pipe):
 
     def __init__(self, nlp: Language, name: str, settings: EncoderSettings) -> None:
         check_component_settings(name, settings)
+        resolved = resolve_device(settings.device)
+        check_runtime("torch", settings.quantize, resolved, resolve_dtype(settings.dtype, resolved))
         self.settings = settings
         self.name = name
         self.model_name = settings.model
@@ -85,6 +91,10 @@ class HFEncoder(FolderBytes, Pipe):
 
         encoder.name = encoder.owner = self.name
         self._encoder = encoder
+        # what inference runs: the encoder, or an int8 copy of it (the float32 one stays, for to_disk, export
+        # and training); every head reads what it computes, QA's own pass too
+        self.runner = inference_model(encoder.model, quantize=self.settings.quantize, runtime="torch",
+                                      input_names=encoder.input_names, output_names=("last_hidden_state",))
         self.specials = SpecialTokens.of(encoder.tokenizer)
         self._backend = Tokenizer.from_str(encoder.tokenizer.backend_tokenizer.to_str())
         self._backend.no_truncation()
@@ -150,10 +160,10 @@ class HFEncoder(FolderBytes, Pipe):
         rows = Rows(pieces.bounds[:-1][owner] + first, length, owner)
         entries = [Encoded(e) for e in encodings]
         n_special = self.specials.n_single
-        encoder.model.eval()
+        self.runner.eval()
         with torch.inference_mode():
             for batch in padded_batches(pieces.ids, rows, self.specials, self.batch_size, self.pad_id):
-                out = encoder.model(**encoder.feed(batch.input_ids, batch.attention_mask), return_dict=True)
+                out = self.runner(**encoder.feed(batch.input_ids, batch.attention_mask), return_dict=True)
                 hidden = out.last_hidden_state  # (no pooler: a sequence head that reads one holds its own)
                 for b, j in enumerate(batch.rows.tolist()):
                     entries[owner[j]].rows[(int(first[j]), int(length[j]))] = hidden[b, :int(length[j]) + n_special]

@@ -59,8 +59,19 @@ def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Option
         scores, stats = evaluation.get("scores") or {}, evaluation.get("statistics") or {}
         primary = evaluation.get("primary")
         others = ", ".join(f"{k} {_pct(v)}" for k, v in scores.items() if k != primary and not k.endswith("_desc"))
-        lines.append(f"- **Evaluation**: `{evaluation.get('test')}` (content {_short(evaluation.get('test_sha256'))}, "
-                     f"{stats.get('docs', '?'):,} docs): **{primary} {_pct(scores.get(primary))}**; {others}")
+        heads = evaluation.get("heads") or {}
+        if heads:  # several heads on one encoder, each evaluated on its own test set
+            lines.append(f"- **Evaluation**: {len(heads)} heads, **{primary} {_pct(scores.get(primary))}** (the mean "
+                         "of their primary scores)")
+            for head, ev in heads.items():
+                head_scores = ev.get("scores") or {}
+                rest = ", ".join(f"{k} {_pct(v)}" for k, v in head_scores.items() if k != ev.get("primary"))
+                lines.append(f"  - **{head}** ({ev.get('task')}) on `{ev.get('test')}` (content "
+                             f"{_short(ev.get('test_sha256'))}, {(ev.get('statistics') or {}).get('docs', '?'):,} "
+                             f"docs): **{ev.get('primary')} {_pct(head_scores.get(ev.get('primary')))}**; {rest}")
+        else:
+            lines.append(f"- **Evaluation**: `{evaluation.get('test')}` (content {_short(evaluation.get('test_sha256'))}, "
+                         f"{stats.get('docs', '?'):,} docs): **{primary} {_pct(scores.get(primary))}**; {others}")
         if stats.get("docs_per_second"):
             lines.append(f"- **Measured speed**: {stats['docs_per_second']:,} docs/s, "
                          f"{stats.get('words_per_second', 0):,} words/s on {stats.get('machine') or stats.get('device')}")

@@ -84,6 +84,12 @@ def hf_components(pipeline: Path) -> List[str]:
     return names
 
 
+def shared_encoders(pipeline: Path) -> List[str]:
+    """Names of the hf_encoder components in a pipeline folder's config.cfg."""
+    config = spacy.util.load_config(Path(pipeline) / "config.cfg", interpolate=False)
+    return [name for name, block in config["components"].items() if block.get("factory") == "hf_encoder"]
+
+
 def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path], runtime: str = "torch") -> Path:
     """Write `pipeline` (a folder or models:/ reference) to `output` with its hf_* components set to
     `quantize = "int8"` on the CPU, in PyTorch or (`runtime = "onnxruntime"`) ONNX Runtime. The weights
@@ -95,6 +101,11 @@ def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path], runtime
     folder = local_pipeline(pipeline)
     output = _apart(output, folder, "the int8 copy")
     overrides = {name: {"quantize": "int8", "runtime": runtime, "device": "cpu"} for name in hf_components(folder)}
+    encoders = shared_encoders(folder)
+    if encoders:  # heads on a shared encoder: the encoder is quantized, the heads read what it computes
+        if runtime != "torch":
+            raise CompressError(f"{folder}: heads on a shared encoder run int8 in PyTorch only (runtime 'torch')")
+        overrides = {name: {"quantize": "int8", "device": "cpu"} for name in encoders}
     try:
         nlp = spacy.load(folder, config={"components": overrides})
     except ValueError as err:  # e.g. a bfloat16 pipeline: int8 starts from float32 weights

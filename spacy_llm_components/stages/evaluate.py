@@ -1,15 +1,19 @@
 """Evaluate a pipeline on gold data through `nlp.pipe` (the path users take): metrics.json, report.md
-and, for exclusive classes, the confusion matrix plot. Scoring itself is `shared.scoring`'s."""
+and, for exclusive classes, the confusion matrix plot. Scoring itself is `shared.scoring`'s. A pipeline
+of several heads on one encoder is evaluated head by head, each on its own test file (`evaluate_heads`)."""
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 from spacy.language import Language
 
 from ..artifacts import METRICS, json_bytes, sha256_file, write_files
+from ..components.base import HFPipe
 from ..data import ReadOptions
-from .shared.scoring import Evaluation, score_file
+from .shared.scoring import Evaluation, open_pipeline, score_file
+
+MEAN = "weighted_score"  # a multi-head evaluation's primary: the mean of its heads' primary scores
 
 
 def evaluate(pipeline: Union[str, Path, Language], test: Union[str, Path], output: Optional[Union[str, Path]] = None,
@@ -28,6 +32,58 @@ def evaluate(pipeline: Union[str, Path, Language], test: Union[str, Path], outpu
         files["report.md"] = report_markdown(result, str(pipeline), str(test)).encode()
         write_files(Path(output), files)
     return result
+
+
+def evaluate_heads(pipeline: Union[str, Path, Language], tests: Dict[str, Union[str, Path]],
+                   output: Optional[Union[str, Path]] = None, *, options: ReadOptions = ReadOptions(),
+                   skip_bad: bool = False, batch_size: Optional[int] = None) -> Dict[str, Any]:
+    """Score each hf_* head of the pipeline on its own test file (`tests`: head name -> file; every head
+    needs one), the other heads off. The result (and, with `output`, metrics.json) holds every head's
+    evaluation under `heads`, their scores prefixed with the head's name, and as primary the mean of the
+    heads' primary scores; report.md has a section per head."""
+    nlp, reference = open_pipeline(pipeline)
+    heads = [name for name, pipe in nlp.pipeline if isinstance(pipe, HFPipe)]
+    unknown, missing = sorted(set(tests) - set(heads)), [h for h in heads if h not in tests]
+    if unknown or missing:
+        raise ValueError(f"the pipeline's heads are {heads}: give one test file for each, as HEAD=FILE"
+                         + (f"; no head {unknown}" if unknown else "") + (f"; none for {missing}" if missing else ""))
+    results, loaded_by_head = {}, {}
+    for head in heads:
+        results[head], loaded_by_head[head], _ = score_file(nlp, tests[head], options=options, skip_bad=skip_bad,
+                                                           batch_size=batch_size, component=head)
+    hashes = {h: sha256_file(t) if Path(t).is_file() else None for h, t in tests.items()}
+    scores = {MEAN: sum(r.primary_score for r in results.values()) / len(results)}
+    scores.update({f"{h}_{k}": v for h, r in results.items() for k, v in r.scores.items()})
+    seconds = sum(r.statistics["seconds"] for r in results.values())
+    docs = sum(r.statistics["docs"] for r in results.values())
+    metrics = {"task": "+".join(r.task for r in results.values()), "primary": MEAN, "scores": scores,
+               "statistics": {"docs": docs, "seconds": round(seconds, 3),
+                              "docs_per_second": round(docs / seconds, 1) if seconds else None,
+                              **{k: next(iter(results.values())).statistics.get(k) for k in ("device", "machine")}},
+               "heads": {h: {**r.to_json(), "test": str(tests[h]), "test_sha256": hashes[h],
+                             "skipped": [x.to_dict() for x in loaded_by_head[h].skipped]} for h, r in results.items()},
+               "pipeline": str(reference), "test": {h: str(t) for h, t in tests.items()},
+               "test_sha256": sha256_text(repr(sorted(hashes.items())))}
+    if output is not None:
+        files = {METRICS: json_bytes(metrics)}
+        report: List[str] = [f"# Evaluation: {metrics['task']}", "", f"- pipeline: `{reference}`",
+                             f"- primary metric: **{MEAN} = {100 * scores[MEAN]:.2f}** (the mean of the heads' "
+                             "primary scores)", ""]
+        for head, result in results.items():
+            section = report_markdown(result, str(reference), str(tests[head])).replace("# Evaluation:", "## Head",
+                                                                                        1).replace("\n## ", "\n### ")
+            report.append(section.replace("(confusion.png)", f"(confusion-{head}.png)"))
+            if result.confusion is not None:
+                files[f"confusion-{head}.png"] = confusion_png(result.confusion)
+        files["report.md"] = "\n".join(report).encode()
+        write_files(Path(output), files)
+    return metrics
+
+
+def sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def confusion_png(confusion: Dict[str, Any]) -> bytes:

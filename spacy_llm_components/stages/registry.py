@@ -4,7 +4,7 @@ the points it lost. Model references resolve in `shared.references`."""
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from ..artifacts import read_json, sha256_tree
 from ..core.cards import model_card
-from ..tasks import task_spec
+from ..tasks import task_specs
 from .shared.pyfunc import pyfunc_model
 from .shared.references import RegistryError, local_pipeline, version_by_alias
 from .shared.scoring import score_file
@@ -55,7 +55,26 @@ def evaluation_tags(metrics: Any, task: str) -> Dict[str, str]:
     tags.update({f"speed.{k}": repr(statistics[k]) for k in ("docs_per_second", "words_per_second",
                                                                "word_pieces_per_second") if statistics.get(k)})
     tags.update({f"speed.{k}": str(statistics[k]) for k in ("device", "machine") if statistics.get(k)})
+    for head, evaluation in (metrics.get("heads") or {}).items():  # several heads: each one's own primary
+        tags[f"head.{head}"] = f"{head}_{evaluation['primary']}"
     return tags
+
+
+def head_scores(version) -> Dict[str, tuple]:
+    """{head: (its primary metric, its score)} of a version evaluated head by head ({} otherwise)."""
+    out = {}
+    for key, metric in version.tags.items():
+        if key.startswith("head.") and f"metric.{metric}" in version.tags:
+            out[key[len("head."):]] = (metric, float(version.tags[f"metric.{metric}"]))
+    return out
+
+
+def head_regressions(challenger, champion, max_drop: float) -> List[str]:
+    """The heads the challenger has lost more than `max_drop` points on against the champion."""
+    mine, theirs = head_scores(challenger), head_scores(champion)
+    return [f"{head} {metric} {100 * mine[head][1]:.2f} is {100 * (score - mine[head][1]):.2f} points below the "
+            f"champion's {100 * score:.2f}" for head, (metric, score) in theirs.items()
+            if head in mine and 100 * (score - mine[head][1]) > max_drop + 1e-9]
 
 
 def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[str, Path, Dict]] = None,
@@ -109,9 +128,10 @@ def register(pipeline: Union[str, Path], name: str, *, metrics: Optional[Union[s
 
 
 def _card_task(info: Dict[str, Any]) -> Dict[str, str]:
-    """What the model card says of the pipeline's task, from its spec."""
-    spec = task_spec(info["task"])
-    return {"task_description": spec.description, "request_note": spec.request_note}
+    """What the model card says of the pipeline's task (or its heads' tasks), from their specs."""
+    specs = task_specs(info["task"])
+    notes = dict.fromkeys(spec.request_note for spec in specs if spec.request_note)
+    return {"task_description": "; ".join(spec.description for spec in specs), "request_note": "".join(notes)}
 
 
 def version_tags(name: str, version: str) -> Dict[str, str]:
@@ -162,12 +182,14 @@ class PromotionDecision:
         return asdict(self)
 
 
-def promote(name: str, *, test: Optional[Union[str, Path]] = None,
-            experiment: Optional[str] = None) -> PromotionDecision:
+def promote(name: str, *, test: Optional[Union[str, Path]] = None, experiment: Optional[str] = None,
+            max_head_drop: float = 0.5) -> PromotionDecision:
     """Move `champion` to the `challenger` version if it beats the champion's primary metric on the
     same evaluation set (or there is no champion). Scores come from the versions' evaluation tags,
-    or, with `test`, from evaluating both versions on that file now. Versions are never deleted;
-    the decision and both scores are logged as an MLflow run and as tags on the challenger."""
+    or, with `test`, from evaluating both versions on that file now. Versions evaluated head by head
+    (several heads on one encoder) compare their mean, and no head may lose more than `max_head_drop`
+    points against the champion's. Versions are never deleted; the decision and both scores are logged
+    as an MLflow run and as tags on the challenger."""
     use_tracking()
     client = MlflowClient()
     challenger = version_by_alias(name, CHALLENGER)
@@ -200,6 +222,11 @@ def promote(name: str, *, test: Optional[Union[str, Path]] = None,
     if champion is None:
         return _decide(client, name, True, "there was no champion", challenger, None, (metric, ch_score), (metric, None),
                        experiment)
+    lost = head_regressions(challenger, champion, max_head_drop) if test is None else []
+    if lost:
+        return _decide(client, name, False, f"challenger {metric} {ch_score:.4f} vs champion {cp_score:.4f}, but head "
+                       + "; head ".join(lost) + f" (allowed {max_head_drop:g})", challenger, champion,
+                       (metric, ch_score), (metric, cp_score), experiment)
     if ch_score > cp_score:
         return _decide(client, name, True, f"challenger {metric} {ch_score:.4f} > champion {cp_score:.4f}",
                        challenger, champion, (metric, ch_score), (metric, cp_score), experiment)

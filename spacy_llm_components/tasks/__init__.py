@@ -6,7 +6,18 @@ are distilled, and what cards, serving and the demo show of it. Each task lives 
 registers itself; adding one means a spec, a head kind (or an existing one) and a component, nothing else.
 """
 
-from .base import TASKS, Scores, TaskSpec, factories_in_words, load_docs, register_task, task_spec, unregister_task
+from .base import (
+    TASKS,
+    Scores,
+    TaskSpec,
+    factories_in_words,
+    input_example,
+    load_docs,
+    register_task,
+    task_spec,
+    task_specs,
+    unregister_task,
+)
 
 # each registers its task and scorer; this order is the order users see them in
 # isort: off
@@ -15,5 +26,5 @@ from .ner import NER  # noqa: F401
 from .qa import QA  # noqa: F401
 # isort: on
 
-__all__ = ["TASKS", "Scores", "TaskSpec", "factories_in_words", "load_docs", "register_task", "task_spec",
-           "unregister_task"]
+__all__ = ["TASKS", "Scores", "TaskSpec", "factories_in_words", "input_example", "load_docs", "register_task",
+           "task_spec", "task_specs", "unregister_task"]

@@ -186,6 +186,21 @@ def task_spec(task: "str | TaskSpec") -> TaskSpec:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}") from None
 
 
+def task_specs(tasks: str) -> List[TaskSpec]:
+    """The specs of one task or of several joined by + (`ner+textcat`: heads on one shared encoder)."""
+    return [task_spec(name) for name in tasks.split("+")]
+
+
+def input_example(tasks: str) -> Dict[str, List[Any]]:
+    """A served request's columns for a pipeline of these tasks: the first task's text, and the columns
+    any of them adds (QA's questions)."""
+    example: Dict[str, List[Any]] = {}
+    for spec in task_specs(tasks):
+        for column, values in spec.input_example.items():
+            example.setdefault(column, values)
+    return example
+
+
 def load_docs(task: "str | TaskSpec", path: Union[str, Path], nlp: Language, *, options: ReadOptions = ReadOptions(),
               skip_bad: bool = False) -> Loaded:
     """`TaskSpec.load` of the task named `task`."""

@@ -16,7 +16,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from ...components.pipeline import doc_predictions, make_input_doc
 from ...data.errors import DataError
-from ...tasks import TASKS, task_spec
+from ...tasks import TASKS, input_example
 from .tracking import PIPELINE_ARTIFACT
 
 # Request limits of the served model (environment variables override them): a request over a
@@ -143,9 +143,9 @@ def model_signature():
 
 
 def pyfunc_model(pipeline: Path, task: str) -> Dict[str, Any]:
-    """The arguments of `mlflow.pyfunc.log_model` / `save_model` that make `pipeline` a served model."""
+    """(`task`: the pipeline's task, or its heads' joined by +.) The arguments of `mlflow.pyfunc.log_model` / `save_model` that make `pipeline` a served model."""
     return dict(python_model=SpacyPipelineModel(), artifacts={PIPELINE_ARTIFACT: str(pipeline)},
-                signature=model_signature(), input_example=pd.DataFrame(task_spec(task).input_example),
+                signature=model_signature(), input_example=pd.DataFrame(input_example(task)),
                 pip_requirements=requirements())
 
 

@@ -14,6 +14,7 @@ from spacy.language import Language
 from spacy.tokens import Doc
 from spacy.training import Example
 
+from ...components.base import HFPipe
 from ...components.pipeline import hf_component
 from ...data import Loaded, ReadOptions
 from ...models.devices import machine
@@ -79,19 +80,27 @@ def word_pieces(pipe, docs: Sequence[Doc]) -> int:
     return sum(len(ids) for ids in pipe.checkpoint.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
-def score_file(pipeline: Union[str, Path, Language], test: Union[str, Path], *, options: ReadOptions = ReadOptions(),
-               skip_bad: bool = False, batch_size: Optional[int] = None) -> Tuple["Evaluation", Loaded, str]:
-    """Load the pipeline (a folder, `models:/NAME@ALIAS` or `models:/NAME/VERSION`, or a loaded one), read
-    `test` (any format `prepare` reads) and score it: (evaluation, the test docs as read, the pipeline's
-    reference pinned to its version)."""
+def open_pipeline(pipeline: Union[str, Path, Language]) -> Tuple[Language, str]:
+    """(the pipeline, its reference pinned to its version) of a folder, `models:/NAME@ALIAS` or
+    `models:/NAME/VERSION`, or a loaded one."""
     if isinstance(pipeline, Language):
-        nlp, reference = pipeline, "<in memory>"
-    else:
-        reference = pin_model(pipeline)  # recorded as the version it was, wherever an alias moves later
-        nlp = spacy.load(local_pipeline(reference))
-    pipe = hf_component(nlp)
+        return pipeline, "<in memory>"
+    reference = pin_model(pipeline)  # recorded as the version it was, wherever an alias moves later
+    return spacy.load(local_pipeline(reference)), reference
+
+
+def score_file(pipeline: Union[str, Path, Language], test: Union[str, Path], *, options: ReadOptions = ReadOptions(),
+               skip_bad: bool = False, batch_size: Optional[int] = None,
+               component: Optional[str] = None) -> Tuple["Evaluation", Loaded, str]:
+    """Load the pipeline (`open_pipeline`), read `test` (any format `prepare` reads) and score its hf_*
+    component (the first, or `component`, with the pipeline's other hf_* heads off): (evaluation, the
+    test docs as read, the pipeline's reference pinned to its version)."""
+    nlp, reference = open_pipeline(pipeline)
+    pipe = nlp.get_pipe(component) if component else hf_component(nlp)
     loaded = load_docs(pipe.spec.name, test, nlp, options=options, skip_bad=skip_bad)
     pipe.spec.gold_for(loaded, pipe)
-    result = score_pipeline(nlp, loaded.docs, batch_size=batch_size)
+    others = [name for name, p in nlp.pipeline if isinstance(p, HFPipe) and p is not pipe]
+    with nlp.select_pipes(disable=others):
+        result = score_pipeline(nlp, loaded.docs, batch_size=batch_size, component=pipe.name)
     result.statistics["skipped"] = len(loaded.skipped)
     return result, loaded, reference
