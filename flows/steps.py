@@ -22,10 +22,12 @@ from spacy_llm_components.data import DataError, ReadOptions
 from spacy_llm_components.stages import registry
 from spacy_llm_components.stages.evaluate import evaluate as evaluate_pipeline
 from spacy_llm_components.stages.finetune import finetune as finetune_pipeline
+from spacy_llm_components.stages.finetune import finetune_tasks as finetune_several
 from spacy_llm_components.stages.prepare import prepare
 from spacy_llm_components.stages.pretrain import PretrainConfig
 from spacy_llm_components.stages.pretrain import pretrain as pretrain_encoder
 from spacy_llm_components.stages.shared import tracking
+from spacy_llm_components.stages.shared.multitask import MultitaskSettings
 from spacy_llm_components.stages.shared.tracking import code_version
 from spacy_llm_components.stages.shared.training import FinetuneConfig
 
@@ -169,6 +171,34 @@ def finetune(task: str, train: str, dev: str, output: str, config: Optional[Dict
                    config=config, train_sha256=sha256_file(Path(train)), dev_sha256=sha256_file(Path(dev)),
                    base_model_sha256=_base_model_fingerprint(config["base_model"]), data_summary=data_summary,
                    progress=progress)
+
+
+@task(name="finetune-tasks", cache_policy=CACHE, **RETRIES)
+def finetune_tasks_task(tasks: List[str], train: List[str], dev: List[str], output: str, config: Dict[str, Any],
+                        multitask: Dict[str, Any], train_sha256: List[str], dev_sha256: List[str],
+                        base_model_sha256: str, code_version: str, progress: bool = True) -> Dict[str, Any]:
+    result = finetune_several(tasks, train, dev, output, FinetuneConfig(**config), MultitaskSettings(**multitask),
+                              resume=True, progress=progress)
+    run_id = tracking.log_finetune(output)
+    get_run_logger().info(result.summary())
+    return {"pipeline": str(Path(output)), "primary": result.primary, "dev": result.dev_metrics,
+            "best_step": result.best_step, "resumed_from": result.resumed_from, "mlflow_run_id": run_id,
+            "files": output_hashes(Path(output) / "meta.json", Path(output) / METRICS)}
+
+
+@flow(name="finetune-tasks")
+def finetune_tasks(tasks: List[str], train: List[str], dev: List[str], output: str,
+                   config: Optional[Dict[str, Any]] = None, multitask: Optional[Dict[str, Any]] = None,
+                   progress: bool = True) -> Dict[str, Any]:
+    """Fine-tune one head per task on a shared encoder, together, on one prepared training and dev set per
+    task (resuming an interrupted run), and log the run to MLflow."""
+    config = _local_model(asdict(FinetuneConfig(**(config or {}))))
+    multitask = asdict(MultitaskSettings(**(multitask or {})))
+    train, dev = [existing_file(p) for p in train], [existing_file(p) for p in dev]
+    return cached(finetune_tasks_task, tasks=list(tasks), train=train, dev=dev, output=str(Path(output).resolve()),
+                   config=config, multitask=multitask, train_sha256=[sha256_file(Path(p)) for p in train],
+                   dev_sha256=[sha256_file(Path(p)) for p in dev],
+                   base_model_sha256=_base_model_fingerprint(config["base_model"]), progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -463,3 +463,22 @@ def test_the_demo_reports_what_the_registry_holds_and_its_progress(ckpts, mlflow
     assert f"promoted (there was no champion); champion: version 1, cats_score {score:.1f}" in text
     assert "=== textcat (1 of 1)" in text and "textcat took " in text and "next: serving the champions" in text
     assert '"cats"' in text  # the served champion answered
+
+
+def test_the_finetune_tasks_flow_trains_heads_together_caches_and_logs_one_run(ckpts, mlflow_project, tmp_path):
+    from spacy_llm_components.stages.prepare import prepare
+
+    data = {}
+    for task in ("ner", "textcat"):
+        train, dev, _ = demo_files(task)
+        data[task] = prepare(task, [train], tmp_path / task, dev=dev).output
+    params = dict(tasks=["ner", "textcat"], train=[str(data[t] / "train.spacy") for t in ("ner", "textcat")],
+                  dev=[str(data[t] / "dev.spacy") for t in ("ner", "textcat")], output=str(tmp_path / "model"),
+                  config=_config(ckpts), multitask={"sampling": "temperature"}, progress=False)
+    first = steps.finetune_tasks(**params)
+    assert first["primary"] == "weighted_score" and {"ner_ents_f", "textcat_cats_score"} <= set(first["dev"])
+    again = steps.finetune_tasks(**params)  # cached: no second training, no second MLflow run
+    assert again["mlflow_run_id"] == first["mlflow_run_id"]
+    (run,) = _runs("finetune")
+    assert run.data.tags["task"] == "ner+textcat" and run.data.params["sampling"] == "temperature"
+    assert run.data.metrics["best.weighted_score"] == pytest.approx(first["dev"]["weighted_score"])

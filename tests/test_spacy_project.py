@@ -58,3 +58,15 @@ def test_project_workflow_all_pretrain_fine_tunes_the_adapted_encoder(ckpts, tmp
     assert (encoder / "model.safetensors").is_file()
     meta = json.loads((project / "training" / "adapted" / "model" / "meta.json").read_text())["sllm"]
     assert meta["base_model"] == "training/adapted/encoder" and meta["encoder"]["encoder_path"] == str(encoder)
+
+
+def test_project_workflow_all_together_registers_one_model_of_two_heads(ckpts, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "project.yml", project)
+    shutil.copytree(ROOT / "demo", project / "demo")
+    out = _run(project, "all-together", ".", "--vars.base_model", str(ckpts["base"]), "--vars.max_steps", "2")
+    assert "fine-tuned ner+textcat" in out and "champion is now version 1" in out
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("ner-textcat", "champion")
+    assert version.tags["task"] == "ner+textcat" and {"head.ner", "head.textcat"} <= set(version.tags)

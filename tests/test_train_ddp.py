@@ -132,3 +132,52 @@ def test_torchrun_two_cpu_processes_match_one_process_with_the_global_batch(tmp_
     print(f"max |ddp - single| = {diff:.3g}; max |ddp - base| = {moved:.3g}")
     assert diff <= ATOL
     assert moved > 100 * ATOL
+
+
+@pytest.mark.slow
+def test_torchrun_trains_several_heads_together_and_writes_one_pipeline(tmp_path):
+    """`torchrun --nproc_per_node 2 ... finetune ner+textcat`: each process takes whole batches of one task
+    (the heads its batch does not use are unused parameters that step), one process writes and reports."""
+    base = make_ckpt(tmp_path / "base", "base")
+    (tmp_path / "train.conll").write_text(NER_DDP_TRAIN)
+    (tmp_path / "dev.conll").write_text("Angela B-PER\nMerkel I-PER\nvisited O\nRome B-LOC\n. O\n")
+    ner = prepare("ner", tmp_path / "train.conll", tmp_path / "ner", dev=tmp_path / "dev.conll")
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{'good' if i % 2 else 'bad'} day {i},"
+                                                             f"{'pos' if i % 2 else 'neg'}\n" for i in range(12)))
+    textcat = prepare("textcat", tmp_path / "t.csv", tmp_path / "textcat", dev_fraction=0.25)
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    root = str(Path(spacy_llm_components.__file__).resolve().parents[1])
+    env.update(PYTHONPATH=os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])]), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "-m", "spacy_llm_components.cli", "finetune", "ner+textcat", "--train", str(ner.train), "--train",
+           str(textcat.train), "--dev", str(ner.dev), "--dev", str(textcat.dev), "--output", str(out),
+           "--base-model", str(base), "--device", "cpu", "--batch-size", str(PER_DEVICE), "--epochs", "2",
+           "--lr", "1e-2", "--seed", "0", "--no-track"]
+    with open(tmp_path / "torchrun.out", "w") as stdout, open(tmp_path / "torchrun.err", "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=stdout, stderr=stderr)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    printed, errors = (tmp_path / "torchrun.out").read_text(), (tmp_path / "torchrun.err").read_text()
+    assert proc.returncode == 0, printed[-3000:] + errors[-6000:]
+    assert printed.count("fine-tuned ner+textcat in") == 1
+    nlp = spacy.load(out)
+    assert nlp.pipe_names == ["encoder", "ner", "textcat"]
+    # 4 NER + 5 textcat batches of 2 per epoch (9 textcat training docs), shared out over 2 processes
+    batches = json.loads((out / "meta.json").read_text())["sllm"]["batches_per_epoch"]
+    assert batches == {"ner": 4, "textcat": 5}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["world_size"] == WORLD and metrics["training"]["steps"] == 2 * math.ceil(9 / WORLD)
+    evals = [e for e in _log(out) if "eval_weighted_score" in e]
+    assert len(evals) == 2 and all({"eval_ner_ents_f", "eval_textcat_cats_score"} <= set(e) for e in evals)
+    base_weights = load_file(str(base / "model.safetensors"))
+    trained = load_file(str(out / "encoder" / "model" / "model.safetensors"))
+    assert any(not np.allclose(trained[k], base_weights[k]) for k in trained if k in base_weights)
