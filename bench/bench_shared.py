@@ -20,20 +20,19 @@ predict the same (entities exactly, categories within 1e-4) before it reports.
 """
 
 import argparse
-import gc
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import spacy  # noqa: E402
 import torch  # noqa: E402
-from bench_inference import conll_sentences  # noqa: E402
+from bench_inference import best_time, conll_sentences  # noqa: E402
 
 import spacy_llm_components  # noqa: E402,F401
 from spacy_llm_components.components.pipeline import doc_predictions, export_hf  # noqa: E402
@@ -77,16 +76,6 @@ def alone(folder: Path, head: str, device: str) -> spacy.language.Language:
                                               **({"questions": [QUESTION]} if head == "qa" else {})})
     nlp.initialize()
     return nlp
-
-
-def best_time(run: Callable[[], object], repeats: int):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        gc.collect()
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def predict(pipelines: List[spacy.language.Language], texts: List[str]) -> List[Dict]:
