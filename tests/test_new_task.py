@@ -118,7 +118,8 @@ class HFHighlighter(HFPipe):
     def _predict_prepared(self, docs, prepared):
         pieces = self._pieces([d.text for d in docs])
         probability = np.zeros(len(pieces.ids), dtype=np.float32)
-        for batch, out in self._run(pieces, Rows(pieces.bounds[:-1], pieces.lengths)):
+        rows = Rows(pieces.bounds[:-1], pieces.lengths, np.arange(len(docs)))
+        for batch, out in self._run(docs, pieces, rows):
             probs = out.logits.float().softmax(-1)[..., 1]
             probability[batch.piece] = probs[batch.row, batch.col].cpu().numpy()
         result = []
