@@ -18,15 +18,13 @@ from spacy_llm_components.artifacts import METRICS, read_json, sha256_file, sha2
 from spacy_llm_components.stages import registry
 from spacy_llm_components.stages.compress import (
     CompressError,
-    DistillConfig,
-    check_distillation,
     check_max_drop,
     check_methods,
     quantized_copy,
+    shared_encoders,
 )
-from spacy_llm_components.stages.compress import (
-    distill as distill_pipeline,
-)
+from spacy_llm_components.stages.compress.distill import DistillConfig, check_distillation
+from spacy_llm_components.stages.compress.distill import distill as distill_pipeline
 from spacy_llm_components.stages.shared import references, tracking
 from spacy_llm_components.stages.shared.tracking import project_dir
 from spacy_llm_components.stages.shared.training import FinetuneConfig
@@ -82,6 +80,10 @@ def compress(model: str, test: str, methods: List[str], max_drop: float = 0.5, t
                             "register the pipeline first")
     ref = references.parse_model_uri(source)
     folder = references.local_pipeline(source)
+    if shared_encoders(folder):
+        raise CompressError(f"{model}: its heads share an encoder, and this flow gates a variant on one test file; "
+                            "make the variants with `sllm quantize` and `sllm distill` (every head kept), score "
+                            "them with `sllm evaluate VARIANT HEAD=FILE ...`, and register them with `sllm register`")
     spec = task_spec(tracking.pipeline_info(folder)["task"])
     import spacy
 

@@ -38,12 +38,8 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
     for path in [*train, dev, test, *(pretrain_corpus or []), *(pretrain_dev or [])]:
         existing_file(path)  # a missing test file fails now, not after fine-tuning
     if compress_methods:  # bad compression settings fail now, not after fine-tuning and registering
-        from spacy_llm_components.stages.compress import (
-            DistillConfig,
-            check_distill_config,
-            check_max_drop,
-            check_methods,
-        )
+        from spacy_llm_components.stages.compress import check_max_drop, check_methods
+        from spacy_llm_components.stages.compress.distill import DistillConfig, check_distill_config
 
         check_methods(compress_methods)
         check_max_drop(max_drop)

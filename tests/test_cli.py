@@ -278,7 +278,7 @@ def test_promote_with_a_test_file_scores_both_versions_on_it(tiny_pipelines, mlf
 
 @pytest.mark.parametrize("command,module,function", [("finetune", "spacy_llm_components.stages.finetune", "finetune"),
                                                      ("pretrain", "spacy_llm_components.stages.pretrain", "pretrain"),
-                                                     ("distill", "spacy_llm_components.stages.compress", "distill")])
+                                                     ("distill", "spacy_llm_components.stages.compress.distill", "distill")])
 def test_an_interrupted_training_command_says_how_to_resume(tmp_path, monkeypatch, command, module, function):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

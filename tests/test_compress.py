@@ -17,7 +17,8 @@ from spacy_llm_components.cli import app
 from spacy_llm_components.components.pipeline import doc_predictions, hf_component
 from spacy_llm_components.data import DataError
 from spacy_llm_components.models.encoder import keep_layers
-from spacy_llm_components.stages.compress import CompressError, DistillConfig, distill, kept_layers, quantized_copy
+from spacy_llm_components.stages.compress import CompressError, quantized_copy
+from spacy_llm_components.stages.compress.distill import DistillConfig, distill, kept_layers
 from spacy_llm_components.stages.finetune import FinetuneError, finetune
 from spacy_llm_components.stages.prepare import prepare
 from spacy_llm_components.stages.shared.training import FinetuneConfig

@@ -297,3 +297,109 @@ def test_one_version_carries_every_head_and_promotion_gates_on_each(two_versions
         decision.reason
     assert registry.promote("mt", max_head_drop=2.5).promoted  # within a wider margin it is promoted
     assert str(registry.version_by_alias("mt", "champion").version) == second.version
+
+
+# -- distillation: the student keeps every head -------------------------------------------------------
+@pytest.fixture(scope="module")
+def shared_teacher(data, tmp_path_factory):
+    """NER + textcat fine-tuned together on a 4-layer encoder, so that a student can keep 2 of its layers."""
+    from conftest import make_ckpt
+
+    root = tmp_path_factory.mktemp("shared-teacher")
+    base = make_ckpt(root / "base", "base", num_hidden_layers=4)
+    train, dev = files(data, ["ner", "textcat"])
+    return finetune_tasks(["ner", "textcat"], train, dev, root / "teacher",
+                          FinetuneConfig(base_model=str(base), batch_size=4, max_steps=60, eval_steps=60, lr=5e-3,
+                                         seed=0), MultitaskSettings(sampling="temperature", temperature=20.0),
+                          progress=False).output  # (both heads confident: their outputs are worth matching)
+
+
+def _softmax_outputs(pipeline: Path, head: str, texts, tmp: Path) -> torch.Tensor:
+    """The head's softmax outputs on texts through transformers' own AutoModelFor* class, loaded from the
+    head's export (per piece for NER, per text for textcat): a reference apart from the project's losses."""
+    import transformers
+
+    from spacy_llm_components.components.pipeline import export_hf
+
+    folder = export_hf(spacy.load(pipeline), head, tmp / f"{pipeline.name}-{head}")
+    cls = {"ner": transformers.AutoModelForTokenClassification,
+           "textcat": transformers.AutoModelForSequenceClassification}[head]
+    model, tok = cls.from_pretrained(folder).eval(), transformers.AutoTokenizer.from_pretrained(folder)
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    with torch.no_grad():
+        logits = model(**enc).logits
+    return torch.softmax(logits[enc["attention_mask"].bool()] if head == "ner" else logits, -1)
+
+
+def _kl(teacher: torch.Tensor, student: torch.Tensor) -> float:
+    return float((teacher * (teacher.clamp_min(1e-12).log() - student.clamp_min(1e-12).log())).sum(-1).mean())
+
+
+def test_a_shared_teacher_distills_into_one_shorter_encoder_with_every_head(shared_teacher, data, tmp_path):
+    from spacy_llm_components.stages.compress.distill import DistillConfig, distill
+
+    train, dev = files(data, ["ner", "textcat"])
+    cfg = {"batch_size": 4, "device": "cpu", "seed": 0, "warmup_ratio": 0.0}
+    init = distill(shared_teacher, train, dev, tmp_path / "init", FinetuneConfig(lr=0.0, max_steps=1, **cfg),
+                   DistillConfig(keep="1,3"), progress=False).output
+    # lr 0: the student on disk is its initialisation, the teacher's layers 1 and 3 and both heads as they are
+    teacher_w, student_w = _weights(shared_teacher), _weights(init)
+    assert sum(".layer.0." in n for n in student_w) > 0 and not any(".layer.2." in n for n in student_w)
+    for name, value in student_w.items():
+        source = name
+        if ".layer." in name:
+            index = int(name.split(".layer.")[1].split(".")[0])
+            source = name.replace(f".layer.{index}.", f".layer.{[1, 3][index]}.")
+        np.testing.assert_array_equal(value, teacher_w[source], err_msg=name)
+    nlp = spacy.load(init)
+    assert nlp.pipe_names == ["encoder", "ner", "textcat"]
+    assert json.loads((init / "encoder" / "model" / "config.json").read_text())["num_hidden_layers"] == 2
+    block = nlp.meta["sllm"]
+    assert block["distillation"]["teacher"] == str(shared_teacher.resolve()) and block["kept_layers"] == [1, 3]
+    assert block["compression"]["method"] == "distill" and block["heads"] == ["ner", "textcat"]
+
+    # trained on the teacher's outputs alone, each head comes closer to its teacher head than it started, and
+    # closer than the same student trained on the gold labels alone
+    steps = FinetuneConfig(lr=3e-3, max_steps=40, eval_steps=20, **cfg)
+    soft = distill(shared_teacher, train, dev, tmp_path / "soft", steps,
+                   DistillConfig(layers=1, alpha=1.0, temperature=1.0), progress=False).output
+    start = distill(shared_teacher, train, dev, tmp_path / "start", FinetuneConfig(lr=0.0, max_steps=1, **cfg),
+                    DistillConfig(layers=1), progress=False).output
+    gold = distill(shared_teacher, train, dev, tmp_path / "gold", steps,
+                   DistillConfig(layers=1, alpha=0.0, temperature=1.0), progress=False).output
+    for head in ("ner", "textcat"):
+        texts = [doc.text for doc in load_docs(head, data[head] / "train.spacy", spacy.blank("en")).docs]
+        want = _softmax_outputs(shared_teacher, head, texts, tmp_path)
+        before, after, control = (_kl(want, _softmax_outputs(p, head, texts, tmp_path)) for p in (start, soft, gold))
+        assert before > 1e-5 and after < 0.5 * before and after < 0.8 * control, (head, before, after, control)
+    log = [json.loads(line) for line in (tmp_path / "soft" / "training_log.jsonl").read_text().splitlines()]
+    evals = [e for e in log if "eval_weighted_score" in e]
+    assert [e["step"] for e in evals] == [20, 40]  # every head scored on its own dev set
+    assert all(e["eval_weighted_score"] == pytest.approx((e["eval_ner_ents_f"] + e["eval_textcat_cats_score"]) / 2)
+               for e in evals)
+    prediction = doc_predictions(spacy.load(soft)(TEXTS[0]), spacy.load(soft))
+    assert set(prediction) == {"ents", "cats"} and set(prediction["cats"]) == {"negative", "positive"}
+
+
+def test_bad_shared_distillation_is_refused_before_writing(shared_teacher, data, tmp_path):
+    from spacy_llm_components.data import DataError
+    from spacy_llm_components.stages.compress import CompressError
+    from spacy_llm_components.stages.compress.distill import DistillConfig, distill
+
+    train, dev = files(data, ["ner", "textcat"])
+    cfg = FinetuneConfig(device="cpu", batch_size=4, max_steps=1)
+    cases = [((train[:1], dev[:1], None), CompressError, r"heads \(ner, textcat\) need as many --train and --dev"),
+             ((train[::-1], dev[::-1], None), DataError, "prepared for 'textcat', not 'ner'"),
+             ((train, dev, MultitaskSettings(freeze_encoder=True)), CompressError, "cannot be frozen"),
+             ((train, dev, MultitaskSettings(loss_weights="qa=2")), FinetuneError, "TASK=WEIGHT")]
+    for (t, d, settings), error, words in cases:
+        with pytest.raises(error, match=words):
+            distill(shared_teacher, t, d, tmp_path / "out", cfg, DistillConfig(layers=1), settings, progress=False)
+        assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["distill", str(shared_teacher), "--train", str(train[0]), "--train",
+                                      str(train[1]), "--dev", str(dev[0]), "--dev", str(dev[1]), "-o",
+                                      str(tmp_path / "cli"), "--layers", "1", "--max-steps", "2", "--batch-size", "4",
+                                      "--heads-sampling", "temperature", "--no-track"])
+    assert result.exit_code == 0, result.output
+    assert "distilled ner+textcat" in result.output and spacy.load(tmp_path / "cli").pipe_names == [
+        "encoder", "ner", "textcat"]

@@ -6,7 +6,8 @@ from typing import List, Optional
 import typer
 
 from ..data import DataError
-from ..stages.compress import DistillConfig
+from ..stages.compress.distill import DistillConfig
+from ..stages.shared.multitask import MultitaskSettings
 from ..stages.shared.training import FinetuneConfig
 from .common import (
     GpuId,
@@ -44,12 +45,14 @@ def quantize_command(
 
 
 @app.command("distill")
+@with_settings(MultitaskSettings, "multitask", exclude=("freeze_encoder",), prefix="heads-")  # (--temperature is KL's)
 @with_settings(DistillConfig, "distill_config")
 @with_settings(FinetuneConfig, "config", exclude=NOT_FOR_DISTILLATION)
 def distill_command(
     teacher: str = ModelArg,
-    train: Path = typer.Option(..., help="train.spacy from `sllm prepare` (the teacher's labels)"),
-    dev: Path = typer.Option(..., help="dev.spacy from `sllm prepare`"),
+    train: List[Path] = typer.Option(..., help="train.spacy from `sllm prepare` (the teacher's labels); a teacher "
+                                               "whose heads share an encoder: one per head, in the pipeline's order"),
+    dev: List[Path] = typer.Option(..., help="dev.spacy from `sllm prepare` (one per head)"),
     output: Path = typer.Option(..., "--output", "-o", help="spaCy pipeline folder to write (the student)"),
     gpu_id: Optional[int] = GpuId,
     resume: bool = Resume,
@@ -57,16 +60,18 @@ def distill_command(
     track: bool = Track,
     config: FinetuneConfig = None,
     distill_config: DistillConfig = None,
+    multitask: MultitaskSettings = None,
 ) -> None:
     """Distill a pipeline into a student with fewer encoder layers (the teacher's, every other one by
-    default), trained on the teacher's soft outputs and the gold labels with the HF Trainer."""
-    from ..stages.compress import distill
+    default), trained on the teacher's soft outputs and the gold labels with the HF Trainer. Heads on a
+    shared encoder stay together: the student has every head on one shorter encoder."""
+    from ..stages.compress.distill import distill
     from ..stages.shared.trainer import is_main_process
 
     if gpu_id is not None:
         config.device = device_of(gpu_id)
     with training_errors(output):
-        result = distill(teacher, train, dev, output, config, distill_config, resume=resume,
+        result = distill(teacher, train, dev, output, config, distill_config, multitask, resume=resume,
                          keep_checkpoints=keep_checkpoints)
     typer.echo(result.summary())
     if track and is_main_process():

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from ..data import DataError
-from ..stages.compress import DistillConfig
+from ..stages.compress.distill import DistillConfig
 from ..stages.pretrain import PretrainConfig
 from ..stages.shared.training import FinetuneConfig
 from .common import LabelColumn, LabelSep, SkipBad, Strict, TaskArg, TextColumn, app, check_task, fail, with_settings

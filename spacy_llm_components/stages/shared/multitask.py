@@ -64,7 +64,7 @@ def parse_weights(text: str, tasks: Sequence[str], option: str) -> Dict[str, flo
 
 class MultiTaskModel(nn.Module):
     """The shared encoder and one head per task: a batch (of one task) through the encoder and that task's
-    head; the loss is the head's times the task's weight."""
+    head; the loss is the head's times the task's weight (`output`: the head's own outputs)."""
 
     accepts_loss_kwargs = False  # (the Trainer would pass num_items_in_batch into **targets)
 
@@ -96,7 +96,9 @@ class MultiTaskModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             hidden = self.encoder(**inputs, return_dict=True).last_hidden_state
         out = self.heads[self.names[index]](hidden, None, **targets)
-        return {"loss": out.loss * self.loss_weights[index]}
+        if out.loss is None:  # no targets (distillation): the head's outputs, which the trainer's loss reads
+            return {"output": out}
+        return {"loss": out.loss * self.loss_weights[index], "output": out}
 
 
 class MultitaskCollator:

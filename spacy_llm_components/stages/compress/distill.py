@@ -1,16 +1,14 @@
-"""Compress a pipeline for serving: an int8 copy, or a student distilled from it.
+"""Distill a pipeline into a student with fewer encoder layers (every other one of the teacher's by
+default, as DistilBERT), with the teacher's embeddings and head, trained with the Hugging Face `Trainer`
+on the teacher's temperature-softened outputs (KL, T^2-scaled) mixed with the gold labels, optionally on
+extra unlabelled text that only the teacher labels. Resumable like fine-tuning; its output is an ordinary
+pipeline of this project, whose meta.json records the teacher and the layers.
 
-- `quantized_copy`: the same pipeline folder with the hf_* components' `quantize` setting set to
-  "int8" in config.cfg (what `spacy.load` honours: the float32 weights stay on disk, inference runs on
-  a dynamically quantized copy of the Linear layers, on the CPU).
-- `distill`: a student whose encoder keeps a subset of the teacher's layers (every other one by
-  default, as DistilBERT), with the teacher's embeddings and head, trained with the Hugging Face
-  `Trainer` on the teacher's temperature-softened outputs (KL, T^2-scaled) mixed with the gold labels,
-  optionally on extra unlabelled text that only the teacher labels. Resumable like fine-tuning; its
-  output is an ordinary pipeline of this project, whose meta.json records the teacher and the layers.
+A teacher whose heads share an encoder (hf_encoder) gives a student with every head on one shorter
+encoder, trained on one training set per head, batches drawn across the heads as in multi-task
+fine-tuning (`shared.multitask`).
 """
 
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -22,18 +20,29 @@ import torch
 from spacy.language import Language
 from transformers import TrainerCallback, set_seed
 
-from .. import artifacts
-from ..artifacts import METRICS, TRAINING_LOG, sha256_file, sha256_tree
-from ..components.pipeline import hf_component, make_input_doc
-from ..core.settings import check_settings, setting
-from ..data import DataError
-from ..models.devices import resolve_device
-from ..models.encoder import encoder_layers
-from ..models.task_model import save_task_checkpoint, with_layers
-from ..tasks import TASKS, factories_in_words, load_docs
-from .shared.references import local_pipeline, pin_model
-from .shared.trainer import training_device
-from .shared.training import (
+from ... import artifacts
+from ...artifacts import sha256_file, sha256_tree
+from ...components.pipeline import hf_component, make_input_doc
+from ...core.settings import check_settings, setting
+from ...data import DataError
+from ...models.collate import FeatureCollator
+from ...models.devices import resolve_device
+from ...models.encoder import Encoder, encoder_layers, keep_layers
+from ...models.task_model import save_encoder, save_task_checkpoint, with_layers
+from ...tasks import load_docs
+from ..shared.multitask import (
+    SCORE,
+    TASK_KEY,
+    MultitaskCollator,
+    MultiTaskModel,
+    MultitaskSettings,
+    MultitaskTrainer,
+    parse_weights,
+    task_batch_counts,
+)
+from ..shared.references import local_pipeline, pin_model
+from ..shared.trainer import training_device
+from ..shared.training import (
     FinetuneConfig,
     FinetuneResult,
     PipelineTrainer,
@@ -42,100 +51,7 @@ from .shared.training import (
     schedule,
     train_component,
 )
-
-METHODS = ("int8", "distill")  # what `sllm run --compress` and the compress flow produce
-COMPRESSION = "compression"  # key of the `sllm` meta block that says how a variant was made
-
-
-class CompressError(ValueError):
-    """A pipeline cannot be compressed as asked: the message names what is wrong."""
-
-
-def check_methods(methods: Sequence[str]) -> List[str]:
-    """The compression methods asked for, checked: one or more of METHODS."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise CompressError(f"compression methods {list(methods)}: use one or more of {', '.join(METHODS)}")
-    return list(methods)
-
-
-def check_max_drop(max_drop: float) -> float:
-    """The points a variant may lose against its source and still get its alias: >= 0."""
-    if not max_drop >= 0:
-        raise CompressError(f"max_drop {max_drop}: give the points a variant may lose, >= 0")
-    return max_drop
-
-
-# ---------------------------------------------------------------------------------------------
-# int8
-
-
-def hf_components(pipeline: Path) -> List[str]:
-    """Names of the hf_* components in a pipeline folder's config.cfg, or a CompressError."""
-    config_file = Path(pipeline) / "config.cfg"
-    if not config_file.is_file():
-        raise CompressError(f"{pipeline}: not a spaCy pipeline folder (no config.cfg)")
-    config = spacy.util.load_config(config_file, interpolate=False)
-    factories = {spec.factory for spec in TASKS.values()}
-    names = [name for name, block in config["components"].items() if block.get("factory") in factories]
-    if not names:
-        raise CompressError(f"{pipeline}: the pipeline has no {factories_in_words()} component "
-                            f"(it has {list(config['components'])}): nothing to quantize")
-    return names
-
-
-def shared_encoders(pipeline: Path) -> List[str]:
-    """Names of the hf_encoder components in a pipeline folder's config.cfg."""
-    config = spacy.util.load_config(Path(pipeline) / "config.cfg", interpolate=False)
-    return [name for name, block in config["components"].items() if block.get("factory") == "hf_encoder"]
-
-
-def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path], runtime: str = "torch") -> Path:
-    """Write `pipeline` (a folder or models:/ reference) to `output` with its hf_* components set to
-    `quantize = "int8"` on the CPU, in PyTorch or (`runtime = "onnxruntime"`) ONNX Runtime. The weights
-    stay float32 and identical; metrics.json and training_log.jsonl of the source come along; meta.json's
-    `sllm` block records the source (a registry reference pinned to its version, or the folder) and its
-    content hash. `output` is replaced whole, or left as it was on an error; it may not be the source or
-    a folder around it."""
-    reference = pin_model(pipeline)
-    folder = local_pipeline(pipeline)
-    output = _apart(output, folder, "the int8 copy")
-    overrides = {name: {"quantize": "int8", "runtime": runtime, "device": "cpu"} for name in hf_components(folder)}
-    encoders = shared_encoders(folder)
-    if encoders:  # heads on a shared encoder: the encoder is quantized, the heads read what it computes
-        if runtime != "torch":
-            raise CompressError(f"{folder}: heads on a shared encoder run int8 in PyTorch only (runtime 'torch')")
-        overrides = {name: {"quantize": "int8", "device": "cpu"} for name in encoders}
-    try:
-        nlp = spacy.load(folder, config={"components": overrides})
-    except ValueError as err:  # e.g. a bfloat16 pipeline: int8 starts from float32 weights
-        raise CompressError(f"{folder}: cannot quantize: {err}") from err
-    block = dict(nlp.meta.get(artifacts.META_BLOCK) or {})
-    block[COMPRESSION] = {"method": "int8", "runtime": runtime, "source": str(reference),
-                          "source_sha256": sha256_tree(folder)}
-    nlp.meta[artifacts.META_BLOCK] = block
-    artifacts.replace_folder(output, lambda tmp: _to_disk_with(nlp, folder, tmp))
-    return output
-
-
-def _apart(output: Union[str, Path], source: Path, what: str) -> Path:
-    """`output`, resolved, if replacing it whole cannot delete `source` (the same folder or one inside it)."""
-    output, source = Path(output).resolve(), Path(source).resolve()
-    if output == source or source.is_relative_to(output):
-        raise CompressError(f"{output}: {what} needs a folder apart from its source {source} (writing there would "
-                            "replace the source)")
-    return output
-
-
-def _to_disk_with(nlp: Language, source: Path, target: Path) -> None:
-    nlp.to_disk(target)
-    for name in (METRICS, TRAINING_LOG):  # how the weights were trained: still true of the copy
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
-
-
-# ---------------------------------------------------------------------------------------------
-# distillation
+from . import COMPRESSION, CompressError, check_apart, hf_components, shared_encoders
 
 
 @dataclass
@@ -217,23 +133,81 @@ class DistillTrainer(PipelineTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def distill(teacher: Union[str, Path], train: Union[str, Path], dev: Union[str, Path], output: Union[str, Path],
-            config: Optional[FinetuneConfig] = None, distill_config: Optional[DistillConfig] = None, *,
-            resume: bool = False, keep_checkpoints: bool = False, progress: bool = True,
-            callbacks: Sequence[TrainerCallback] = ()) -> FinetuneResult:
+class MultitaskDistillTrainer(MultitaskTrainer):
+    """DistillTrainer's loss for a student whose heads share an encoder: each batch (of one head's task)
+    through the student's and the teacher's encoder and that head, alpha * KL + (1 - alpha) * gold, times
+    the task's loss weight; evaluation scores every head on its own dev docs (MultitaskTrainer's)."""
+
+    def __init__(self, *args, teacher: torch.nn.Module, alpha: float, temperature: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        index = int(inputs[TASK_KEY][0])
+        pipe = self.nlp.get_pipe(list(self.primaries)[index])
+        spec = pipe.spec
+        feed = {k: v for k, v in inputs.items() if k not in spec.targets and k != "gold"}
+        outputs = model(**feed)["output"]
+        with torch.no_grad():
+            self.teacher.eval()
+            teacher = self.teacher(**feed)["output"]
+        soft = spec.soft_loss(outputs, teacher, inputs, self.temperature, pipe)
+        gold = spec.gold_loss(outputs, inputs, pipe) if self.alpha < 1 else soft * 0.0
+        loss = (self.alpha * soft + (1 - self.alpha) * gold) * self.model.loss_weights[index]
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+Paths = Union[str, Path, Sequence[Union[str, Path]]]
+
+
+def distill(teacher: Union[str, Path], train: Paths, dev: Paths, output: Union[str, Path],
+            config: Optional[FinetuneConfig] = None, distill_config: Optional[DistillConfig] = None,
+            multitask: Optional[MultitaskSettings] = None, *, resume: bool = False, keep_checkpoints: bool = False,
+            progress: bool = True, callbacks: Sequence[TrainerCallback] = ()) -> FinetuneResult:
     """Distill the pipeline `teacher` (a folder or models:/ reference) into a student with fewer encoder
     layers, trained on `train` (a `.spacy` file from `prepare`, whose labels must be the teacher's) and
     the optional extra corpus; the best checkpoint on `dev` is written to `output` as a pipeline.
-    `config` holds the training settings of `sllm finetune` (its base_model is not used)."""
+    `config` holds the training settings of `sllm finetune` (its base_model is not used).
+
+    A teacher whose heads share an encoder takes one `train` and `dev` file per head, in the pipeline's
+    order; the student keeps every head, on one encoder, and `multitask` says how batches are drawn
+    across the heads and how their losses and dev scores are weighed (as in `finetune_tasks`)."""
     wall_start = time.perf_counter()
     config = config or FinetuneConfig()
     distill_config = distill_config or DistillConfig()
-    plan, teacher_model = _plan(teacher, Path(train), Path(dev), Path(output), config, distill_config)
+    if is_shared(teacher):
+        plan, teacher_model = _shared_plan(teacher, _paths(train), _paths(dev), Path(output), config, distill_config,
+                                           multitask or MultitaskSettings())
+        trainer_class = MultitaskDistillTrainer
+    else:
+        plan, teacher_model = _plan(teacher, _one(train, "train"), _one(dev, "dev"), Path(output), config,
+                                    distill_config)
+        trainer_class = DistillTrainer
     return train_component(plan, Path(output), config, wall_start=wall_start, resume=resume,
                           keep_checkpoints=keep_checkpoints, progress=progress, callbacks=callbacks,
-                          trainer_class=DistillTrainer,
+                          trainer_class=trainer_class,
                           trainer_kwargs={"teacher": teacher_model, "alpha": distill_config.alpha,
                                           "temperature": distill_config.temperature})
+
+
+def is_shared(pipeline: Union[str, Path]) -> bool:
+    """Whether the pipeline (a folder or models:/ reference) has heads on a shared encoder."""
+    folder = local_pipeline(pin_model(pipeline))
+    hf_components(folder)  # (not a pipeline, or one without hf_* components: a CompressError here)
+    return bool(shared_encoders(folder))
+
+
+def _paths(paths: Paths) -> List[Path]:
+    return [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+
+
+def _one(paths: Paths, option: str) -> Path:
+    """The one file of a teacher with one head."""
+    given = _paths(paths)
+    if len(given) != 1:
+        raise CompressError(f"a teacher with one head takes one --{option} file; got {len(given)}")
+    return given[0]
 
 
 def _check_data(spec_name: str, labels: Sequence[str], multi_label: Optional[bool], train: Path, dev: Path):
@@ -287,7 +261,7 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, output: Path, confi
     and its features: every error surfaces here, before an output folder exists."""
     reference, folder, overrides, device, teacher_pipe, info, keep = _load_and_check(teacher, train, dev, config,
                                                                                    distill_config)
-    _apart(output, folder, "the student")
+    check_apart(output, folder, "the student")
     spec = teacher_pipe.spec
     corpus = Path(distill_config.corpus) if distill_config.corpus else None
     teacher_model = teacher_pipe.checkpoint.model
@@ -331,10 +305,103 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, output: Path, confi
     return plan, teacher_model
 
 
+def _shared_plan(teacher: Union[str, Path], train: List[Path], dev: List[Path], output: Path, config: FinetuneConfig,
+                 distill_config: DistillConfig, multitask: MultitaskSettings):
+    """`_plan` for a teacher whose heads share an encoder: the student is the teacher's pipeline with the
+    encoder's kept layers and every head, trained on one training set per head (in the pipeline's order).
+    Every error (settings, data of another task or label set, file counts) before any output exists."""
+    check_settings(config, error=CompressError)
+    check_distill_config(distill_config)
+    check_settings(multitask, error=CompressError)
+    if multitask.freeze_encoder:
+        raise CompressError("--freeze-encoder: distillation trains the student's encoder; it cannot be frozen")
+    reference = pin_model(teacher)
+    folder = local_pipeline(reference)
+    check_apart(output, folder, "the student")
+    encoders = shared_encoders(folder)
+    if len(encoders) != 1:
+        raise CompressError(f"{folder}: a teacher with {len(encoders)} shared encoders ({encoders}); distill a "
+                            "pipeline whose heads share one")
+    encoder_name = encoders[0]
+    device = training_device(config.device)
+    settings = {"device": str(device), "dtype": "float32", "quantize": None}  # float32 on the training device
+    if config.max_length:
+        settings["max_length"] = config.max_length
+    overrides = {"components": {encoder_name: settings}}
+    teacher_nlp = spacy.load(folder, config=overrides)
+    heads = [name for name, pipe in teacher_nlp.pipeline if getattr(pipe, "encoder_name", None) == encoder_name]
+    pipes = [teacher_nlp.get_pipe(name) for name in heads]
+    if not len(train) == len(dev) == len(heads):
+        raise CompressError(f"{folder}: the teacher's {len(heads)} heads ({', '.join(heads)}) need as many --train "
+                            f"and --dev files, in that order; got {len(train)} and {len(dev)}")
+    infos = [_check_data(p.spec.name, p.labels if p.spec.has_labels else [], p.spec.multi_label_of(p), t, d)
+             for p, t, d in zip(pipes, train, dev)]
+    loss_weights = parse_weights(multitask.loss_weights, heads, "--loss-weights")
+    score_weights = parse_weights(multitask.score_weights, heads, "--score-weights")
+    teacher_encoder = teacher_nlp.get_pipe(encoder_name).encoder
+    teacher_layers = len(encoder_layers(teacher_encoder.model))
+    keep = kept_layers(teacher_layers, distill_config)
+    corpus = Path(distill_config.corpus) if distill_config.corpus else None
+    teacher_model = MultiTaskModel(teacher_encoder.model, {name: p.checkpoint.head for name, p in zip(heads, pipes)},
+                                   {name: 1.0 for name in heads})
+
+    set_seed(config.seed)
+    with tempfile.TemporaryDirectory(prefix="sllm-student-") as tmp:  # loaded back through the public spacy.load
+        teacher_nlp.to_disk(tmp, exclude=[encoder_name])
+        student_encoder = Encoder(keep_layers(teacher_encoder.model, keep), teacher_encoder.tokenizer,
+                                  teacher_encoder.source)
+        save_encoder(student_encoder, Path(tmp) / encoder_name / "model")
+        student_nlp = spacy.load(tmp, config=overrides)
+    students = [student_nlp.get_pipe(name) for name in heads]
+    vocab_nlp = spacy.blank(infos[0].lang)
+    features, dev_docs = [], {}
+    for index, (name, pipe, path, dev_path) in enumerate(zip(heads, students, train, dev)):
+        mine = [{**f, "gold": 1} for f in pipe.features(load_docs(pipe.spec.name, path, vocab_nlp).docs)]
+        if corpus is not None:
+            mine += [{**f, "gold": 0} for f in pipe.features(_corpus_docs(corpus, vocab_nlp, pipe.spec, pipe))]
+        if not mine:
+            raise DataError(path, None, "no training features (are the docs empty?)")
+        features += [{**f, TASK_KEY: index} for f in mine]
+        dev_docs[name] = load_docs(pipe.spec.name, dev_path, vocab_nlp).docs
+    encoder = student_nlp.get_pipe(encoder_name).encoder
+    model = MultiTaskModel(encoder.model, {name: p.checkpoint.head for name, p in zip(heads, students)}, loss_weights)
+    collator = MultitaskCollator([FeatureCollator(p.spec.collator(encoder.tokenizer), encoder.tokenizer)
+                                  for p in students])
+    counts = task_batch_counts([sum(f[TASK_KEY] == i for f in features) for i in range(len(heads))],
+                               config.batch_size, multitask.sampling, multitask.temperature)
+    total_steps, eval_steps = schedule(sum(counts) * config.batch_size, config)
+    task = "+".join(p.spec.name for p in pipes)
+    run = {"task": task, "heads": heads, "train_sha256": [sha256_file(p) for p in train],
+           "dev_sha256": [sha256_file(p) for p in dev], "labels": {n: i.labels for n, i in zip(heads, infos)},
+           "multi_label": {n: i.multi_label for n, i in zip(heads, infos)}, "lang": infos[0].lang,
+           "teacher_sha256": sha256_tree(folder), "kept_layers": keep,
+           "corpus_sha256": sha256_file(corpus) if corpus else None,
+           "distill_loss": {"alpha": distill_config.alpha, "temperature": distill_config.temperature},
+           "config": {**asdict(config), **asdict(multitask)}, "distill_config": asdict(distill_config),
+           "batches_per_epoch": dict(zip(heads, counts))}
+    teacher_block = artifacts.read_meta_block(folder)
+    distillation = {"teacher": str(reference), "teacher_sha256": run["teacher_sha256"], "teacher_layers": teacher_layers,
+                    "kept_layers": keep, "alpha": distill_config.alpha, "temperature": distill_config.temperature,
+                    "corpus": str(corpus) if corpus else None}
+    meta = {**run, "base_model": teacher_block.get("base_model", str(reference)),
+            COMPRESSION: {"method": "distill", "source": str(reference), "source_sha256": run["teacher_sha256"]},
+            "distillation": distillation}
+    trainer = {"primaries": {name: p.spec.primary for name, p in zip(heads, students)},
+               "score_weights": score_weights, "counts": counts, "encoder_name": encoder_name}
+    plan = TrainingPlan(None, run, student_nlp, features, dev_docs, device, total_steps, eval_steps, name=task,
+                        primary=SCORE, model=model, collator=collator, trainer_kwargs=trainer,
+                        description=f"{task} distilled from {reference} ({len(keep)} of {teacher_layers} layers of "
+                                    "the shared encoder) with spacy-llm-components",
+                        meta=meta, verb="distilled",
+                        resume_keys=("task", "heads", "train_sha256", "dev_sha256", "labels", "teacher_sha256",
+                                     "kept_layers", "corpus_sha256", "distill_loss", "batches_per_epoch"))
+    return plan, teacher_model
+
+
 def _corpus_docs(path: Path, nlp: Language, spec, pipe) -> List[Any]:
     """The extra corpus as training docs with placeholder gold (the teacher's outputs are their only target)."""
-    from ..data.errors import BadRecords
-    from ..data.jsonl import json_records
+    from ...data.errors import BadRecords
+    from ...data.jsonl import json_records
 
     bad = BadRecords(False)
     docs = [spec.unlabelled(make_input_doc(nlp, record, f"line {number}", path), pipe)
