@@ -15,8 +15,12 @@ and so the speed, is that of fine-tuned ones. The separate pipelines load each h
 shared pipeline (`export_hf`), so both sides run the same weights; the benchmark checks that they
 predict the same (entities exactly, categories within 1e-4) before it reports.
 
+With --memory, the peak resident memory instead: each contender (the NER pipeline alone, NER + textcat on
+one encoder, the two pipelines) loaded from its folder in a fresh process that runs the texts through it.
+
     .venv/bin/python bench/bench_shared.py                                   # MiniLM
     .venv/bin/python bench/bench_shared.py --model ~/.cache/sllm-models/all-mpnet-base-v2 --qa
+    .venv/bin/python bench/bench_shared.py --memory
 """
 
 import argparse
@@ -124,6 +128,43 @@ def compare(name: str, heads: List[str], texts: List[str], args, tmp: Path) -> N
           f"{weights_mib(several):.0f} | {weights_mib([one]):.0f} |", flush=True)
 
 
+MEMORY_CONTENDERS = {"NER pipeline alone": ["ner"], "NER + textcat on one encoder": ["shared"],
+                     "NER and textcat pipelines": ["ner", "sentiment"]}
+
+
+def memory(texts: List[str], args, tmp: Path) -> None:
+    """Peak resident memory of a fresh process per contender, each loading its folders and annotating the
+    texts (after the same warm-up)."""
+    import json
+    import subprocess
+    import sys
+
+    one = shared(args.model, ["ner", "sentiment"], args.device)
+    one.to_disk(tmp / "shared")
+    for head in ("ner", "sentiment"):
+        export_hf(one, head, tmp / head)
+    print("| process | peak RSS (MiB) | ratio to the NER pipeline alone |")
+    print("| --- | ---: | ---: |")
+    base = None
+    for name, parts in MEMORY_CONTENDERS.items():
+        out = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(parts), "--memory-dir", str(tmp),
+                              "--docs", str(args.docs), "--warmup", str(args.warmup), "--device", args.device],
+                             check=True, capture_output=True, text=True).stdout
+        peak = float(out.strip().splitlines()[-1])
+        base = base or peak
+        print(f"| {name} | {peak:.0f} | {peak / base:.3f} |", flush=True)
+
+
+def memory_child(parts: List[str], folder: Path, texts: List[str], args) -> None:
+    import resource
+
+    pipelines = [spacy.load(folder / "shared") if part == "shared" else alone(folder / part, part, args.device)
+                 for part in parts]
+    predict(pipelines, texts[:args.warmup])
+    predict(pipelines, texts)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def wait_for_quiet(max_wait: float) -> None:
     deadline = time.time() + max_wait * 60
     while os.getloadavg()[0] > 0.5 and time.time() < deadline:
@@ -140,9 +181,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--qa", action="store_true", help="also ner + textcat + qa (QA runs its own pass)")
     parser.add_argument("--max-wait", type=float, default=5, help="minutes to wait for a quiet machine")
+    parser.add_argument("--memory", action="store_true", help="peak resident memory, a fresh process per contender")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     texts = conll_sentences(DATA / "conll2003" / "dev.conll", args.docs)
     assert len(texts) == args.docs, f"only {len(texts)} sentences"
+    if args.memory_child:
+        import json
+
+        return memory_child(json.loads(args.memory_child), Path(args.memory_dir), texts, args)
+    if args.memory:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-shared-memory-"))
+        try:
+            return memory(texts, args, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     wait_for_quiet(args.max_wait)
     print(f"model {args.model}, {torch.get_num_threads()} threads, device {args.device}, torch {torch.__version__}")
     print("| heads | docs | separate pipelines (docs/s) | one encoder (docs/s) | speed-up | weights separate (MiB) "

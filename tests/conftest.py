@@ -255,3 +255,12 @@ def store_state(project: Path) -> dict:
     files = sorted(str(p.relative_to(project)) for p in project.rglob("*")
                    if p.is_file() and "mlartifacts" in p.parts)
     return {"models": models, "runs": runs, "artifacts": files}
+
+
+def teacher_weight(name: str, kept) -> str:
+    """The teacher's name of a student weight: `.layer.i.` of the student is `.layer.kept[i].` of the teacher
+    (layer dropping keeps every other weight's name)."""
+    if ".layer." not in name:
+        return name
+    index = int(name.split(".layer.")[1].split(".")[0])
+    return name.replace(f".layer.{index}.", f".layer.{kept[index]}.", 1)

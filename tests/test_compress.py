@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import spacy
 import torch
-from conftest import NER_TAGS, assert_same_steps, demo_files, make_ckpt
+from conftest import NER_TAGS, assert_same_steps, demo_files, make_ckpt, teacher_weight
 from safetensors.numpy import load_file
 from transformers import BertForTokenClassification, TrainerCallback
 from typer.testing import CliRunner
@@ -298,11 +298,7 @@ def test_keep_layers_copies_the_chosen_layers_embeddings_and_head(tmp_path):
     assert teacher.config.num_hidden_layers == 4 and len(teacher.bert.encoder.layer) == 4  # untouched
     t, s = teacher.state_dict(), student.state_dict()
     for name, value in s.items():
-        if ".encoder.layer." in name:
-            index = int(name.split(".encoder.layer.")[1].split(".")[0])
-            source = name.replace(f".encoder.layer.{index}.", f".encoder.layer.{[1, 3][index]}.")
-        else:
-            source = name
+        source = teacher_weight(name, [1, 3])
         assert torch.equal(value, t[source]), name
     ids = torch.tensor([[101, 7592, 2088, 102]])
     assert student(input_ids=ids).logits.shape == teacher(input_ids=ids).logits.shape
@@ -318,11 +314,7 @@ def test_distilled_student_starts_from_the_teachers_kept_layers(teachers, tmp_pa
     teacher, student = weights(parts["pipeline"]), weights(out)
     assert sum(".encoder.layer.0." in n for n in student) > 0
     for name, value in student.items():
-        source = name
-        if ".encoder.layer." in name:
-            index = int(name.split(".encoder.layer.")[1].split(".")[0])
-            source = name.replace(f".encoder.layer.{index}.", f".encoder.layer.{kept[index]}.")
-        np.testing.assert_array_equal(value, teacher[source], err_msg=name)
+        np.testing.assert_array_equal(value, teacher[teacher_weight(name, kept)], err_msg=name)
     assert not any(f".encoder.layer.{len(kept)}." in n for n in student)
     block = json.loads((out / "meta.json").read_text())["sllm"]
     assert block["distillation"]["kept_layers"] == kept and block["distillation"]["teacher_layers"] == 4

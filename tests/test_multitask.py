@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import spacy
 import torch
-from conftest import assert_same_steps, demo_files
+from conftest import assert_same_steps, demo_files, teacher_weight
 from safetensors.numpy import load_file
 from transformers import TrainerCallback
 from typer.testing import CliRunner
@@ -346,11 +346,7 @@ def test_a_shared_teacher_distills_into_one_shorter_encoder_with_every_head(shar
     teacher_w, student_w = _weights(shared_teacher), _weights(init)
     assert sum(".layer.0." in n for n in student_w) > 0 and not any(".layer.2." in n for n in student_w)
     for name, value in student_w.items():
-        source = name
-        if ".layer." in name:
-            index = int(name.split(".layer.")[1].split(".")[0])
-            source = name.replace(f".layer.{index}.", f".layer.{[1, 3][index]}.")
-        np.testing.assert_array_equal(value, teacher_w[source], err_msg=name)
+        np.testing.assert_array_equal(value, teacher_w[teacher_weight(name, [1, 3])], err_msg=name)
     nlp = spacy.load(init)
     assert nlp.pipe_names == ["encoder", "ner", "textcat"]
     assert json.loads((init / "encoder" / "model" / "config.json").read_text())["num_hidden_layers"] == 2
@@ -403,3 +399,18 @@ def test_bad_shared_distillation_is_refused_before_writing(shared_teacher, data,
     assert result.exit_code == 0, result.output
     assert "distilled ner+textcat" in result.output and spacy.load(tmp_path / "cli").pipe_names == [
         "encoder", "ner", "textcat"]
+
+
+def test_the_compress_flow_refuses_a_pipeline_of_heads_and_says_what_to_run(shared_teacher, mlflow_project,
+                                                                           tmp_path):
+    from mlflow.tracking import MlflowClient
+    from spacy_llm_components.flows.compress import compress
+
+    from spacy_llm_components.stages import registry
+    from spacy_llm_components.stages.compress import CompressError
+
+    registry.register(shared_teacher, "mt-compress", metrics=_metrics(0.5, 0.5))
+    with pytest.raises(CompressError, match=r"heads share an encoder.*sllm quantize.*sllm distill.*HEAD=FILE"):
+        compress.fn("models:/mt-compress/1", str(demo_files("ner")[2]), ["int8"], workdir=str(tmp_path / "work"))
+    assert [v.version for v in MlflowClient().search_model_versions("name='mt-compress'")] == ["1"]
+    assert not (tmp_path / "work").exists()
