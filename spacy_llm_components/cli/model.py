@@ -5,6 +5,7 @@ from typing import List, Optional
 
 import typer
 
+from ..core.bootstrap import BootstrapSettings
 from ..data import DataError
 from ..stages.shared.multitask import MultitaskSettings
 from ..stages.shared.training import FinetuneConfig
@@ -127,6 +128,7 @@ def local_model(model: str) -> Path:
 
 
 @app.command("evaluate")
+@with_settings(BootstrapSettings, "bootstrap", prefix="bootstrap-")
 def evaluate_command(
     model: str = ModelArg,
     test: List[str] = typer.Argument(..., help="test data in any format `sllm prepare` reads; a pipeline of several "
@@ -139,9 +141,11 @@ def evaluate_command(
     strict: bool = Strict,
     skip_bad: bool = SkipBad,
     track: bool = Track,
+    bootstrap: BootstrapSettings = None,
 ) -> None:
-    """Score a model on test data through nlp.pipe; write metrics and a report."""
-    from ..stages.evaluate import evaluate, evaluate_heads
+    """Score a model on test data through nlp.pipe, with a bootstrap confidence interval for each headline
+    metric; write metrics and a report."""
+    from ..stages.evaluate import evaluate, evaluate_heads, interval_text
 
     options = read_options(text_column, label_column, label_sep, strict)
     try:
@@ -149,14 +153,19 @@ def evaluate_command(
             tests = dict(t.split("=", 1) if "=" in t else ("", t) for t in test)
             if "" in tests:
                 raise ValueError(f"several test files: write HEAD=FILE for each (got {test})")
-            metrics = evaluate_heads(model, tests, output, options=options, skip_bad=skip_bad, batch_size=batch_size)
+            metrics = evaluate_heads(model, tests, output, options=options, skip_bad=skip_bad, batch_size=batch_size,
+                                     bootstrap=bootstrap)
             for head, evaluation in metrics["heads"].items():
-                typer.echo(f"{head}: {evaluation['primary']} {100 * evaluation['scores'][evaluation['primary']]:.2f} "
+                primary = evaluation["primary"]
+                bounds = ((evaluation.get("intervals") or {}).get("scores") or {}).get(primary)
+                ci = f" ({interval_text(bounds, bootstrap.level)})" if bounds else ""
+                typer.echo(f"{head}: {primary} {100 * evaluation['scores'][primary]:.2f}{ci} "
                            f"on {evaluation['statistics']['docs']:,} docs of {evaluation['test']}")
             typer.echo(f"{metrics['primary']}: {100 * metrics['scores'][metrics['primary']]:.2f}")
             result = None
         else:
-            result = evaluate(model, Path(test[0]), output, options=options, skip_bad=skip_bad, batch_size=batch_size)
+            result = evaluate(model, Path(test[0]), output, options=options, skip_bad=skip_bad, batch_size=batch_size,
+                              bootstrap=bootstrap)
     except (DataError, ValueError) as err:
         fail(err)
     if result is None:
@@ -167,7 +176,9 @@ def evaluate_command(
             typer.echo(f"MLflow run {log_evaluation(output)} in {tracking_uri()}")
         return
     st = result.statistics
-    typer.echo(f"{result.primary}: {100 * result.primary_score:.2f} on {st['docs']:,} docs "
+    bounds = result.interval(result.primary)
+    ci = f" ({interval_text(bounds, bootstrap.level)})" if bounds else ""
+    typer.echo(f"{result.primary}: {100 * result.primary_score:.2f}{ci} on {st['docs']:,} docs "
                f"({st['docs_per_second']:,} docs/s, {st['words_per_second']:,} words/s, "
                f"{st['word_pieces_per_second']:,} word pieces/s)")
     typer.echo(f"wrote {output}/metrics.json and {output}/report.md")

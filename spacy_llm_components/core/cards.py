@@ -13,6 +13,13 @@ def _short(digest: Any) -> str:
     return f"`{str(digest)[:12]}`" if digest else "unknown"
 
 
+def _ci(evaluation: Dict[str, Any], metric: Any) -> str:
+    """` (95% CI low–high)` of an evaluation's metric, if it drew one."""
+    drawn = evaluation.get("intervals") or {}
+    bounds = (drawn.get("scores") or {}).get(metric)
+    return f" ({100 * drawn['level']:g}% CI {_pct(bounds[0])}–{_pct(bounds[1])})" if bounds else ""
+
+
 def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Optional[Dict[str, Any]],
                tags: Dict[str, str], created: Optional[datetime] = None, *, task_description: Optional[str] = None,
                request_note: str = "") -> str:
@@ -68,10 +75,12 @@ def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Option
                 rest = ", ".join(f"{k} {_pct(v)}" for k, v in head_scores.items() if k != ev.get("primary"))
                 lines.append(f"  - **{head}** ({ev.get('task')}) on `{ev.get('test')}` (content "
                              f"{_short(ev.get('test_sha256'))}, {(ev.get('statistics') or {}).get('docs', '?'):,} "
-                             f"docs): **{ev.get('primary')} {_pct(head_scores.get(ev.get('primary')))}**; {rest}")
+                             f"docs): **{ev.get('primary')} {_pct(head_scores.get(ev.get('primary')))}**"
+                             f"{_ci(ev, ev.get('primary'))}; {rest}")
         else:
             lines.append(f"- **Evaluation**: `{evaluation.get('test')}` (content {_short(evaluation.get('test_sha256'))}, "
-                         f"{stats.get('docs', '?'):,} docs): **{primary} {_pct(scores.get(primary))}**; {others}")
+                         f"{stats.get('docs', '?'):,} docs): **{primary} {_pct(scores.get(primary))}**"
+                         f"{_ci(evaluation, primary)}; {others}")
         if stats.get("docs_per_second"):
             lines.append(f"- **Measured speed**: {stats['docs_per_second']:,} docs/s, "
                          f"{stats.get('words_per_second', 0):,} words/s on {stats.get('machine') or stats.get('device')}")

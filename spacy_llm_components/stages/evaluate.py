@@ -10,6 +10,7 @@ from spacy.language import Language
 
 from ..artifacts import METRICS, json_bytes, sha256_file, write_files
 from ..components.base import HFPipe
+from ..core.bootstrap import BootstrapSettings, check_bootstrap
 from ..data import ReadOptions
 from .shared.scoring import Evaluation, open_pipeline, score_file
 
@@ -17,12 +18,15 @@ MEAN = "weighted_score"  # a multi-head evaluation's primary: the mean of its he
 
 
 def evaluate(pipeline: Union[str, Path, Language], test: Union[str, Path], output: Optional[Union[str, Path]] = None,
-             *, options: ReadOptions = ReadOptions(), skip_bad: bool = False,
-             batch_size: Optional[int] = None) -> Evaluation:
+             *, options: ReadOptions = ReadOptions(), skip_bad: bool = False, batch_size: Optional[int] = None,
+             bootstrap: Optional[BootstrapSettings] = BootstrapSettings()) -> Evaluation:
     """Load the pipeline (a folder, `models:/NAME@ALIAS` or `models:/NAME/VERSION`), read `test` (any
-    format `prepare` reads), score it, and (with `output`) write metrics.json, report.md and, for
+    format `prepare` reads), score it with a bootstrap confidence interval for each headline metric
+    (`bootstrap`; None or 0 replicates: none), and (with `output`) write metrics.json, report.md and, for
     exclusive classes, confusion.png."""
-    result, loaded, pipeline = score_file(pipeline, test, options=options, skip_bad=skip_bad, batch_size=batch_size)
+    check_bootstrap(bootstrap or BootstrapSettings())
+    result, loaded, pipeline = score_file(pipeline, test, options=options, skip_bad=skip_bad, batch_size=batch_size,
+                                          bootstrap=bootstrap)
     if output is not None:
         test_hash = sha256_file(test) if Path(test).is_file() else None  # what promotion compares on
         files = {METRICS: json_bytes({**result.to_json(), "pipeline": str(pipeline), "test": str(test),
@@ -36,11 +40,13 @@ def evaluate(pipeline: Union[str, Path, Language], test: Union[str, Path], outpu
 
 def evaluate_heads(pipeline: Union[str, Path, Language], tests: Dict[str, Union[str, Path]],
                    output: Optional[Union[str, Path]] = None, *, options: ReadOptions = ReadOptions(),
-                   skip_bad: bool = False, batch_size: Optional[int] = None) -> Dict[str, Any]:
+                   skip_bad: bool = False, batch_size: Optional[int] = None,
+                   bootstrap: Optional[BootstrapSettings] = BootstrapSettings()) -> Dict[str, Any]:
     """Score each hf_* head of the pipeline on its own test file (`tests`: head name -> file; every head
     needs one), the other heads off. The result (and, with `output`, metrics.json) holds every head's
     evaluation under `heads`, their scores prefixed with the head's name, and as primary the mean of the
     heads' primary scores; report.md has a section per head."""
+    check_bootstrap(bootstrap or BootstrapSettings())
     nlp, reference = open_pipeline(pipeline)
     heads = [name for name, pipe in nlp.pipeline if isinstance(pipe, HFPipe)]
     unknown, missing = sorted(set(tests) - set(heads)), [h for h in heads if h not in tests]
@@ -50,7 +56,8 @@ def evaluate_heads(pipeline: Union[str, Path, Language], tests: Dict[str, Union[
     results, loaded_by_head = {}, {}
     for head in heads:
         results[head], loaded_by_head[head], _ = score_file(nlp, tests[head], options=options, skip_bad=skip_bad,
-                                                           batch_size=batch_size, component=head)
+                                                           batch_size=batch_size, component=head,
+                                                           bootstrap=bootstrap)
     hashes = {h: sha256_file(t) if Path(t).is_file() else None for h, t in tests.items()}
     scores = {MEAN: sum(r.primary_score for r in results.values()) / len(results)}
     scores.update({f"{h}_{k}": v for h, r in results.items() for k, v in r.scores.items()})
@@ -113,23 +120,44 @@ def confusion_png(confusion: Dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def span(bounds) -> str:
+    """[low, high] as `low–high` in points; "" without an interval."""
+    return f"{100 * bounds[0]:.2f}–{100 * bounds[1]:.2f}" if bounds else ""
+
+
+def interval_text(bounds, level: float) -> str:
+    return f"{100 * level:g}% CI {span(bounds)}"
+
+
 def report_markdown(result: Evaluation, pipeline: str, test: str) -> str:
     st = result.statistics
+    drawn = result.intervals
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
     lines = [f"# Evaluation: {result.task}", "", f"- pipeline: `{pipeline}`", f"- test data: `{test}`",
              f"- docs: {st['docs']:,}, words: {st['words']:,}, word pieces: {st['word_pieces']:,}; "
              f"{st['docs_per_second']:,} docs/s, {st['words_per_second']:,} words/s, "
              f"{st['word_pieces_per_second']:,} word pieces/s",
-             f"- primary metric: **{result.primary} = {pct(result.primary_score)}**", ""]
-    lines += ["| metric | value |", "| --- | --- |"]
-    lines += [f"| {key} | {pct(value)} |" for key, value in result.scores.items()]
+             f"- primary metric: **{result.primary} = {pct(result.primary_score)}**"
+             + (f" ({interval_text(result.interval(result.primary), drawn['level'])})"
+                if result.interval(result.primary) else "")]
+    if drawn:
+        lines.append(f"- {100 * drawn['level']:g}% confidence intervals: percentile bootstrap, {drawn['replicates']:,} "
+                     f"replicates of the {drawn['unit']}s (seed {drawn['seed']}, {drawn['seconds']:.2f} s)")
+    ci = f"{100 * drawn['level']:g}% CI" if drawn else ""
+    lines += ["", "| metric | value |" + (f" {ci} |" if drawn else ""), "| --- | --- |" + (" --- |" if drawn else "")]
+    for key, value in result.scores.items():
+        bounds = result.interval(key)
+        lines.append(f"| {key} | {pct(value)} |" + (f" {span(bounds)} |" if drawn else ""))
     if result.per_label:
         has_auc = any(v.get("auc") is not None for v in result.per_label.values())
-        lines += ["", "## Per label", "", "| label | P | R | F | " + ("AUC | " if has_auc else "") + "support |",
-                  "| --- | --- | --- | --- | " + ("--- | " if has_auc else "") + "--- |"]
+        per_ci = drawn.get("per_label") or {}
+        lines += ["", "## Per label", "", "| label | P | R | F | " + (f"F {ci} | " if drawn else "")
+                  + ("AUC | " if has_auc else "") + "support |",
+                  "| --- | --- | --- | --- | " + ("--- | " if drawn else "") + ("--- | " if has_auc else "") + "--- |"]
         for label, v in result.per_label.items():
             auc = f"{pct(v.get('auc'))} | " if has_auc else ""
-            lines.append(f"| {label} | {pct(v['p'])} | {pct(v['r'])} | {pct(v['f'])} | {auc}{v['support']} |")
+            f_ci = f"{span((per_ci.get(label) or {}).get('f'))} | " if drawn else ""
+            lines.append(f"| {label} | {pct(v['p'])} | {pct(v['r'])} | {pct(v['f'])} | {f_ci}{auc}{v['support']} |")
     if result.confusion is not None:
         lines += ["", "## Confusion matrix", "", "Rows: gold, columns: predicted.", "", "![confusion](confusion.png)"]
     return "\n".join(lines) + "\n"

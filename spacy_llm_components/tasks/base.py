@@ -11,6 +11,7 @@ from spacy.tokens import Doc
 from spacy.training import Example
 from transformers import DataCollatorWithPadding
 
+from ..core.bootstrap import DocStatistics
 from ..data.docbin import read_docbin
 from ..data.errors import BadRecords, DataError
 from ..data.types import Loaded, ReadOptions
@@ -120,6 +121,11 @@ class TaskSpec:
 
     def scores(self, examples: List[Example], pipe) -> Scores:
         raise NotImplementedError
+
+    def doc_statistics(self, examples: List[Example], pipe) -> Optional[DocStatistics]:
+        """Per-document statistics from which the headline metrics (`scores`' own, on the same examples,
+        after `scores` ran) are sums: what a bootstrap over documents resamples. None: no intervals."""
+        return None
 
     def __repr__(self) -> str:
         return f"TaskSpec({self.name!r})"

@@ -1,8 +1,9 @@
 """Named-entity recognition: entities in `doc.ents` (or a span group), tagged per word."""
 
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
+import numpy as np
 import torch.nn.functional as F
 from spacy.pipeline.spancat import spancat_score
 from spacy.scorer import get_ner_prf
@@ -10,6 +11,7 @@ from spacy.training import Example
 from spacy.util import filter_spans, registry
 from transformers import DataCollatorForTokenClassification
 
+from ..core.bootstrap import DocStatistics, prf
 from ..core.constants import IGNORE_INDEX
 from ..data.conll import read_conll
 from ..data.errors import DataError
@@ -85,6 +87,49 @@ class NerSpec(TaskSpec):
         for label in support:
             per_label.setdefault(label, {"p": 0.0, "r": 0.0, "f": 0.0, "support": support[label]})
         return scores, per_label, None
+
+    def doc_statistics(self, examples, pipe):  # (after `scores`: a span group is then doc.ents)
+        labels = sorted({e.label_ for eg in examples for e in (*eg.reference.ents, *eg.predicted.ents)})
+        column = {label: 3 * j for j, label in enumerate(labels)}
+        values = np.zeros((len(examples), 3 * len(labels)))
+        for i, eg in enumerate(examples):
+            for label, counts in entity_counts(eg).items():
+                values[i, column[label]:column[label] + 3] = counts
+
+        def metrics(sums):
+            tp, fp, fn = sums[:, 0::3], sums[:, 1::3], sums[:, 2::3]
+            p, r, f = prf(tp.sum(axis=1), fp.sum(axis=1), fn.sum(axis=1))
+            per_p, per_r, per_f = prf(tp, fp, fn)
+            out = {"ents_p": p, "ents_r": r, "ents_f": f}
+            for j, label in enumerate(labels):
+                out.update({(label, "p"): per_p[:, j], (label, "r"): per_r[:, j], (label, "f"): per_f[:, j]})
+            return out
+
+        return DocStatistics(values, metrics)
+
+
+def entity_counts(eg: Example) -> Dict[str, List[int]]:
+    """[tp, fp, fn] per entity type of one example, by spaCy's `get_ner_prf` rules: predictions aligned to
+    the reference's tokens; one over reference tokens without entity annotation neither right nor wrong;
+    an example without entity annotation not counted."""
+    counts: Dict[str, List[int]] = {}
+    if not eg.y.has_annotation("ENT_IOB"):
+        return counts
+    golds = {(e.label_, e.start, e.end) for e in eg.y.ents}
+    align = eg.alignment.x2y
+    for ent in eg.x.ents:
+        mine = counts.setdefault(ent.label_, [0, 0, 0])
+        indices = align[ent.start:ent.end]
+        if len(indices) and all(token.ent_iob != 0 for token in eg.y[indices[0]:indices[-1] + 1]):
+            key = (ent.label_, indices[0], indices[-1] + 1)
+            if key in golds:
+                mine[0] += 1
+                golds.remove(key)
+            else:
+                mine[1] += 1
+    for label, _, _ in golds:
+        counts.setdefault(label, [0, 0, 0])[2] += 1
+    return counts
 
 
 def score_ner(examples: Iterable[Example], *, spans_key: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:

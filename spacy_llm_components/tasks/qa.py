@@ -1,12 +1,14 @@
 """Extractive question answering: answer spans for the questions in `doc._.questions`."""
 
-from typing import Any, Callable, Dict, Iterable, List
+from typing import Any, Callable, Dict, Iterable, List, Tuple
 
+import numpy as np
 import torch.nn.functional as F
 from spacy.training import Example
 from spacy.util import registry
 
-from ..core.metrics import squad_scores
+from ..core.bootstrap import DocStatistics
+from ..core.metrics import exact_match, squad_scores, token_f1
 from ..data.errors import DataError
 from ..data.squad import read_squad
 from ..data.types import Loaded
@@ -85,6 +87,20 @@ class QASpec(TaskSpec):
     def scores(self, examples, pipe):
         return score_squad(examples, spans_key=pipe.spans_key), {}, None
 
+    def doc_statistics(self, examples, pipe):  # a context and all its questions are drawn together
+        values = np.zeros((len(examples), 3))
+        for i, eg in enumerate(examples):
+            for prediction, answers in question_pairs(eg, pipe.spans_key):
+                golds = list(answers) or [""]
+                values[i] += (max(exact_match(prediction, g) for g in golds),
+                              max(token_f1(prediction, g) for g in golds), 1)
+
+        def metrics(sums):
+            questions = np.maximum(sums[:, 2], 1)
+            return {"qa_exact": sums[:, 0] / questions, "qa_f1": sums[:, 1] / questions}
+
+        return DocStatistics(values, metrics)
+
 
 def score_squad(examples: Iterable[Example], *, spans_key: str = "answers", **_: Any) -> Dict[str, Any]:
     """SQuAD EM/F1 of predicted answers against the reference's answers, per question.
@@ -95,21 +111,23 @@ def score_squad(examples: Iterable[Example], *, spans_key: str = "answers", **_:
     without gold answers is unanswerable. The prediction for a question is its
     best (first) answer span, or "" when there is none.
     """
-    pairs = []
-    for eg in examples:
-        gold: Dict[str, List[str]] = {}
-        if eg.reference._.qas:
-            for qa in eg.reference._.qas:
-                gold.setdefault(qa["question"], []).extend(a["text"] for a in qa["answers"])
-        else:
-            gold = {q: [] for q in (eg.reference._.questions or [])}
-            for span in eg.reference.spans.get(spans_key, []):
-                gold.setdefault(span._.question, []).append(span.text)
-        predicted: Dict[str, str] = {}
-        for span in eg.predicted.spans.get(spans_key, []):
-            predicted.setdefault(span._.question, span.text)
-        pairs.extend((predicted.get(q, ""), answers) for q, answers in gold.items())
-    return squad_scores(pairs)
+    return squad_scores(pair for eg in examples for pair in question_pairs(eg, spans_key))
+
+
+def question_pairs(eg: Example, spans_key: str) -> List[Tuple[str, List[str]]]:
+    """(predicted answer text, gold answer texts) for each question of one example."""
+    gold: Dict[str, List[str]] = {}
+    if eg.reference._.qas:
+        for qa in eg.reference._.qas:
+            gold.setdefault(qa["question"], []).extend(a["text"] for a in qa["answers"])
+    else:
+        gold = {q: [] for q in (eg.reference._.questions or [])}
+        for span in eg.reference.spans.get(spans_key, []):
+            gold.setdefault(span._.question, []).append(span.text)
+    predicted: Dict[str, str] = {}
+    for span in eg.predicted.spans.get(spans_key, []):
+        predicted.setdefault(span._.question, span.text)
+    return [(predicted.get(q, ""), answers) for q, answers in gold.items()]
 
 
 @registry.scorers("spacy_llm_components.squad_scorer.v1")

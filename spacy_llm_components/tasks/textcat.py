@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from spacy.training import Example
 from spacy.util import registry
 
+from ..core.bootstrap import DocStatistics, prf
 from ..core.decode import decide_labels, label_thresholds
 from ..core.metrics import classification_scores, confusion_matrix
 from ..data.errors import DataError
@@ -110,6 +111,28 @@ class TextcatSpec(TaskSpec):
                      for label in pipe.labels}
         return scores, per_label, scores.pop("cats_confusion", None)
 
+    def doc_statistics(self, examples, pipe):
+        labels, multi_label = list(pipe.labels), pipe.multi_label
+        gold, decided = decisions(examples, labels, multi_label, pipe.cfg.get("threshold", 0.5),
+                                  pipe.cfg.get("thresholds"))[:2]
+        k = len(labels)  # columns: tp, fp, fn of each label, then whether the doc's decision is all right
+        values = np.concatenate([gold & decided, ~gold & decided, gold & ~decided,
+                                 (gold == decided).all(axis=1, keepdims=True)], axis=1).astype(np.float64)
+        n = len(examples)
+
+        def metrics(sums):
+            tp, fp, fn = sums[:, :k], sums[:, k:2 * k], sums[:, 2 * k:3 * k]
+            p, r, f = prf(tp, fp, fn)
+            micro_f = prf(tp.sum(axis=1), fp.sum(axis=1), fn.sum(axis=1))[2]
+            out = {"cats_accuracy": sums[:, 3 * k] / n, "cats_macro_p": p.mean(axis=1), "cats_macro_r": r.mean(axis=1),
+                   "cats_macro_f": f.mean(axis=1), "cats_micro_f": micro_f}
+            out["cats_score"] = out["cats_macro_f"] if multi_label else out["cats_accuracy"]
+            for j, label in enumerate(labels):
+                out.update({(label, "p"): p[:, j], (label, "r"): r[:, j], (label, "f"): f[:, j]})
+            return out
+
+        return DocStatistics(values, metrics)
+
 
 def set_cats(loaded: Loaded, labels: Sequence[str], multi_label: bool) -> None:
     """Write `doc.cats` (1.0/0.0 for every label). Exclusive data needs exactly one label per record."""
@@ -133,9 +156,7 @@ def score_textcat(examples: Iterable[Example], *, labels: List[str], multi_label
     """
     examples = list(examples)
     labels = list(labels)
-    gold = np.array([[eg.reference.cats.get(label, 0.0) for label in labels] for eg in examples]).reshape(-1, len(labels)) >= 0.5
-    prob = np.array([[eg.predicted.cats.get(label, 0.0) for label in labels] for eg in examples]).reshape(-1, len(labels))
-    decided = decide_labels(prob, multi_label, label_thresholds(labels, threshold, thresholds))
+    gold, decided, prob = decisions(examples, labels, multi_label, threshold, thresholds)
     scores = classification_scores(labels, gold, decided, prob, multi_label)
     scores["cats_score"] = scores["cats_macro_f"] if multi_label else scores["cats_accuracy"]
     scores["cats_score_desc"] = "macro F" if multi_label else "accuracy"
@@ -145,6 +166,15 @@ def score_textcat(examples: Iterable[Example], *, labels: List[str], multi_label
         if not multi_label and len(examples):
             scores["cats_confusion"] = confusion_matrix(labels, gold, decided)
     return scores
+
+
+def decisions(examples: Sequence[Example], labels: List[str], multi_label: bool, threshold: float,
+              thresholds: Optional[Dict[str, float]]):
+    """(gold, decided, scores) as (docs x labels) arrays: the reference's labels, the component's decisions
+    by its own rule, the predicted scores."""
+    gold = np.array([[eg.reference.cats.get(label, 0.0) for label in labels] for eg in examples]).reshape(-1, len(labels)) >= 0.5
+    prob = np.array([[eg.predicted.cats.get(label, 0.0) for label in labels] for eg in examples]).reshape(-1, len(labels))
+    return gold, decide_labels(prob, multi_label, label_thresholds(labels, threshold, thresholds)), prob
 
 
 @registry.scorers("spacy_llm_components.textcat_scorer.v1")

@@ -5,7 +5,7 @@ seconds, speed). Fine-tuning's dev evaluations, the evaluate stage and promotion
 so training picks checkpoints by the metric users will see."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -16,6 +16,7 @@ from spacy.training import Example
 
 from ...components.base import HFPipe
 from ...components.pipeline import hf_component
+from ...core.bootstrap import BootstrapSettings, intervals
 from ...data import Loaded, ReadOptions
 from ...models.devices import machine
 from ...tasks import load_docs
@@ -31,6 +32,7 @@ class Evaluation:
     per_label: Dict[str, Dict[str, float]]
     confusion: Optional[Dict[str, Any]]  # exclusive textcat: {"labels": [...], "matrix": [[gold x predicted]]}
     predictions: List[Doc]
+    intervals: Dict[str, Any] = field(default_factory=dict)  # the bootstrap's: settings, scores, per_label
 
     @property
     def primary_score(self) -> float:
@@ -44,19 +46,25 @@ class Evaluation:
 
     def to_json(self) -> Dict[str, Any]:
         return {"task": self.task, "primary": self.primary, "scores": self.scores, "statistics": self.statistics,
-                "per_label": self.per_label, "confusion": self.confusion}
+                "per_label": self.per_label, "confusion": self.confusion, "intervals": self.intervals}
+
+    def interval(self, metric: str) -> Optional[List[float]]:
+        """The metric's confidence interval [low, high], if the evaluation drew one."""
+        return (self.intervals.get("scores") or {}).get(metric)
 
 
 def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Optional[int] = None,
-                   component: Optional[str] = None) -> Evaluation:
+                   component: Optional[str] = None, bootstrap: Optional[BootstrapSettings] = None) -> Evaluation:
     """Run the pipeline over the references' texts and score the predictions of its hf_* component (the
-    first, or `component`) against them."""
+    first, or `component`) against them; with `bootstrap`, each headline metric's confidence interval
+    (documents resampled)."""
     pipe = nlp.get_pipe(component) if component else hf_component(nlp)
     spec = pipe.spec
     start = time.perf_counter()
     predictions = list(nlp.pipe((spec.input_doc(nlp, ref) for ref in references), batch_size=batch_size))
     seconds = time.perf_counter() - start
-    raw, per_label, confusion = spec.scores([Example(p, r) for p, r in zip(predictions, references)], pipe)
+    examples = [Example(p, r) for p, r in zip(predictions, references)]
+    raw, per_label, confusion = spec.scores(examples, pipe)
     scores = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
               and not k.endswith("_total")}
     scores.setdefault(spec.primary, 0.0)  # undefined (no gold, no predictions) counts as 0
@@ -68,7 +76,27 @@ def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Opti
                   "word_pieces_per_second": round(pieces / seconds, 1) if seconds else None,
                   **{k: v for k, v in raw.items() if k.endswith("_total")},  # questions counted (QA)
                   "device": str(pipe.checkpoint.device), "machine": machine(pipe.checkpoint.device)}
-    return Evaluation(spec.name, spec.primary, scores, statistics, per_label, confusion, predictions)
+    drawn = bootstrap_intervals(spec, examples, pipe, bootstrap) if bootstrap and bootstrap.replicates else {}
+    return Evaluation(spec.name, spec.primary, scores, statistics, per_label, confusion, predictions, drawn)
+
+
+def bootstrap_intervals(spec, examples: Sequence[Example], pipe, settings: BootstrapSettings) -> Dict[str, Any]:
+    """The task's headline metrics' bootstrap intervals over the examples: {"replicates", "seed", "level",
+    "unit", "seconds", "scores": {metric: [low, high]}, "per_label": {label: {"p"|"r"|"f": [low, high]}}};
+    {} for a task without per-document statistics."""
+    start = time.perf_counter()
+    stats = spec.doc_statistics(list(examples), pipe)
+    if stats is None or not len(examples):
+        return {}
+    drawn = intervals(stats, settings.replicates, settings.seed, settings.level)
+    per_label: Dict[str, Dict[str, List[float]]] = {}
+    for key, (low, high) in drawn.items():
+        if isinstance(key, tuple):
+            per_label.setdefault(key[0], {})[key[1]] = [low, high]
+    return {"replicates": settings.replicates, "seed": settings.seed, "level": settings.level, "unit": "document",
+            "seconds": round(time.perf_counter() - start, 3),
+            "scores": {k: [low, high] for k, (low, high) in drawn.items() if isinstance(k, str)},
+            "per_label": per_label}
 
 
 def word_pieces(pipe, docs: Sequence[Doc]) -> int:
@@ -90,8 +118,8 @@ def open_pipeline(pipeline: Union[str, Path, Language]) -> Tuple[Language, str]:
 
 
 def score_file(pipeline: Union[str, Path, Language], test: Union[str, Path], *, options: ReadOptions = ReadOptions(),
-               skip_bad: bool = False, batch_size: Optional[int] = None,
-               component: Optional[str] = None) -> Tuple["Evaluation", Loaded, str]:
+               skip_bad: bool = False, batch_size: Optional[int] = None, component: Optional[str] = None,
+               bootstrap: Optional[BootstrapSettings] = None) -> Tuple["Evaluation", Loaded, str]:
     """Load the pipeline (`open_pipeline`), read `test` (any format `prepare` reads) and score its hf_*
     component (the first, or `component`, with the pipeline's other hf_* heads off): (evaluation, the
     test docs as read, the pipeline's reference pinned to its version)."""
@@ -101,6 +129,6 @@ def score_file(pipeline: Union[str, Path, Language], test: Union[str, Path], *, 
     pipe.spec.gold_for(loaded, pipe)
     others = [name for name, p in nlp.pipeline if isinstance(p, HFPipe) and p is not pipe]
     with nlp.select_pipes(disable=others):
-        result = score_pipeline(nlp, loaded.docs, batch_size=batch_size, component=pipe.name)
+        result = score_pipeline(nlp, loaded.docs, batch_size=batch_size, component=pipe.name, bootstrap=bootstrap)
     result.statistics["skipped"] = len(loaded.skipped)
     return result, loaded, reference

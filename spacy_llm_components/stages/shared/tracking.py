@@ -227,6 +227,17 @@ def without_checkpoints(folder: Path) -> Iterator[Path]:
         yield copy
 
 
+def interval_metrics(data: Dict[str, Any]) -> Dict[str, float]:
+    """An evaluation's (or each head's) confidence intervals as MLflow metrics: `<metric>.ci_low` and
+    `<metric>.ci_high` (a head's prefixed with its name, as its scores are)."""
+    out: Dict[str, float] = {}
+    sources = [("", data)] + [(f"{head}_", ev) for head, ev in (data.get("heads") or {}).items()]
+    for prefix, evaluation in sources:
+        for name, (low, high) in ((evaluation.get("intervals") or {}).get("scores") or {}).items():
+            out[metric_key(f"{prefix}{name}.ci_low")], out[metric_key(f"{prefix}{name}.ci_high")] = low, high
+    return out
+
+
 def log_evaluation(evaluation: Union[str, Path], *, run_name: Optional[str] = None,
                    experiment: Optional[str] = None) -> str:
     """One MLflow run for an evaluation folder (`sllm evaluate -o`): every score and statistic, the
@@ -243,5 +254,6 @@ def log_evaluation(evaluation: Union[str, Path], *, run_name: Optional[str] = No
         mlflow.log_metrics(numbers(data.get("scores") or {}))
         mlflow.log_metrics(numbers(data.get("statistics") or {}, "statistics."))
         mlflow.log_metrics(numbers(data.get("per_label") or {}, "per_label."))
+        mlflow.log_metrics(interval_metrics(data))
         mlflow.log_artifacts(str(evaluation), "evaluation")
     return run.info.run_id

@@ -1,0 +1,208 @@
+"""Bootstrap confidence intervals. References: a brute-force loop over the same resampled documents that
+scores each resampled test set with spaCy's entity scorer (or the task's own scorer), the point estimate
+against that scorer on the whole set, and the coverage of a synthetic case with a known answer."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import spacy
+from spacy.scorer import get_ner_prf
+from spacy.tokens import Doc
+from spacy.training import Example
+from typer.testing import CliRunner
+
+from spacy_llm_components.cli import app
+from spacy_llm_components.core.bootstrap import BootstrapSettings, DocStatistics, intervals, percentile_interval
+from spacy_llm_components.tasks import task_spec
+from spacy_llm_components.tasks.qa import score_squad
+from spacy_llm_components.tasks.textcat import score_textcat
+
+WORDS = ["Ann", "Lee", "met", "Bo", "in", "Oslo", "and", "Rome", "today", "."]
+GOLD = [(0, 2, "PER"), (3, 4, "PER"), (5, 6, "LOC"), (7, 8, "LOC")]
+
+
+def _ner_examples(n: int = 37, seed: int = 1):
+    """Examples whose predictions are right, wrong in label, wrong in boundary, missing or spurious, at
+    random: every kind of count spaCy's scorer keeps."""
+    rng = np.random.default_rng(seed)
+    vocab = spacy.blank("en").vocab
+    examples = []
+    for _ in range(n):
+        gold = [e for e in GOLD if rng.random() < 0.8]
+        predicted = []
+        for start, end, label in gold:
+            r = rng.random()
+            if r < 0.6:
+                predicted.append((start, end, label))
+            elif r < 0.75:
+                predicted.append((start, end, "LOC" if label == "PER" else "PER"))
+            elif r < 0.85 and end - start > 1:
+                predicted.append((start, start + 1, label))
+        if rng.random() < 0.3 and not any(s <= 8 < e for s, e, _ in gold):
+            predicted.append((8, 9, "ORG"))  # spurious, of a type the gold never has
+        as_doc = lambda ents: Doc(vocab, words=WORDS, ents=_iob(ents))  # noqa: E731
+        examples.append(Example(as_doc(predicted), as_doc(gold)))
+    return examples
+
+
+def _iob(ents):
+    tags = ["O"] * len(WORDS)
+    for start, end, label in ents:
+        tags[start] = f"B-{label}"
+        tags[start + 1:end] = [f"I-{label}"] * (end - start - 1)
+    return tags
+
+
+def _brute_force(examples, score, replicates, seed):
+    """Score each resampled list of examples with `score`: the draws are numpy's default_rng(seed), one
+    (replicates x docs) array of indices."""
+    drawn = np.random.default_rng(seed).integers(0, len(examples), size=(replicates, len(examples)))
+    return [score([examples[i] for i in row]) for row in drawn]
+
+
+def test_entity_intervals_equal_a_brute_force_loop_over_spacys_scorer():
+    examples = _ner_examples()
+    stats = task_spec("ner").doc_statistics(examples, SimpleNamespace(spans_key=None))
+    want = get_ner_prf(examples)
+    point = stats.point()
+    for metric in ("ents_p", "ents_r", "ents_f"):
+        assert point[metric] == pytest.approx(want[metric], abs=1e-12), metric
+    for label, prf in want["ents_per_type"].items():
+        assert point[(label, "f")] == pytest.approx(prf["f"], abs=1e-12), label
+    # several chunks of draws (max_cells): the same replicates as one array of draws
+    got = intervals(stats, replicates=300, seed=7, max_cells=len(examples) * 64)
+    loop = _brute_force(examples, get_ner_prf, 300, 7)
+    for metric in ("ents_p", "ents_r", "ents_f"):
+        assert got[metric] == pytest.approx(percentile_interval(np.array([s[metric] for s in loop])), abs=1e-9)
+    for label in ("PER", "LOC"):
+        per_type = np.array([(s["ents_per_type"].get(label) or {"f": 0.0})["f"] for s in loop])
+        assert got[(label, "f")] == pytest.approx(percentile_interval(per_type), abs=1e-9), label
+    low, high = got["ents_f"]
+    assert low < want["ents_f"] < high and high - low > 0.02  # a real interval, around the estimate
+    assert intervals(stats, replicates=300, seed=7) == got  # seeded: the same intervals
+    assert intervals(stats, replicates=300, seed=8) != got
+
+
+def _textcat_examples(multi_label: bool, n: int = 41):
+    rng = np.random.default_rng(3)
+    nlp = spacy.blank("en")
+    labels = ["a", "b", "c"]
+    examples = []
+    for i in range(n):
+        reference = nlp.make_doc(f"text {i}")
+        gold = rng.integers(0, 3)
+        reference.cats = {label: float(rng.random() < 0.4 if multi_label else j == gold)
+                          for j, label in enumerate(labels)}
+        predicted = nlp.make_doc(f"text {i}")
+        scores = rng.random(3) + 0.6 * np.array([reference.cats[label] for label in labels])
+        predicted.cats = {label: float(s / (scores.sum() if not multi_label else 1.6)) for label, s in zip(labels, scores)}
+        examples.append(Example(predicted, reference))
+    return examples, labels
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_category_intervals_equal_a_brute_force_loop_over_the_scorer(multi_label):
+    examples, labels = _textcat_examples(multi_label)
+    pipe = SimpleNamespace(labels=labels, multi_label=multi_label, cfg={"threshold": 0.5})
+    score = lambda egs: score_textcat(egs, labels=labels, multi_label=multi_label)  # noqa: E731
+    stats = task_spec("textcat").doc_statistics(examples, pipe)
+    want = score(examples)
+    for metric in ("cats_score", "cats_accuracy", "cats_macro_f", "cats_micro_f"):
+        assert stats.point()[metric] == pytest.approx(want[metric], abs=1e-12), metric
+    got = intervals(stats, replicates=200, seed=2)
+    loop = _brute_force(examples, score, 200, 2)
+    for metric in ("cats_score", "cats_accuracy", "cats_macro_f"):
+        assert got[metric] == pytest.approx(percentile_interval(np.array([s[metric] for s in loop])), abs=1e-9)
+    per_label = np.array([s["cats_f_per_type"]["b"]["f"] for s in loop])
+    assert got[("b", "f")] == pytest.approx(percentile_interval(per_label), abs=1e-9)
+
+
+def test_answer_intervals_resample_contexts_with_all_their_questions():
+    nlp = spacy.blank("en")
+    rng = np.random.default_rng(4)
+    examples = []
+    for i in range(30):
+        reference = nlp.make_doc(f"Ada wrote {i} notes in London today .")
+        questions = [f"q{i}-{j}" for j in range(int(rng.integers(1, 4)))]  # contexts of 1 to 3 questions
+        reference._.qas = [{"id": q, "question": q, "answers": [{"text": "London", "answer_start": 0}],
+                            "is_impossible": False} for q in questions]
+        predicted = nlp.make_doc(reference.text)
+        spans = []
+        for q in questions:
+            start = [5, 4, 3][int(rng.integers(0, 3))]  # "London", "in London", "notes in London"
+            span = predicted[start:6]
+            span._.question = q
+            spans.append(span)
+        predicted.spans["answers"] = spans
+        examples.append(Example(predicted, reference))
+    stats = task_spec("qa").doc_statistics(examples, SimpleNamespace(spans_key="answers"))
+    want = score_squad(examples)
+    assert stats.point()["qa_exact"] == pytest.approx(want["qa_exact"], abs=1e-12)
+    assert stats.point()["qa_f1"] == pytest.approx(want["qa_f1"], abs=1e-12)
+    got = intervals(stats, replicates=200, seed=0)
+    loop = _brute_force(examples, score_squad, 200, 0)
+    for metric in ("qa_exact", "qa_f1"):
+        assert got[metric] == pytest.approx(percentile_interval(np.array([s[metric] for s in loop])), abs=1e-9)
+
+
+def test_intervals_cover_a_known_accuracy_about_as_often_as_they_claim():
+    """Test sets of 300 docs, each right with probability 0.8: the 95% interval of each set's accuracy
+    holds 0.8 for about 95% of the sets (the percentile bootstrap is close to nominal at this size)."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(200):
+        right = (rng.random(300) < 0.8).astype(float)[:, None]
+        stats = DocStatistics(right, lambda sums: {"accuracy": sums[:, 0] / 300})
+        low, high = intervals(stats, replicates=500, seed=trial)["accuracy"]
+        covered += low <= 0.8 <= high
+    assert 0.9 <= covered / 200 <= 0.99, covered
+
+
+def test_evaluate_writes_intervals_in_metrics_report_and_cli(tiny_pipelines, tmp_path):
+    parts = tiny_pipelines["ner"]
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["evaluate", str(parts["pipeline"]), str(parts["test"]), "-o", str(out),
+                                      "--bootstrap-replicates", "400", "--bootstrap-seed", "3", "--no-track"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    drawn = metrics["intervals"]
+    assert (drawn["replicates"], drawn["seed"], drawn["level"], drawn["unit"]) == (400, 3, 0.95, "document")
+    low, high = drawn["scores"]["ents_f"]
+    assert low <= metrics["scores"]["ents_f"] <= high
+    assert set(drawn["per_label"]) <= set(metrics["per_label"]) and drawn["per_label"]
+    assert f"ents_f: {100 * metrics['scores']['ents_f']:.2f} (95% CI {100 * low:.2f}–{100 * high:.2f})" in result.output
+    report = (out / "report.md").read_text()
+    assert "| metric | value | 95% CI |" in report and f"{100 * low:.2f}–{100 * high:.2f}" in report
+    assert "percentile bootstrap, 400 replicates of the documents (seed 3" in report
+    none = CliRunner().invoke(app, ["evaluate", str(parts["pipeline"]), str(parts["test"]), "-o",
+                                    str(tmp_path / "none"), "--bootstrap-replicates", "0", "--no-track"])
+    assert none.exit_code == 0 and json.loads((tmp_path / "none" / "metrics.json").read_text())["intervals"] == {}
+    bad = CliRunner().invoke(app, ["evaluate", str(parts["pipeline"]), str(parts["test"]), "-o", str(tmp_path / "bad"),
+                                   "--bootstrap-level", "1.5", "--no-track"])
+    assert bad.exit_code == 2 and "--bootstrap-level 1.5" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_evaluate_refuses_bad_bootstrap_settings_before_reading_anything(tmp_path):
+    from spacy_llm_components.stages.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="--bootstrap-replicates -5"):
+        evaluate(tmp_path / "no-pipeline", tmp_path / "no-test", tmp_path / "out",
+                 bootstrap=BootstrapSettings(replicates=-5))
+    assert not (tmp_path / "out").exists()
+
+
+def test_intervals_reach_the_mlflow_metrics_and_the_model_card():
+    from spacy_llm_components.core.cards import model_card
+    from spacy_llm_components.stages.shared.tracking import interval_metrics
+
+    drawn = {"level": 0.95, "replicates": 1000, "scores": {"ents_f": [0.81, 0.85]}, "per_label": {}}
+    evaluation = {"primary": "ents_f", "scores": {"ents_f": 0.83}, "statistics": {"docs": 10}, "intervals": drawn,
+                  "test": "t.conll"}
+    assert interval_metrics(evaluation) == {"ents_f.ci_low": 0.81, "ents_f.ci_high": 0.85}
+    heads = {"primary": "weighted_score", "scores": {"weighted_score": 0.8}, "heads": {"ner": evaluation}}
+    assert interval_metrics(heads) == {"ner_ents_f.ci_low": 0.81, "ner_ents_f.ci_high": 0.85}
+    card = model_card("m", "1", {"task": "ner"}, evaluation, {})
+    assert "**ents_f 83.00** (95% CI 81.00–85.00)" in card
+    assert "(95% CI 81.00–85.00)" in model_card("m", "1", {"task": "ner+textcat"}, heads, {})
