@@ -206,3 +206,108 @@ def test_intervals_reach_the_mlflow_metrics_and_the_model_card():
     card = model_card("m", "1", {"task": "ner"}, evaluation, {})
     assert "**ents_f 83.00** (95% CI 81.00–85.00)" in card
     assert "(95% CI 81.00–85.00)" in model_card("m", "1", {"task": "ner+textcat"}, heads, {})
+
+
+# -- paired comparison ------------------------------------------------------------------------------------
+def _decided(examples, right):
+    """Copies of the examples whose prediction is the gold class where `right`, another class elsewhere."""
+    out = []
+    for eg, ok in zip(examples, right):
+        gold = max(eg.reference.cats, key=eg.reference.cats.get)
+        wrong = next(label for label in eg.reference.cats if label != gold)
+        predicted = eg.predicted.copy()
+        predicted.cats = {label: 0.9 if label == (gold if ok else wrong) else 0.05 for label in eg.reference.cats}
+        out.append(Example(predicted, eg.reference))
+    return out
+
+
+def test_paired_comparison_of_a_model_right_on_more_docs_equals_a_brute_force_loop():
+    from spacy_llm_components.core.bootstrap import mcnemar, paired_differences
+
+    examples, labels = _textcat_examples(False, n=60)
+    rng = np.random.default_rng(5)
+    right_a = rng.random(60) < 0.6
+    right_b = right_a | (rng.random(60) < 0.5)  # right wherever A is, and on more docs
+    a, b = _decided(examples, right_a), _decided(examples, right_b)
+    pipe = SimpleNamespace(labels=labels, multi_label=False, cfg={})
+    spec = task_spec("textcat")
+    diffs = paired_differences(spec.doc_statistics(a, pipe), spec.doc_statistics(b, pipe), replicates=300, seed=4)
+    accuracy = diffs["cats_accuracy"]
+    assert accuracy.difference == pytest.approx(right_b.mean() - right_a.mean(), abs=1e-12) and accuracy.difference > 0
+    drawn = np.random.default_rng(4).integers(0, 60, size=(300, 60))  # the same documents drawn for A and B
+    loop = [score_textcat([b[i] for i in row], labels=labels)["cats_accuracy"]
+            - score_textcat([a[i] for i in row], labels=labels)["cats_accuracy"] for row in drawn]
+    assert accuracy.interval == pytest.approx(percentile_interval(np.array(loop)), abs=1e-9)
+    assert accuracy.interval[0] > 0 and accuracy.p_value < 0.01  # B is better, and the test says so
+    test = mcnemar(right_a, right_b)
+    assert test["only_a_right"] == 0 and test["only_b_right"] == int((right_b & ~right_a).sum()) > 5
+    assert test["p_value"] < 0.05
+    same = paired_differences(spec.doc_statistics(a, pipe), spec.doc_statistics(a, pipe), replicates=300, seed=4)
+    assert all(d.difference == 0 and d.interval == (0.0, 0.0) and d.p_value == 1.0 for d in same.values())
+
+
+def test_mcnemar_by_hand():
+    from spacy_llm_components.core.bootstrap import mcnemar
+
+    a = np.array([1, 1] + [0] * 10 + [1] * 5, dtype=bool)  # 2 docs only A gets right, 10 only B, 5 both
+    b = np.array([0, 0] + [1] * 10 + [1] * 5, dtype=bool)
+    # two-sided exact binomial: 2 * P(X <= 2), X ~ Bin(12, 1/2) = 2 * (1 + 12 + 66) / 4096
+    assert mcnemar(a, b) == {"only_a_right": 2, "only_b_right": 10, "p_value": pytest.approx(158 / 4096)}
+    assert mcnemar(a, a)["p_value"] == 1.0
+
+
+def test_compare_command_writes_the_comparison_and_refuses_pipelines_that_differ(tiny_pipelines, ckpts, tmp_path):
+    from spacy_llm_components.components.pipeline import build_pipeline
+    from spacy_llm_components.stages.evaluate import compare
+
+    parts = tiny_pipelines["textcat"]
+    result = CliRunner().invoke(app, ["compare", str(parts["pipeline"]), str(parts["pipeline"]), "--test",
+                                      str(parts["test"]), "-o", str(tmp_path / "same"), "--bootstrap-replicates", "200"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "same" / "comparison.json").read_text())
+    assert data["scores"]["cats_score"]["difference"] == 0 and data["scores"]["cats_score"]["p_value"] == 1.0
+    assert data["mcnemar"] == {"only_a_right": 0, "only_b_right": 0, "p_value": 1.0}
+    assert "| cats_score |" in result.output and "McNemar" in (tmp_path / "same" / "comparison.md").read_text()
+    ner = tiny_pipelines["ner"]["pipeline"]
+    with pytest.raises(ValueError, match="compare pipelines of one task"):
+        compare(parts["pipeline"], ner, parts["test"], tmp_path / "tasks")
+    other = build_pipeline("textcat", ckpts["multilabel"], settings={"device": "cpu"})
+    with pytest.raises(ValueError, match="different labels"):
+        compare(build_pipeline("textcat", ckpts["textcat"], settings={"device": "cpu"}), other, parts["test"],
+                tmp_path / "labels")
+    with pytest.raises(ValueError, match="needs replicates"):
+        compare(parts["pipeline"], parts["pipeline"], parts["test"], tmp_path / "none",
+                bootstrap=BootstrapSettings(replicates=0))
+    assert not any((tmp_path / d).exists() for d in ("tasks", "labels", "none"))
+
+
+def test_promotion_rules_better_significant_and_no_worse(tiny_pipelines, mlflow_project):
+    from mlflow.tracking import MlflowClient
+
+    from spacy_llm_components.stages import registry
+    from spacy_llm_components.stages.shared.references import RegistryError
+
+    parts = tiny_pipelines["textcat"]
+    metrics = parts["evaluation"] / "metrics.json"
+    registry.register(parts["pipeline"], "rules", metrics=metrics)
+    assert registry.promote("rules").promoted  # no champion yet
+    import shutil
+
+    copy = mlflow_project / "copy"  # the same weights as another version (one more file: another fingerprint)
+    shutil.copytree(parts["pipeline"], copy)
+    (copy / "NOTE.txt").write_text("a copy")
+    registry.register(copy, "rules", metrics=metrics)
+    test = str(parts["test"])
+    with pytest.raises(RegistryError, match="--margin -1"):
+        registry.promote("rules", test=test, rule="no-worse", margin=-1)
+    with pytest.raises(RegistryError, match="pass --test"):
+        registry.promote("rules", rule="significant")
+    assert registry.RULE_TAG not in MlflowClient().get_registered_model("rules").tags  # refused: nothing kept
+    # the same weights: not better, not significantly better, but no worse
+    assert not registry.promote("rules", test=test).promoted
+    decision = registry.promote("rules", test=test, rule="significant")
+    assert not decision.promoted and "difference +0.00 points" in decision.reason and "reaches 0" in decision.reason
+    decision = registry.promote("rules", test=test, rule="no-worse", margin=0.5)
+    assert decision.promoted and "above -0.5 points (no-worse)" in decision.reason
+    tags = MlflowClient().get_registered_model("rules").tags
+    assert tags[registry.RULE_TAG] == "no-worse" and float(tags[registry.MARGIN_TAG]) == 0.5

@@ -42,12 +42,17 @@ def promote_command(
                                                     "instead of comparing their recorded evaluations"),
     max_head_drop: float = typer.Option(0.5, min=0, help="several heads on one encoder: points any head may lose "
                                                          "against the champion's"),
+    rule: Optional[str] = typer.Option(None, help="better (a higher score), significant (the paired bootstrap "
+                                                  "interval of the difference above 0) or no-worse (its lower bound "
+                                                  "above -MARGIN); kept as the model's rule; default: the model's "
+                                                  "last, else better. significant and no-worse need --test"),
+    margin: Optional[float] = typer.Option(None, help="no-worse: the points the challenger may lose (default 0.5)"),
 ) -> None:
     """Move the `champion` alias to the challenger if it beats the champion on the same evaluation set."""
     from ..stages.registry import promote
 
     try:
-        decision = promote(name, test=test, max_head_drop=max_head_drop)
+        decision = promote(name, test=test, max_head_drop=max_head_drop, rule=rule, margin=margin)
     except ValueError as err:
         fail(err)
     verdict = (f"champion is now version {decision.challenger}" if decision.promoted

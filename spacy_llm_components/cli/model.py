@@ -117,6 +117,43 @@ def finetune_command(
         typer.echo(f"MLflow run {log_finetune(output)} in {tracking_uri()}")
 
 
+@app.command("compare")
+@with_settings(BootstrapSettings, "bootstrap", prefix="bootstrap-")
+def compare_command(
+    a: str = typer.Argument(..., help="pipeline A (the baseline): a folder, models:/NAME/VERSION or models:/NAME@ALIAS"),
+    b: str = typer.Argument(..., help="pipeline B (compared with A): a folder or models:/ reference"),
+    test: Path = typer.Option(..., help="test data in any format `sllm prepare` reads; both run on its documents"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder for comparison.json and comparison.md"),
+    batch_size: Optional[int] = BatchSize,
+    text_column: str = TextColumn,
+    label_column: str = LabelColumn,
+    label_sep: Optional[str] = LabelSep,
+    strict: bool = Strict,
+    skip_bad: bool = SkipBad,
+    bootstrap: BootstrapSettings = None,
+) -> None:
+    """Compare B with A on the same documents: each metric's difference with a paired bootstrap interval
+    and p-value (and McNemar's test for classes)."""
+    from ..stages.evaluate import compare, difference_row
+
+    options = read_options(text_column, label_column, label_sep, strict)
+    try:
+        result = compare(a, b, test, output, options=options, skip_bad=skip_bad, batch_size=batch_size,
+                         bootstrap=bootstrap)
+    except (DataError, ValueError) as err:
+        fail(err)
+    typer.echo(f"B - A on {result.evaluations[0].statistics['docs']:,} docs of {test}, "
+               f"{100 * bootstrap.level:g}% paired bootstrap intervals:")
+    typer.echo(f"| metric | A | B | B - A | {100 * bootstrap.level:g}% CI | p |")
+    for name, d in result.scores.items():
+        typer.echo(difference_row(name, d))
+    if result.mcnemar:
+        typer.echo(f"McNemar: {result.mcnemar['only_a_right']} docs only A right, {result.mcnemar['only_b_right']} "
+                   f"only B; p = {result.mcnemar['p_value']:.4f}")
+    if output is not None:
+        typer.echo(f"wrote {output}/comparison.json and {output}/comparison.md")
+
+
 def local_model(model: str) -> Path:
     """The pipeline folder behind a folder or models:/ reference, or exit 2 saying why not."""
     from ..stages.shared.references import local_pipeline

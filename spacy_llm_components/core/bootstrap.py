@@ -12,7 +12,7 @@ Pure functions on numpy arrays: no model, no spaCy (the tasks build the statisti
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, Iterator, Tuple
+from typing import Callable, Dict, Hashable, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -40,6 +40,8 @@ class DocStatistics:
 
     values: np.ndarray
     metrics: Callable[[np.ndarray], Dict[Hashable, np.ndarray]]  # (label, 'f') keys: per-label scores
+    correct: Optional[np.ndarray] = None  # whether each document's decision is right (McNemar's test), if the
+    # task decides one thing per document
 
     def point(self) -> Dict[Hashable, float]:
         """The metrics on the test set itself (every document once)."""
@@ -96,3 +98,54 @@ def prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> Tuple[np.ndarray, np.
     r = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
     f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
     return p, r, f
+
+
+@dataclass
+class PairedDifference:
+    """B's metric minus A's on the same documents: the difference, its paired-bootstrap interval, and the
+    p-value of "no difference" (the share of replicates whose difference strays from the observed one by as
+    much as the observed one strays from 0)."""
+
+    a: float
+    b: float
+    difference: float
+    interval: Tuple[float, float]
+    p_value: float
+
+    def to_json(self) -> Dict[str, float]:
+        return {"a": self.a, "b": self.b, "difference": self.difference, "interval": list(self.interval),
+                "p_value": self.p_value}
+
+
+def paired_differences(a: DocStatistics, b: DocStatistics, replicates: int = REPLICATES, seed: int = 0,
+                       level: float = LEVEL, max_cells: int = MAX_CELLS) -> Dict[Hashable, PairedDifference]:
+    """Every metric both statistics give, compared on the same resampled documents: each replicate draws
+    one set of documents and scores A and B on it."""
+    if len(a.values) != len(b.values):
+        raise ValueError(f"a paired comparison needs the same documents: {len(a.values)} and {len(b.values)}")
+    va, vb = (np.asarray(x.values, dtype=np.float64) for x in (a, b))
+    point_a, point_b = a.point(), b.point()
+    keys = [k for k in point_a if k in point_b]
+    parts: Dict[Hashable, list] = {k: [] for k in keys}
+    for counts in draw_counts(len(va), replicates, seed, max_cells):
+        ma, mb = a.metrics(counts @ va), b.metrics(counts @ vb)
+        for k in keys:
+            parts[k].append(np.asarray(mb[k], dtype=np.float64) - np.asarray(ma[k], dtype=np.float64))
+    out = {}
+    for k in keys:
+        diffs, observed = np.concatenate(parts[k]), point_b[k] - point_a[k]
+        extreme = int((np.abs(diffs - observed) >= abs(observed) - 1e-12).sum())
+        out[k] = PairedDifference(point_a[k], point_b[k], observed, percentile_interval(diffs, level),
+                                  (1 + extreme) / (len(diffs) + 1) if observed else 1.0)
+    return out
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> Dict[str, float]:
+    """McNemar's exact test on paired right/wrong decisions: the documents only A gets right, only B gets
+    right, and the two-sided binomial p-value of their split (1.0 when there are none)."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_a_right": only_a, "only_b_right": only_b, "p_value": float(p)}

@@ -10,9 +10,9 @@ from spacy.language import Language
 
 from ..artifacts import METRICS, json_bytes, sha256_file, write_files
 from ..components.base import HFPipe
-from ..core.bootstrap import BootstrapSettings, check_bootstrap
+from ..core.bootstrap import BootstrapSettings, PairedDifference, check_bootstrap
 from ..data import ReadOptions
-from .shared.scoring import Evaluation, open_pipeline, score_file
+from .shared.scoring import Comparison, Evaluation, compare_pipelines, open_pipeline, score_file
 
 MEAN = "weighted_score"  # a multi-head evaluation's primary: the mean of its heads' primary scores
 
@@ -85,6 +85,44 @@ def evaluate_heads(pipeline: Union[str, Path, Language], tests: Dict[str, Union[
         files["report.md"] = "\n".join(report).encode()
         write_files(Path(output), files)
     return metrics
+
+
+def compare(a: Union[str, Path, Language], b: Union[str, Path, Language], test: Union[str, Path],
+            output: Optional[Union[str, Path]] = None, *, options: ReadOptions = ReadOptions(), skip_bad: bool = False,
+            batch_size: Optional[int] = None, bootstrap: BootstrapSettings = BootstrapSettings()) -> Comparison:
+    """Pipelines A and B (folders or models:/ references) on the same test file, compared document by
+    document: every headline metric's difference B - A with its paired bootstrap interval and p-value, per
+    label too, and McNemar's test for classes. With `output`: comparison.json and comparison.md."""
+    result = compare_pipelines(a, b, test, options=options, skip_bad=skip_bad, batch_size=batch_size,
+                               bootstrap=bootstrap)
+    if output is not None:
+        data = {**result.to_json(), "test": str(test), "test_sha256": sha256_file(test) if Path(test).is_file() else None}
+        write_files(Path(output), {"comparison.json": json_bytes(data),
+                                   "comparison.md": comparison_markdown(result, str(test)).encode()})
+    return result
+
+
+def comparison_markdown(result: Comparison, test: str) -> str:
+    level = f"{100 * result.settings.level:g}%"
+    lines = [f"# Comparison: {result.task}", "", f"- A: `{result.a}`", f"- B: `{result.b}`", f"- test data: `{test}`",
+             f"- B - A with its {level} paired bootstrap interval ({result.settings.replicates:,} replicates of the "
+             f"documents, seed {result.settings.seed}) and the p-value of no difference", ""]
+    lines += ["| metric | A | B | B - A | " + level + " CI | p |", "| --- | ---: | ---: | ---: | --- | ---: |"]
+    lines += [difference_row(name, d) for name, d in result.scores.items()]
+    if result.mcnemar:
+        m = result.mcnemar
+        lines += ["", f"McNemar's exact test: {m['only_a_right']} documents only A gets right, {m['only_b_right']} "
+                      f"only B; p = {m['p_value']:.4f}."]
+    if result.per_label:
+        lines += ["", "## Per label (F)", "", "| label | A | B | B - A | " + level + " CI | p |",
+                  "| --- | ---: | ---: | ---: | --- | ---: |"]
+        lines += [difference_row(label, v["f"]) for label, v in result.per_label.items() if "f" in v]
+    return "\n".join(lines) + "\n"
+
+
+def difference_row(name: str, d: PairedDifference) -> str:
+    return (f"| {name} | {100 * d.a:.2f} | {100 * d.b:.2f} | {100 * d.difference:+.2f} | {span(d.interval)} | "
+            f"{d.p_value:.4f} |")
 
 
 def sha256_text(text: str) -> str:

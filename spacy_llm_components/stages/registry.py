@@ -15,10 +15,13 @@ from ..core.cards import model_card
 from ..tasks import task_specs
 from .shared.pyfunc import pyfunc_model
 from .shared.references import RegistryError, local_pipeline, version_by_alias
-from .shared.scoring import score_file
+from .shared.scoring import compare_pipelines, score_file
 from .shared.tracking import environment_tags, experiment_id, pipeline_info, use_tracking, without_checkpoints
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+RULES = ("better", "significant", "no-worse")  # how promotion decides; a registered model's tag `promotion.rule`
+RULE_TAG, MARGIN_TAG = "promotion.rule", "promotion.margin"
+DEFAULT_MARGIN = 0.5  # points (no-worse)
 MODEL_NAME = "model"  # the logged model's name inside its run
 
 
@@ -182,24 +185,69 @@ class PromotionDecision:
         return asdict(self)
 
 
+def check_rule(rule: str, margin: Optional[float]) -> float:
+    """The margin (points) of a promotion rule, both checked: a rule of RULES, a margin >= 0."""
+    if rule not in RULES:
+        raise RegistryError(f"promotion rule {rule!r}: use one of {', '.join(RULES)}")
+    margin = DEFAULT_MARGIN if margin is None else margin
+    if not margin >= 0:
+        raise RegistryError(f"--margin {margin}: give the points the challenger may lose, >= 0")
+    return float(margin)
+
+
+def promotion_rule(name: str, rule: Optional[str] = None, margin: Optional[float] = None) -> tuple:
+    """(rule, margin) for the registered model: those given, else those it was last promoted with (its
+    `promotion.rule` / `promotion.margin` tags), else `better`."""
+    if rule is None:
+        tags = MlflowClient().get_registered_model(name).tags
+        rule = tags.get(RULE_TAG, "better")
+        margin = float(tags[MARGIN_TAG]) if margin is None and MARGIN_TAG in tags else margin
+    return rule, check_rule(rule, margin)
+
+
 def promote(name: str, *, test: Optional[Union[str, Path]] = None, experiment: Optional[str] = None,
-            max_head_drop: float = 0.5) -> PromotionDecision:
-    """Move `champion` to the `challenger` version if it beats the champion's primary metric on the
-    same evaluation set (or there is no champion). Scores come from the versions' evaluation tags,
-    or, with `test`, from evaluating both versions on that file now. Versions evaluated head by head
-    (several heads on one encoder) compare their mean, and no head may lose more than `max_head_drop`
-    points against the champion's. Versions are never deleted; the decision and both scores are logged
-    as an MLflow run and as tags on the challenger."""
+            max_head_drop: float = 0.5, rule: Optional[str] = None, margin: Optional[float] = None
+            ) -> PromotionDecision:
+    """Move `champion` to the `challenger` version if it is better than the champion by `rule` on the
+    same evaluation set (or there is no champion):
+
+    - `better` (the default): a higher primary metric. Scores come from the versions' evaluation tags,
+      or, with `test`, from evaluating both versions on that file now. Versions evaluated head by head
+      (several heads on one encoder) compare their mean, and no head may lose more than `max_head_drop`
+      points against the champion's.
+    - `significant`: both run on `test` and compared document by document; the paired bootstrap interval
+      of the difference lies above 0.
+    - `no-worse`: the same comparison; the interval's lower bound lies above -`margin` points.
+
+    A rule given is kept as the registered model's (tags `promotion.rule`, `promotion.margin`) for the
+    promotions after it. Versions are never deleted; the decision and both scores are logged as an MLflow
+    run and as tags on the challenger."""
     use_tracking()
     client = MlflowClient()
     challenger = version_by_alias(name, CHALLENGER)
     if challenger is None:
         raise RegistryError(f"registered model {name!r} has no {CHALLENGER!r} version: register one with "
                             f"`sllm register PIPELINE --name {name}`")
+    given = rule is not None
+    rule, margin = promotion_rule(name, rule, margin)
+    if rule != "better" and test is None:
+        raise RegistryError(f"promotion rule {rule!r} compares the two versions document by document: pass --test "
+                            "FILE to run both on it")
+    decision = _promote(client, name, challenger, test, experiment, max_head_drop, rule, margin)
+    if given:
+        client.set_registered_model_tag(name, RULE_TAG, rule)
+        client.set_registered_model_tag(name, MARGIN_TAG, repr(margin))
+    return decision
+
+
+def _promote(client: MlflowClient, name: str, challenger, test, experiment, max_head_drop: float, rule: str,
+             margin: float) -> PromotionDecision:
     champion = version_by_alias(name, CHAMPION)
     if champion is not None and champion.version == challenger.version:
         return _decide(client, name, False, "the challenger already is the champion", challenger, champion,
                        _tag_score(challenger), _tag_score(challenger), experiment)
+    if champion is not None and rule != "better":
+        return _paired_decision(client, name, challenger, champion, test, rule, margin, experiment)
     if test is not None:
         scores = {v.version: _evaluate_version(name, v.version, test) for v in filter(None, (challenger, champion))}
         metric = scores[challenger.version][0]
@@ -232,6 +280,26 @@ def promote(name: str, *, test: Optional[Union[str, Path]] = None, experiment: O
                        challenger, champion, (metric, ch_score), (metric, cp_score), experiment)
     return _decide(client, name, False, f"challenger {metric} {ch_score:.4f} does not beat champion {cp_score:.4f}",
                    challenger, champion, (metric, ch_score), (metric, cp_score), experiment)
+
+
+def _paired_decision(client: MlflowClient, name: str, challenger, champion, test, rule: str, margin: float,
+                     experiment: Optional[str]) -> PromotionDecision:
+    """`significant` / `no-worse`: champion (A) and challenger (B) on the same documents of `test`."""
+    comparison = compare_pipelines(local_pipeline(f"models:/{name}/{champion.version}"),
+                                   local_pipeline(f"models:/{name}/{challenger.version}"), test)
+    d, metric = comparison.primary_difference, comparison.primary
+    low, high = d.interval
+    level = f"{100 * comparison.settings.level:g}%"
+    said = (f"challenger {metric} {100 * d.b:.2f} vs champion {100 * d.a:.2f}: difference {100 * d.difference:+.2f} "
+            f"points, {level} CI [{100 * low:+.2f}, {100 * high:+.2f}], p = {d.p_value:.4f}")
+    if rule == "significant":
+        promoted = low > 0
+        reason = f"{said}; {'the interval lies above 0' if promoted else 'the interval reaches 0 or below'}"
+    else:
+        promoted = 100 * low > -margin - 1e-9
+        reason = (f"{said}; its lower bound is {'above' if promoted else 'at or below'} -{margin:g} points "
+                  "(no-worse)")
+    return _decide(client, name, promoted, reason, challenger, champion, (metric, d.b), (metric, d.a), experiment)
 
 
 def gate_variant(name: str, version: str, alias: str, *, max_drop: float,

@@ -131,7 +131,7 @@ class TextcatSpec(TaskSpec):
                 out.update({(label, "p"): p[:, j], (label, "r"): r[:, j], (label, "f"): f[:, j]})
             return out
 
-        return DocStatistics(values, metrics)
+        return DocStatistics(values, metrics, correct=values[:, 3 * k].astype(bool))
 
 
 def set_cats(loaded: Loaded, labels: Sequence[str], multi_label: bool) -> None:

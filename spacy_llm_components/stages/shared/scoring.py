@@ -16,7 +16,15 @@ from spacy.training import Example
 
 from ...components.base import HFPipe
 from ...components.pipeline import hf_component
-from ...core.bootstrap import BootstrapSettings, intervals
+from ...core.bootstrap import (
+    BootstrapSettings,
+    DocStatistics,
+    PairedDifference,
+    check_bootstrap,
+    intervals,
+    mcnemar,
+    paired_differences,
+)
 from ...data import Loaded, ReadOptions
 from ...models.devices import machine
 from ...tasks import load_docs
@@ -33,6 +41,7 @@ class Evaluation:
     confusion: Optional[Dict[str, Any]]  # exclusive textcat: {"labels": [...], "matrix": [[gold x predicted]]}
     predictions: List[Doc]
     intervals: Dict[str, Any] = field(default_factory=dict)  # the bootstrap's: settings, scores, per_label
+    doc_statistics: Optional[DocStatistics] = None  # what the bootstrap resampled (not serialized)
 
     @property
     def primary_score(self) -> float:
@@ -76,18 +85,15 @@ def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Opti
                   "word_pieces_per_second": round(pieces / seconds, 1) if seconds else None,
                   **{k: v for k, v in raw.items() if k.endswith("_total")},  # questions counted (QA)
                   "device": str(pipe.checkpoint.device), "machine": machine(pipe.checkpoint.device)}
-    drawn = bootstrap_intervals(spec, examples, pipe, bootstrap) if bootstrap and bootstrap.replicates else {}
-    return Evaluation(spec.name, spec.primary, scores, statistics, per_label, confusion, predictions, drawn)
+    stats = spec.doc_statistics(examples, pipe) if bootstrap and bootstrap.replicates and examples else None
+    drawn = bootstrap_intervals(stats, bootstrap) if stats is not None else {}
+    return Evaluation(spec.name, spec.primary, scores, statistics, per_label, confusion, predictions, drawn, stats)
 
 
-def bootstrap_intervals(spec, examples: Sequence[Example], pipe, settings: BootstrapSettings) -> Dict[str, Any]:
-    """The task's headline metrics' bootstrap intervals over the examples: {"replicates", "seed", "level",
-    "unit", "seconds", "scores": {metric: [low, high]}, "per_label": {label: {"p"|"r"|"f": [low, high]}}};
-    {} for a task without per-document statistics."""
+def bootstrap_intervals(stats: DocStatistics, settings: BootstrapSettings) -> Dict[str, Any]:
+    """The headline metrics' bootstrap intervals over the documents: {"replicates", "seed", "level", "unit",
+    "seconds", "scores": {metric: [low, high]}, "per_label": {label: {"p"|"r"|"f": [low, high]}}}."""
     start = time.perf_counter()
-    stats = spec.doc_statistics(list(examples), pipe)
-    if stats is None or not len(examples):
-        return {}
     drawn = intervals(stats, settings.replicates, settings.seed, settings.level)
     per_label: Dict[str, Dict[str, List[float]]] = {}
     for key, (low, high) in drawn.items():
@@ -132,3 +138,70 @@ def score_file(pipeline: Union[str, Path, Language], test: Union[str, Path], *, 
         result = score_pipeline(nlp, loaded.docs, batch_size=batch_size, component=pipe.name, bootstrap=bootstrap)
     result.statistics["skipped"] = len(loaded.skipped)
     return result, loaded, reference
+
+
+@dataclass
+class Comparison:
+    """B against A on the same test documents: every headline metric's difference (B - A) with its paired
+    bootstrap interval and p-value, per label too, and McNemar's test where each document gets one decision."""
+
+    task: str
+    primary: str
+    a: str  # the pipelines' references (pinned)
+    b: str
+    settings: BootstrapSettings
+    scores: Dict[str, PairedDifference]
+    per_label: Dict[str, Dict[str, PairedDifference]]
+    mcnemar: Optional[Dict[str, float]]
+    evaluations: Tuple[Evaluation, Evaluation]
+
+    @property
+    def primary_difference(self) -> PairedDifference:
+        return self.scores[self.primary]
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"task": self.task, "primary": self.primary, "a": self.a, "b": self.b,
+                "bootstrap": {"replicates": self.settings.replicates, "seed": self.settings.seed,
+                              "level": self.settings.level, "unit": "document"},
+                "scores": {k: d.to_json() for k, d in self.scores.items()},
+                "per_label": {label: {k: d.to_json() for k, d in v.items()} for label, v in self.per_label.items()},
+                "mcnemar": self.mcnemar}
+
+
+def compare_pipelines(a: Union[str, Path, Language], b: Union[str, Path, Language], test: Union[str, Path], *,
+                      options: ReadOptions = ReadOptions(), skip_bad: bool = False, batch_size: Optional[int] = None,
+                      bootstrap: BootstrapSettings = BootstrapSettings()) -> Comparison:
+    """Run pipelines A and B (folders, models:/ references or loaded) on the same test file and compare
+    them document by document (`paired_differences`). Both must be one head of the same task and labels."""
+    check_bootstrap(bootstrap)
+    if not bootstrap.replicates:
+        raise ValueError("--bootstrap-replicates 0: a paired comparison needs replicates (e.g. 1000)")
+    (nlp_a, ref_a), (nlp_b, ref_b) = open_pipeline(a), open_pipeline(b)
+    pipes = []
+    for nlp, ref in ((nlp_a, ref_a), (nlp_b, ref_b)):
+        heads = [name for name, p in nlp.pipeline if isinstance(p, HFPipe)]
+        if len(heads) != 1:
+            raise ValueError(f"{ref}: the pipeline has {len(heads)} hf_* heads ({heads}); compare pipelines of one "
+                             "head (export each head with export_hf, or evaluate them with `sllm evaluate` HEAD=FILE)")
+        pipes.append(nlp.get_pipe(heads[0]))
+    pa, pb = pipes
+    if pa.spec.name != pb.spec.name:
+        raise ValueError(f"{ref_a} is a {pa.spec.name} pipeline and {ref_b} a {pb.spec.name} one: compare pipelines "
+                         "of one task")
+    if pa.spec.has_labels and sorted(pa.labels) != sorted(pb.labels):
+        raise ValueError(f"{ref_a} and {ref_b} have different labels ({sorted(pa.labels)} and {sorted(pb.labels)}): "
+                         "compare pipelines with one label set")
+    ev_a = score_file(nlp_a, test, options=options, skip_bad=skip_bad, batch_size=batch_size, bootstrap=bootstrap)[0]
+    ev_b = score_file(nlp_b, test, options=options, skip_bad=skip_bad, batch_size=batch_size, bootstrap=bootstrap)[0]
+    if ev_a.doc_statistics is None or ev_b.doc_statistics is None:
+        raise ValueError(f"the {pa.spec.name} task gives no per-document statistics: it cannot be compared")
+    diffs = paired_differences(ev_a.doc_statistics, ev_b.doc_statistics, bootstrap.replicates, bootstrap.seed,
+                               bootstrap.level)
+    per_label: Dict[str, Dict[str, PairedDifference]] = {}
+    for key, d in diffs.items():
+        if isinstance(key, tuple):
+            per_label.setdefault(key[0], {})[key[1]] = d
+    correct = (ev_a.doc_statistics.correct, ev_b.doc_statistics.correct)
+    return Comparison(pa.spec.name, pa.spec.primary, ref_a, ref_b, bootstrap,
+                      {k: d for k, d in diffs.items() if isinstance(k, str)}, per_label,
+                      mcnemar(*correct) if correct[0] is not None and correct[1] is not None else None, (ev_a, ev_b))
