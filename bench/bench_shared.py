@@ -82,11 +82,11 @@ def alone(folder: Path, head: str, device: str) -> spacy.language.Language:
     return nlp
 
 
-def predict(pipelines: List[spacy.language.Language], texts: List[str]) -> List[Dict]:
+def predict(pipelines: List[spacy.language.Language], texts: List[str], batch_size: int = 1000) -> List[Dict]:
     """Every pipeline over all texts, one after the other; the predictions merged per text."""
     out = [dict() for _ in texts]
     for nlp in pipelines:
-        for merged, doc in zip(out, nlp.pipe(texts, batch_size=1000)):
+        for merged, doc in zip(out, nlp.pipe(texts, batch_size=batch_size)):
             merged.update(doc_predictions(doc, nlp))
     return out
 
@@ -143,12 +143,14 @@ def memory(texts: List[str], args, tmp: Path) -> None:
     one.to_disk(tmp / "shared")
     for head in ("ner", "sentiment"):
         export_hf(one, head, tmp / head)
+    print(f"nlp.pipe batch size {args.batch_size}")
     print("| process | peak RSS (MiB) | ratio to the NER pipeline alone |")
     print("| --- | ---: | ---: |")
     base = None
     for name, parts in MEMORY_CONTENDERS.items():
         out = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(parts), "--memory-dir", str(tmp),
-                              "--docs", str(args.docs), "--warmup", str(args.warmup), "--device", args.device],
+                              "--docs", str(args.docs), "--warmup", str(args.warmup), "--device", args.device,
+                              "--batch-size", str(args.batch_size)],
                              check=True, capture_output=True, text=True).stdout
         peak = float(out.strip().splitlines()[-1])
         base = base or peak
@@ -160,8 +162,8 @@ def memory_child(parts: List[str], folder: Path, texts: List[str], args) -> None
 
     pipelines = [spacy.load(folder / "shared") if part == "shared" else alone(folder / part, part, args.device)
                  for part in parts]
-    predict(pipelines, texts[:args.warmup])
-    predict(pipelines, texts)
+    predict(pipelines, texts[:args.warmup], args.batch_size)
+    predict(pipelines, texts, args.batch_size)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -182,6 +184,7 @@ def main() -> None:
     parser.add_argument("--qa", action="store_true", help="also ner + textcat + qa (QA runs its own pass)")
     parser.add_argument("--max-wait", type=float, default=5, help="minutes to wait for a quiet machine")
     parser.add_argument("--memory", action="store_true", help="peak resident memory, a fresh process per contender")
+    parser.add_argument("--batch-size", type=int, default=1000, help="--memory: nlp.pipe's batch size")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--memory-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
