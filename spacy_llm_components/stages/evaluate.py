@@ -121,8 +121,9 @@ def comparison_markdown(result: Comparison, test: str) -> str:
 
 
 def difference_row(name: str, d: PairedDifference) -> str:
-    return (f"| {name} | {100 * d.a:.2f} | {100 * d.b:.2f} | {100 * d.difference:+.2f} | {span(d.interval)} | "
-            f"{d.p_value:.4f} |")
+    low, high = d.interval
+    return (f"| {name} | {100 * d.a:.2f} | {100 * d.b:.2f} | {100 * d.difference:+.2f} | "
+            f"[{100 * low:+.2f}, {100 * high:+.2f}] | {d.p_value:.4f} |")
 
 
 def sha256_text(text: str) -> str:
