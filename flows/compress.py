@@ -4,8 +4,10 @@ For each method (`int8`: the same pipeline with quantize = "int8"; `distill`: a 
 encoder layers) the flow makes the variant (a cached task), evaluates it on the test file its source
 was evaluated on, registers it as a new version of the same model (tagged with its method, source
 version and score; its evaluation adds score and speed), and moves the method's alias (`int8`,
-`distilled`) to it only if its primary metric is within `max_drop` points of its source. `champion` and
-`challenger` are never moved here: they rank full models; a variant is served by its own alias.
+`distilled`) to it only if it lost at most `max_drop` points: by its primary metric's point estimate
+(gate `drop`), or by the lower bound of the paired bootstrap interval of its difference to the source on
+the test file (gate `no-worse`). `champion` and `challenger` are never moved here: they rank full models;
+a variant is served by its own alias.
 """
 
 from pathlib import Path
@@ -53,9 +55,9 @@ def distill_task(source: str, train: str, dev: str, output: str, config: Dict[st
 
 @task(name="register-variant", **RETRIES)
 def register_variant_task(pipeline: str, name: str, metrics_file: str, tags: Dict[str, str], alias: str,
-                          max_drop: float) -> Dict[str, Any]:
+                          max_drop: float, gate: str = "drop", test: Optional[str] = None) -> Dict[str, Any]:
     version = registry.register(pipeline, name, metrics=metrics_file, tags=tags, alias=None)  # idempotent
-    decision = registry.gate_variant(name, version.version, alias, max_drop=max_drop)
+    decision = registry.gate_variant(name, version.version, alias, max_drop=max_drop, gate=gate, test=test)
     return {**version.to_json(), "gate": decision.to_json()}
 
 
@@ -63,13 +65,14 @@ def register_variant_task(pipeline: str, name: str, metrics_file: str, tags: Dic
 def compress(model: str, test: str, methods: List[str], max_drop: float = 0.5, train: Optional[str] = None,
              dev: Optional[str] = None, workdir: Optional[str] = None,
              finetune_config: Optional[Dict[str, Any]] = None, distill_config: Optional[Dict[str, Any]] = None,
-             progress: bool = True) -> Dict[str, Any]:
+             progress: bool = True, gate: str = "drop") -> Dict[str, Any]:
     """Variants of the registered version `model` (models:/NAME/VERSION or models:/NAME@ALIAS) by
     `methods`, each evaluated on `test`, registered, and gated on `max_drop` points. Distillation
     trains on `train` / `dev` (prepared .spacy files) with `finetune_config` and `distill_config`.
     Outputs go to `workdir/compressed/vVERSION-METHOD` (default workdir: `<project>/training/NAME`)."""
     methods = check_methods(methods)
     check_max_drop(max_drop)
+    registry.check_gate(gate, test)
     test = existing_file(test)
     if "distill" in methods and not (train and dev):
         raise CompressError("distillation needs the prepared training data: pass train and dev (.spacy files)")
@@ -120,7 +123,7 @@ def compress(model: str, test: str, methods: List[str], max_drop: float = 0.5, t
             block = read_json(Path(made["pipeline"]) / "meta.json").get("sllm", {})
             tags["compression.kept_layers"] = ",".join(map(str, block.get("kept_layers", [])))
         version = register_variant_task(made["pipeline"], ref.name, scored["metrics_file"], tags, ALIASES[method],
-                                        max_drop)
+                                        max_drop, gate, test)
         gate = version["gate"]
         get_run_logger().info("%s version %s (%s): %s (%s)", ref.name, version["version"], method,
                               "alias " + gate["alias"] if gate["promoted"] else "no alias", gate["reason"])

@@ -222,3 +222,20 @@ def test_compress_command_prints_each_variant_and_its_gate(tiny_pipelines, mlflo
     result = CliRunner().invoke(app, ["compress", "models:/cli-tc/1", "--test", str(parts["test"]), "--methods",
                                       "int8,prune"])
     assert result.exit_code == 2 and "use one or more of int8, distill" in result.output
+
+
+def test_the_no_worse_gate_compares_the_variant_with_its_source_document_by_document(tiny_pipelines,
+                                                                                     mlflow_project):
+    from spacy_llm_components.stages.shared.scoring import compare_pipelines
+
+    parts = tiny_pipelines["textcat"]
+    registry.register(parts["pipeline"], "nw", metrics=parts["evaluation"] / "metrics.json")
+    with pytest.raises(references.RegistryError, match="gate 'strict': use one of drop, no-worse"):
+        compress("models:/nw/1", str(parts["test"]), ["int8"], gate="strict", progress=False)
+    assert sorted(_versions("nw")) == ["1"]
+    result = compress("models:/nw/1", str(parts["test"]), ["int8"], max_drop=0.5, gate="no-worse", progress=False)
+    variant = result["variants"][0]
+    want = compare_pipelines(references.local_pipeline("models:/nw/1"), variant["pipeline"], parts["test"])
+    low = want.primary_difference.interval[0]
+    assert variant["gate"]["promoted"] == (100 * low > -0.5)
+    assert f"CI [{100 * low:+.2f}," in variant["gate"]["reason"] and "(no-worse)" in variant["gate"]["reason"]

@@ -105,6 +105,9 @@ def compress_command(
     test: Path = typer.Option(..., help="test file the variants and their source are evaluated on"),
     methods: str = typer.Option("int8,distill", help="int8 and/or distill, comma-separated"),
     max_drop: float = MaxDrop,
+    gate: str = typer.Option("drop", help="drop (the variant's score at most --max-drop points below its source's) "
+                                          "or no-worse (the paired bootstrap interval of the difference on --test "
+                                          "above -MAX_DROP)"),
     train: Optional[Path] = typer.Option(None, help="train.spacy from `sllm prepare` (for distill)"),
     dev: Optional[Path] = typer.Option(None, help="dev.spacy from `sllm prepare` (for distill)"),
     workdir: Optional[Path] = typer.Option(None, help="outputs (variants and evaluations); default training/NAME"),
@@ -126,7 +129,7 @@ def compress_command(
     try:
         result = compress(model, str(test.resolve()), chosen, max_drop=max_drop, train=absolute(train),
                           dev=absolute(dev), workdir=absolute(workdir), finetune_config=asdict(config),
-                          distill_config=asdict(distill_config))
+                          distill_config=asdict(distill_config), gate=gate)
     except (DataError, ValueError, OSError) as err:
         fail(err)
     for variant in result["variants"]:

@@ -302,12 +302,27 @@ def _paired_decision(client: MlflowClient, name: str, challenger, champion, test
     return _decide(client, name, promoted, reason, challenger, champion, (metric, d.b), (metric, d.a), experiment)
 
 
-def gate_variant(name: str, version: str, alias: str, *, max_drop: float,
-                 experiment: Optional[str] = None) -> PromotionDecision:
-    """Move `alias` (`int8`, `distilled`) to the compressed `version` if its primary metric lies within
-    `max_drop` points (percentage points: 0.5 = 0.005 of F1 or accuracy) of the version it was made from
-    (its `compression.source_version` tag), both evaluated on the same set. `champion` and `challenger`
-    are left alone. Logged like a promotion: an MLflow run and a `promotion` tag on the variant."""
+GATES = ("drop", "no-worse")  # how a compressed variant is gated: its point estimate, or a paired comparison
+
+
+def check_gate(gate: str, test: Optional[Union[str, Path]] = None) -> str:
+    if gate not in GATES:
+        raise RegistryError(f"gate {gate!r}: use one of {', '.join(GATES)}")
+    if gate == "no-worse" and test is None:
+        raise RegistryError("gate 'no-worse' compares the variant with its source document by document: give the "
+                            "test file")
+    return gate
+
+
+def gate_variant(name: str, version: str, alias: str, *, max_drop: float, gate: str = "drop",
+                 test: Optional[Union[str, Path]] = None, experiment: Optional[str] = None) -> PromotionDecision:
+    """Move `alias` (`int8`, `distilled`) to the compressed `version` if it lost at most `max_drop` points
+    (percentage points: 0.5 = 0.005 of F1 or accuracy) against the version it was made from (its
+    `compression.source_version` tag): by `gate` `drop`, its primary metric's point estimate, both evaluated
+    on the same set; by `no-worse`, both run on `test` and compared document by document, the paired
+    bootstrap interval's lower bound above -`max_drop`. `champion` and `challenger` are left alone. Logged
+    like a promotion: an MLflow run and a `promotion` tag on the variant."""
+    check_gate(gate, test)
     use_tracking()
     client = MlflowClient()
     variant = client.get_model_version(name, version)
@@ -315,6 +330,18 @@ def gate_variant(name: str, version: str, alias: str, *, max_drop: float,
     if not source_version:
         raise RegistryError(f"{name} version {version} is no compressed variant (no compression.source_version tag)")
     source = client.get_model_version(name, source_version)
+    if gate == "no-worse":
+        comparison = compare_pipelines(local_pipeline(f"models:/{name}/{source_version}"),
+                                       local_pipeline(f"models:/{name}/{version}"), test)
+        d, metric = comparison.primary_difference, comparison.primary
+        low, high = d.interval
+        passed = 100 * low > -max_drop - 1e-9
+        reason = (f"{metric} {100 * d.b:.2f} vs version {source_version}'s {100 * d.a:.2f}: difference "
+                  f"{100 * d.difference:+.2f} points, {100 * comparison.settings.level:g}% CI [{100 * low:+.2f}, "
+                  f"{100 * high:+.2f}]; its lower bound is {'above' if passed else 'at or below'} -{max_drop:g} "
+                  "(no-worse)")
+        return _decide(client, name, passed, reason, variant, source, (metric, d.b), (metric, d.a), experiment,
+                       alias=alias)
     (metric, score), (source_metric, source_score) = _tag_score(variant), _tag_score(source)
     if metric is None or metric != source_metric or not variant.tags.get("eval_sha256") \
             or variant.tags.get("eval_sha256") != source.tags.get("eval_sha256"):
