@@ -124,13 +124,13 @@ def compress(model: str, test: str, methods: List[str], max_drop: float = 0.5, t
             tags["compression.kept_layers"] = ",".join(map(str, block.get("kept_layers", [])))
         version = register_variant_task(made["pipeline"], ref.name, scored["metrics_file"], tags, ALIASES[method],
                                         max_drop, gate, test)
-        gate = version["gate"]
+        decision = version["gate"]
         get_run_logger().info("%s version %s (%s): %s (%s)", ref.name, version["version"], method,
-                              "alias " + gate["alias"] if gate["promoted"] else "no alias", gate["reason"])
+                              "alias " + decision["alias"] if decision["promoted"] else "no alias", decision["reason"])
         variants.append({"method": method, "name": ref.name, "version": version["version"], "uri": version["uri"],
                          "pipeline": made["pipeline"], "primary": scored["primary"], "score": scored["score"],
                          "source_version": ref.version, "source_score": float(source_tags["primary_value"]),
-                         "speedup": speedup, "statistics": scored["statistics"], "gate": gate})
+                         "speedup": speedup, "statistics": scored["statistics"], "gate": decision})
     return {"source": source, "variants": variants}
 
 

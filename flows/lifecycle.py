@@ -68,7 +68,10 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
     if encoder is not None:
         result["encoder"] = {k: encoder[k] for k in ("encoder", "perplexity_before", "perplexity_after")}
     if promote_if_better:  # with a test file, both versions are scored on it now: comparable whatever changed
-        result["promotion"] = promote(name, test=test)
+        from spacy_llm_components.stages.registry import promotion_rule
+
+        paired = promotion_rule(name)[0] != "better"  # the model's rule compares the versions on one file
+        result["promotion"] = promote(name, test=test or (prepared["dev"] if paired else None))
     if compress_methods:
         result["compression"] = compress(version["uri"], test or prepared["dev"], compress_methods, max_drop=max_drop,
                                          train=prepared["train"], dev=prepared["dev"], workdir=str(root),

@@ -43,7 +43,9 @@ def _ner_examples(n: int = 37, seed: int = 1):
         if rng.random() < 0.3 and not any(s <= 8 < e for s, e, _ in gold):
             predicted.append((8, 9, "ORG"))  # spurious, of a type the gold never has
         as_doc = lambda ents: Doc(vocab, words=WORDS, ents=_iob(ents))  # noqa: E731
-        examples.append(Example(as_doc(predicted), as_doc(gold)))
+        reference = as_doc(gold) if rng.random() > 0.1 else Doc(vocab, words=WORDS)  # some without annotation
+        examples.append(Example(as_doc(predicted), reference))
+    assert any(not eg.y.has_annotation("ENT_IOB") for eg in examples)
     return examples
 
 
@@ -125,9 +127,9 @@ def test_answer_intervals_resample_contexts_with_all_their_questions():
     examples = []
     for i in range(30):
         reference = nlp.make_doc(f"Ada wrote {i} notes in London today .")
-        questions = [f"q{i}-{j}" for j in range(int(rng.integers(1, 4)))]  # contexts of 1 to 3 questions
-        reference._.qas = [{"id": q, "question": q, "answers": [{"text": "London", "answer_start": 0}],
-                            "is_impossible": False} for q in questions]
+        questions = [f"q{i}-{j}" for j in range(int(rng.integers(0, 4)))]  # contexts of 0 to 3 questions
+        reference._.qas = [{"id": q, "question": q, "answers": [] if j == 2 else [{"text": "London", "answer_start": 0}],
+                            "is_impossible": j == 2} for j, q in enumerate(questions)]  # the third: unanswerable
         predicted = nlp.make_doc(reference.text)
         spans = []
         for q in questions:
@@ -145,6 +147,11 @@ def test_answer_intervals_resample_contexts_with_all_their_questions():
     loop = _brute_force(examples, score_squad, 200, 0)
     for metric in ("qa_exact", "qa_f1"):
         assert got[metric] == pytest.approx(percentile_interval(np.array([s[metric] for s in loop])), abs=1e-9)
+
+
+def test_the_interval_is_the_central_share_of_the_replicates():
+    assert percentile_interval(np.arange(1001) / 1000) == pytest.approx((0.025, 0.975))
+    assert percentile_interval(np.arange(1001) / 1000, level=0.9) == pytest.approx((0.05, 0.95))
 
 
 def test_intervals_cover_a_known_accuracy_about_as_often_as_they_claim():
@@ -275,10 +282,14 @@ def test_compare_command_writes_the_comparison_and_refuses_pipelines_that_differ
     with pytest.raises(ValueError, match="different labels"):
         compare(build_pipeline("textcat", ckpts["textcat"], settings={"device": "cpu"}), other, parts["test"],
                 tmp_path / "labels")
+    exclusive = build_pipeline("textcat", ckpts["textcat"], settings={"device": "cpu"})
+    multi = build_pipeline("textcat", ckpts["textcat"], settings={"device": "cpu", "multi_label": True})
+    with pytest.raises(ValueError, match="not the same metric"):
+        compare(exclusive, multi, parts["test"], tmp_path / "kinds")
     with pytest.raises(ValueError, match="needs replicates"):
         compare(parts["pipeline"], parts["pipeline"], parts["test"], tmp_path / "none",
                 bootstrap=BootstrapSettings(replicates=0))
-    assert not any((tmp_path / d).exists() for d in ("tasks", "labels", "none"))
+    assert not any((tmp_path / d).exists() for d in ("tasks", "labels", "kinds", "none"))
 
 
 def test_promotion_rules_better_significant_and_no_worse(tiny_pipelines, mlflow_project):
@@ -311,3 +322,21 @@ def test_promotion_rules_better_significant_and_no_worse(tiny_pipelines, mlflow_
     assert decision.promoted and "above -0.5 points (no-worse)" in decision.reason
     tags = MlflowClient().get_registered_model("rules").tags
     assert tags[registry.RULE_TAG] == "no-worse" and float(tags[registry.MARGIN_TAG]) == 0.5
+
+
+@pytest.mark.parametrize("rule, margin, low, high, passed", [
+    ("significant", 0.5, 0.001, 0.02, True), ("significant", 0.5, -0.001, 0.02, False),
+    ("no-worse", 0.5, -0.004, 0.01, True), ("no-worse", 0.5, -0.006, 0.01, False), ("no-worse", 0.0, 0.0, 0.0, True),
+    ("no-worse", 0.0, -0.0001, 0.0, False)])
+def test_paired_verdicts_by_rule(rule, margin, low, high, passed):
+    """B (the challenger) against A (the champion): the rule reads the interval of B - A (fractions; the
+    margin is in points)."""
+    from spacy_llm_components.core.bootstrap import PairedDifference
+    from spacy_llm_components.stages.registry import paired_verdict
+
+    d = PairedDifference(a=0.80, b=0.81, difference=0.01, interval=(low, high), p_value=0.2)
+    comparison = SimpleNamespace(primary="ents_f", primary_difference=d, settings=BootstrapSettings())
+    got, reason = paired_verdict(comparison, rule, margin)
+    assert got is passed, reason
+    assert "challenger ents_f 81.00 vs champion's 80.00: difference +1.00 points" in reason
+    assert f"[{100 * low:+.2f}, {100 * high:+.2f}]" in reason

@@ -233,9 +233,13 @@ def test_the_no_worse_gate_compares_the_variant_with_its_source_document_by_docu
     with pytest.raises(references.RegistryError, match="gate 'strict': use one of drop, no-worse"):
         compress("models:/nw/1", str(parts["test"]), ["int8"], gate="strict", progress=False)
     assert sorted(_versions("nw")) == ["1"]
-    result = compress("models:/nw/1", str(parts["test"]), ["int8"], max_drop=0.5, gate="no-worse", progress=False)
-    variant = result["variants"][0]
-    want = compare_pipelines(references.local_pipeline("models:/nw/1"), variant["pipeline"], parts["test"])
-    low = want.primary_difference.interval[0]
-    assert variant["gate"]["promoted"] == (100 * low > -0.5)
-    assert f"CI [{100 * low:+.2f}," in variant["gate"]["reason"] and "(no-worse)" in variant["gate"]["reason"]
+    corpus = parts["corpus"]
+    result = compress("models:/nw/1", str(parts["test"]), ["int8", "distill"], max_drop=0.5, gate="no-worse",
+                      train=str(corpus / "train.spacy"), dev=str(corpus / "dev.spacy"), finetune_config=TRAINING,
+                      progress=False)
+    assert [v["method"] for v in result["variants"]] == ["int8", "distill"]  # (every method gated, not only the first)
+    for variant in result["variants"]:
+        want = compare_pipelines(references.local_pipeline("models:/nw/1"), variant["pipeline"], parts["test"])
+        low = want.primary_difference.interval[0]
+        assert variant["gate"]["promoted"] == (100 * low > -0.5)
+        assert f"CI [{100 * low:+.2f}," in variant["gate"]["reason"] and "(no-worse)" in variant["gate"]["reason"]

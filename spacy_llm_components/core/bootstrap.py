@@ -20,7 +20,7 @@ from .settings import check_settings, setting
 
 REPLICATES = 1000
 LEVEL = 0.95
-MAX_CELLS = 4_000_000  # draws held at once (replicates x docs): about 32 MB of counts
+MAX_CELLS = 4_000_000  # draws held at once (replicates x docs): about 130 MB at the peak (draws, counts)
 
 
 @dataclass

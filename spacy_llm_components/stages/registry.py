@@ -282,24 +282,30 @@ def _promote(client: MlflowClient, name: str, challenger, test, experiment, max_
                    challenger, champion, (metric, ch_score), (metric, cp_score), experiment)
 
 
+def paired_verdict(comparison, rule: str, margin: float, who: tuple = ("challenger", "champion's")) -> tuple:
+    """(passed, reason) of a paired comparison (A the incumbent, B the candidate) by `rule`: `significant`,
+    the interval of B - A above 0; `no-worse`, its lower bound above -`margin` points."""
+    d, metric = comparison.primary_difference, comparison.primary
+    low, high = d.interval
+    said = (f"{who[0]} {metric} {100 * d.b:.2f} vs {who[1]} {100 * d.a:.2f}: difference {100 * d.difference:+.2f} "
+            f"points, {100 * comparison.settings.level:g}% CI [{100 * low:+.2f}, {100 * high:+.2f}], "
+            f"p = {d.p_value:.4f}")
+    if rule == "significant":
+        passed = low > 0
+        return passed, f"{said}; {'the interval lies above 0' if passed else 'the interval reaches 0 or below'}"
+    passed = 100 * low > -margin - 1e-9
+    return passed, f"{said}; its lower bound is {'above' if passed else 'at or below'} -{margin:g} points (no-worse)"
+
+
 def _paired_decision(client: MlflowClient, name: str, challenger, champion, test, rule: str, margin: float,
                      experiment: Optional[str]) -> PromotionDecision:
     """`significant` / `no-worse`: champion (A) and challenger (B) on the same documents of `test`."""
     comparison = compare_pipelines(local_pipeline(f"models:/{name}/{champion.version}"),
                                    local_pipeline(f"models:/{name}/{challenger.version}"), test)
-    d, metric = comparison.primary_difference, comparison.primary
-    low, high = d.interval
-    level = f"{100 * comparison.settings.level:g}%"
-    said = (f"challenger {metric} {100 * d.b:.2f} vs champion {100 * d.a:.2f}: difference {100 * d.difference:+.2f} "
-            f"points, {level} CI [{100 * low:+.2f}, {100 * high:+.2f}], p = {d.p_value:.4f}")
-    if rule == "significant":
-        promoted = low > 0
-        reason = f"{said}; {'the interval lies above 0' if promoted else 'the interval reaches 0 or below'}"
-    else:
-        promoted = 100 * low > -margin - 1e-9
-        reason = (f"{said}; its lower bound is {'above' if promoted else 'at or below'} -{margin:g} points "
-                  "(no-worse)")
-    return _decide(client, name, promoted, reason, challenger, champion, (metric, d.b), (metric, d.a), experiment)
+    promoted, reason = paired_verdict(comparison, rule, margin)
+    d = comparison.primary_difference
+    return _decide(client, name, promoted, reason, challenger, champion, (comparison.primary, d.b),
+                   (comparison.primary, d.a), experiment)
 
 
 GATES = ("drop", "no-worse")  # how a compressed variant is gated: its point estimate, or a paired comparison
@@ -333,15 +339,10 @@ def gate_variant(name: str, version: str, alias: str, *, max_drop: float, gate: 
     if gate == "no-worse":
         comparison = compare_pipelines(local_pipeline(f"models:/{name}/{source_version}"),
                                        local_pipeline(f"models:/{name}/{version}"), test)
-        d, metric = comparison.primary_difference, comparison.primary
-        low, high = d.interval
-        passed = 100 * low > -max_drop - 1e-9
-        reason = (f"{metric} {100 * d.b:.2f} vs version {source_version}'s {100 * d.a:.2f}: difference "
-                  f"{100 * d.difference:+.2f} points, {100 * comparison.settings.level:g}% CI [{100 * low:+.2f}, "
-                  f"{100 * high:+.2f}]; its lower bound is {'above' if passed else 'at or below'} -{max_drop:g} "
-                  "(no-worse)")
-        return _decide(client, name, passed, reason, variant, source, (metric, d.b), (metric, d.a), experiment,
-                       alias=alias)
+        passed, reason = paired_verdict(comparison, "no-worse", max_drop, ("variant", f"version {source_version}'s"))
+        d = comparison.primary_difference
+        return _decide(client, name, passed, reason, variant, source, (comparison.primary, d.b),
+                       (comparison.primary, d.a), experiment, alias=alias)
     (metric, score), (source_metric, source_score) = _tag_score(variant), _tag_score(source)
     if metric is None or metric != source_metric or not variant.tags.get("eval_sha256") \
             or variant.tags.get("eval_sha256") != source.tags.get("eval_sha256"):

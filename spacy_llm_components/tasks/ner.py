@@ -89,7 +89,8 @@ class NerSpec(TaskSpec):
         return scores, per_label, None
 
     def doc_statistics(self, examples, pipe):  # (after `scores`: a span group is then doc.ents)
-        labels = sorted({e.label_ for eg in examples for e in (*eg.reference.ents, *eg.predicted.ents)})
+        labels = sorted({e.label_ for eg in examples if eg.y.has_annotation("ENT_IOB")  # (others are not counted)
+                         for e in (*eg.reference.ents, *eg.predicted.ents)})
         column = {label: 3 * j for j, label in enumerate(labels)}
         values = np.zeros((len(examples), 3 * len(labels)))
         for i, eg in enumerate(examples):

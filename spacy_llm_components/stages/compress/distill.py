@@ -127,10 +127,15 @@ class DistillTrainer(PipelineTrainer):
         with torch.no_grad():
             self.teacher.eval()
             teacher = self.teacher(**feed)
-        soft = spec.soft_loss(outputs, teacher, inputs, self.temperature, self.pipe)
-        gold = spec.gold_loss(outputs, inputs, self.pipe) if self.alpha < 1 else soft * 0.0
-        loss = self.alpha * soft + (1 - self.alpha) * gold
+        loss = distill_loss(self.pipe, outputs, teacher, inputs, self.alpha, self.temperature)
         return (loss, outputs) if return_outputs else loss
+
+
+def distill_loss(pipe, outputs, teacher, inputs, alpha: float, temperature: float) -> torch.Tensor:
+    """alpha * the task's KL to the teacher's outputs at `temperature` + (1 - alpha) * its gold loss."""
+    soft = pipe.spec.soft_loss(outputs, teacher, inputs, temperature, pipe)
+    gold = pipe.spec.gold_loss(outputs, inputs, pipe) if alpha < 1 else soft * 0.0
+    return alpha * soft + (1 - alpha) * gold
 
 
 class MultitaskDistillTrainer(MultitaskTrainer):
@@ -152,9 +157,8 @@ class MultitaskDistillTrainer(MultitaskTrainer):
         with torch.no_grad():
             self.teacher.eval()
             teacher = self.teacher(**feed)["output"]
-        soft = spec.soft_loss(outputs, teacher, inputs, self.temperature, pipe)
-        gold = spec.gold_loss(outputs, inputs, pipe) if self.alpha < 1 else soft * 0.0
-        loss = (self.alpha * soft + (1 - self.alpha) * gold) * self.model.loss_weights[index]
+        loss = distill_loss(pipe, outputs, teacher, inputs, self.alpha, self.temperature) * \
+            self.model.loss_weights[index]
         return (loss, {"loss": loss}) if return_outputs else loss
 
 
@@ -336,8 +340,10 @@ def _shared_plan(teacher: Union[str, Path], train: List[Path], dev: List[Path], 
                             f"and --dev files, in that order; got {len(train)} and {len(dev)}")
     infos = [_check_data(p.spec.name, p.labels if p.spec.has_labels else [], p.spec.multi_label_of(p), t, d)
              for p, t, d in zip(pipes, train, dev)]
-    loss_weights = parse_weights(multitask.loss_weights, heads, "--loss-weights")
-    score_weights = parse_weights(multitask.score_weights, heads, "--score-weights")
+    if len({info.lang for info in infos}) > 1:
+        raise CompressError(f"the heads' data were prepared for different languages: {[i.lang for i in infos]}")
+    loss_weights = parse_weights(multitask.loss_weights, heads, "--heads-loss-weights")
+    score_weights = parse_weights(multitask.score_weights, heads, "--heads-score-weights")
     teacher_encoder = teacher_nlp.get_pipe(encoder_name).encoder
     teacher_layers = len(encoder_layers(teacher_encoder.model))
     keep = kept_layers(teacher_layers, distill_config)

@@ -63,10 +63,11 @@ class Evaluation:
 
 
 def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Optional[int] = None,
-                   component: Optional[str] = None, bootstrap: Optional[BootstrapSettings] = None) -> Evaluation:
+                   component: Optional[str] = None, bootstrap: Optional[BootstrapSettings] = None,
+                   statistics: bool = False) -> Evaluation:
     """Run the pipeline over the references' texts and score the predictions of its hf_* component (the
     first, or `component`) against them; with `bootstrap`, each headline metric's confidence interval
-    (documents resampled)."""
+    (documents resampled); with `statistics` (or `bootstrap`), the per-document statistics kept."""
     pipe = nlp.get_pipe(component) if component else hf_component(nlp)
     spec = pipe.spec
     start = time.perf_counter()
@@ -85,8 +86,9 @@ def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Opti
                   "word_pieces_per_second": round(pieces / seconds, 1) if seconds else None,
                   **{k: v for k, v in raw.items() if k.endswith("_total")},  # questions counted (QA)
                   "device": str(pipe.checkpoint.device), "machine": machine(pipe.checkpoint.device)}
-    stats = spec.doc_statistics(examples, pipe) if bootstrap and bootstrap.replicates and examples else None
-    drawn = bootstrap_intervals(stats, bootstrap) if stats is not None else {}
+    drawn_too = bool(bootstrap and bootstrap.replicates)
+    stats = spec.doc_statistics(examples, pipe) if (drawn_too or statistics) and examples else None
+    drawn = bootstrap_intervals(stats, bootstrap) if stats is not None and drawn_too else {}
     return Evaluation(spec.name, spec.primary, scores, statistics, per_label, confusion, predictions, drawn, stats)
 
 
@@ -94,15 +96,22 @@ def bootstrap_intervals(stats: DocStatistics, settings: BootstrapSettings) -> Di
     """The headline metrics' bootstrap intervals over the documents: {"replicates", "seed", "level", "unit",
     "seconds", "scores": {metric: [low, high]}, "per_label": {label: {"p"|"r"|"f": [low, high]}}}."""
     start = time.perf_counter()
-    drawn = intervals(stats, settings.replicates, settings.seed, settings.level)
-    per_label: Dict[str, Dict[str, List[float]]] = {}
-    for key, (low, high) in drawn.items():
-        if isinstance(key, tuple):
-            per_label.setdefault(key[0], {})[key[1]] = [low, high]
+    scores, per_label = split_labels(intervals(stats, settings.replicates, settings.seed, settings.level))
     return {"replicates": settings.replicates, "seed": settings.seed, "level": settings.level, "unit": "document",
             "seconds": round(time.perf_counter() - start, 3),
-            "scores": {k: [low, high] for k, (low, high) in drawn.items() if isinstance(k, str)},
-            "per_label": per_label}
+            "scores": {k: list(v) for k, v in scores.items()},
+            "per_label": {label: {k: list(v) for k, v in got.items()} for label, got in per_label.items()}}
+
+
+def split_labels(by_key: Dict[Any, Any]) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
+    """({metric: x}, {label: {"p"|"r"|"f": x}}) of a result keyed by metric names and (label, kind) pairs."""
+    scores, per_label = {}, {}
+    for key, value in by_key.items():
+        if isinstance(key, tuple):
+            per_label.setdefault(key[0], {})[key[1]] = value
+        else:
+            scores[key] = value
+    return scores, per_label
 
 
 def word_pieces(pipe, docs: Sequence[Doc]) -> int:
@@ -125,7 +134,8 @@ def open_pipeline(pipeline: Union[str, Path, Language]) -> Tuple[Language, str]:
 
 def score_file(pipeline: Union[str, Path, Language], test: Union[str, Path], *, options: ReadOptions = ReadOptions(),
                skip_bad: bool = False, batch_size: Optional[int] = None, component: Optional[str] = None,
-               bootstrap: Optional[BootstrapSettings] = None) -> Tuple["Evaluation", Loaded, str]:
+               bootstrap: Optional[BootstrapSettings] = None, statistics: bool = False
+               ) -> Tuple["Evaluation", Loaded, str]:
     """Load the pipeline (`open_pipeline`), read `test` (any format `prepare` reads) and score its hf_*
     component (the first, or `component`, with the pipeline's other hf_* heads off): (evaluation, the
     test docs as read, the pipeline's reference pinned to its version)."""
@@ -135,7 +145,8 @@ def score_file(pipeline: Union[str, Path, Language], test: Union[str, Path], *, 
     pipe.spec.gold_for(loaded, pipe)
     others = [name for name, p in nlp.pipeline if isinstance(p, HFPipe) and p is not pipe]
     with nlp.select_pipes(disable=others):
-        result = score_pipeline(nlp, loaded.docs, batch_size=batch_size, component=pipe.name, bootstrap=bootstrap)
+        result = score_pipeline(nlp, loaded.docs, batch_size=batch_size, component=pipe.name, bootstrap=bootstrap,
+                                statistics=statistics)
     result.statistics["skipped"] = len(loaded.skipped)
     return result, loaded, reference
 
@@ -191,17 +202,18 @@ def compare_pipelines(a: Union[str, Path, Language], b: Union[str, Path, Languag
     if pa.spec.has_labels and sorted(pa.labels) != sorted(pb.labels):
         raise ValueError(f"{ref_a} and {ref_b} have different labels ({sorted(pa.labels)} and {sorted(pb.labels)}): "
                          "compare pipelines with one label set")
-    ev_a = score_file(nlp_a, test, options=options, skip_bad=skip_bad, batch_size=batch_size, bootstrap=bootstrap)[0]
-    ev_b = score_file(nlp_b, test, options=options, skip_bad=skip_bad, batch_size=batch_size, bootstrap=bootstrap)[0]
+    kind_a, kind_b = pa.spec.multi_label_of(pa), pb.spec.multi_label_of(pb)
+    if kind_a != kind_b:
+        kinds = {True: "multi-label", False: "exclusive", None: "?"}
+        raise ValueError(f"{ref_a} is {kinds[kind_a]} and {ref_b} {kinds[kind_b]}: their scores are not the same "
+                         "metric; compare pipelines of one kind")
+    ev_a, ev_b = (score_file(nlp, test, options=options, skip_bad=skip_bad, batch_size=batch_size,
+                             statistics=True)[0] for nlp in (nlp_a, nlp_b))
     if ev_a.doc_statistics is None or ev_b.doc_statistics is None:
         raise ValueError(f"the {pa.spec.name} task gives no per-document statistics: it cannot be compared")
     diffs = paired_differences(ev_a.doc_statistics, ev_b.doc_statistics, bootstrap.replicates, bootstrap.seed,
                                bootstrap.level)
-    per_label: Dict[str, Dict[str, PairedDifference]] = {}
-    for key, d in diffs.items():
-        if isinstance(key, tuple):
-            per_label.setdefault(key[0], {})[key[1]] = d
+    scores, per_label = split_labels(diffs)
     correct = (ev_a.doc_statistics.correct, ev_b.doc_statistics.correct)
-    return Comparison(pa.spec.name, pa.spec.primary, ref_a, ref_b, bootstrap,
-                      {k: d for k, d in diffs.items() if isinstance(k, str)}, per_label,
+    return Comparison(pa.spec.name, pa.spec.primary, ref_a, ref_b, bootstrap, scores, per_label,
                       mcnemar(*correct) if correct[0] is not None and correct[1] is not None else None, (ev_a, ev_b))
