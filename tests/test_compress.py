@@ -531,6 +531,14 @@ def test_bad_distillation_input_fails_before_writing(teachers, tmp_path, monkeyp
                                       str(ner["dev"]), "-o", str(tmp_path / "out"), "--layers", "9", "--no-track"])
     assert result.exit_code == 2 and "--layers 9: the student needs 1 to 4 layers" in result.output
     assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["distill", str(ner["pipeline"]), "--train", str(ner["train"]), "--dev",
+                                      str(ner["dev"]), "-o", str(tmp_path / "out"), "--heads-sampling", "temperature",
+                                      "--no-track"])
+    assert result.exit_code == 2 and "this teacher has one head" in result.output and not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["distill", str(ner["pipeline"]), "--train", str(ner["train"]), "--train",
+                                      str(ner["train"]), "--dev", str(ner["dev"]), "-o", str(tmp_path / "out"),
+                                      "--no-track"])
+    assert result.exit_code == 2 and "one head takes one --train file; got 2" in result.output
     with monkeypatch.context() as m:  # --gpu-id is honoured: a GPU the machine lacks is named (whatever it has)
         m.setattr(torch.cuda, "is_available", lambda: False)
         result = CliRunner().invoke(app, ["distill", str(ner["pipeline"]), "--train", str(ner["train"]), "--dev",

@@ -185,6 +185,9 @@ def distill(teacher: Union[str, Path], train: Paths, dev: Paths, output: Union[s
                                            multitask or MultitaskSettings())
         trainer_class = MultitaskDistillTrainer
     else:
+        if multitask is not None and multitask != MultitaskSettings():
+            raise CompressError("the --heads-* options draw batches across heads on a shared encoder; this teacher "
+                                "has one head")
         plan, teacher_model = _plan(teacher, _one(train, "train"), _one(dev, "dev"), Path(output), config,
                                     distill_config)
         trainer_class = DistillTrainer
