@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -461,8 +460,8 @@ def test_torchrun_pretrains_on_two_cpu_processes(texts, tmp_path):
                   device="cpu")
     single = pretrain(texts / "corpus.txt", tmp_path / "single", PretrainConfig(batch_size=8, **config),
                       dev=[texts / "dev.txt"], progress=False)
-    half = pretrain(texts / "corpus.txt", tmp_path / "half", PretrainConfig(batch_size=4, **config),
-                    dev=[texts / "dev.txt"], progress=False)
+    pretrain(texts / "corpus.txt", tmp_path / "half", PretrainConfig(batch_size=4, **config),
+             dev=[texts / "dev.txt"], progress=False)
     assert single.training["word_pieces"] == training["word_pieces"]  # the ranks' pieces, summed: the same blocks
     ddp, one, control = (load_file(str(p / "model.safetensors")) for p in (out, tmp_path / "single", tmp_path / "half"))
     diff = max(float(np.abs(ddp[k] - one[k]).max()) for k in one if not k.endswith("attention.self.key.bias"))
