@@ -80,6 +80,15 @@ def replace_folder(output: PathLike, fill: Callable[[Path], Any]) -> Path:
     return output
 
 
+def save_pipeline_copy(nlp: Any, source: PathLike, target: PathLike) -> None:
+    """`nlp.to_disk(target)` for a pipeline loaded from `source` with other settings (an int8 copy, a
+    calibrated one): how the weights were trained (metrics.json, training_log.jsonl) is still true of it."""
+    nlp.to_disk(target)
+    for name in (METRICS, TRAINING_LOG):
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(target) / name)
+
+
 def write_json(path: PathLike, data: Any) -> Path:
     """One JSON file, written to a temporary sibling and renamed into place."""
     path = Path(path)

@@ -1,4 +1,5 @@
-"""`sllm prepare`, `finetune`, `evaluate`, `predict`, `export-hf`: one model, on this machine."""
+"""`sllm prepare`, `finetune`, `evaluate`, `compare`, `calibrate`, `predict`, `export-hf`: one model, on this
+machine."""
 
 from pathlib import Path
 from typing import List, Optional
@@ -186,10 +187,8 @@ def evaluate_command(
 
     options = read_options(text_column, label_column, label_sep, strict)
     try:
-        if len(test) > 1 or "=" in test[0] and not Path(test[0]).exists():
-            tests = dict(t.split("=", 1) if "=" in t else ("", t) for t in test)
-            if "" in tests:
-                raise ValueError(f"several test files: write HEAD=FILE for each (got {test})")
+        tests = files_by_head(test, "test")
+        if isinstance(tests, dict):
             metrics = evaluate_heads(model, tests, output, options=options, skip_bad=skip_bad, batch_size=batch_size,
                                      bootstrap=bootstrap)
             for head, evaluation in metrics["heads"].items():
@@ -201,7 +200,7 @@ def evaluate_command(
             typer.echo(f"{metrics['primary']}: {100 * metrics['scores'][metrics['primary']]:.2f}")
             result = None
         else:
-            result = evaluate(model, Path(test[0]), output, options=options, skip_bad=skip_bad, batch_size=batch_size,
+            result = evaluate(model, tests, output, options=options, skip_bad=skip_bad, batch_size=batch_size,
                               bootstrap=bootstrap)
     except (DataError, ValueError) as err:
         fail(err)
@@ -223,6 +222,52 @@ def evaluate_command(
         from ..stages.shared.tracking import log_evaluation, tracking_uri
 
         typer.echo(f"MLflow run {log_evaluation(output)} in {tracking_uri()}")
+
+
+def files_by_head(values: List[str], what: str):
+    """One file (a path), or HEAD=FILE for each head of a pipeline of several (a dict)."""
+    if len(values) > 1 or "=" in values[0] and not Path(values[0]).exists():
+        files = dict(v.split("=", 1) if "=" in v else ("", v) for v in values)
+        if "" in files:
+            raise ValueError(f"several {what} files: write HEAD=FILE for each (got {values})")
+        return files
+    return Path(values[0])
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: str = ModelArg,
+    dev: List[str] = typer.Option(..., "--dev", help="dev data in any format `sllm prepare` reads (never the test "
+                                                     "set); a pipeline of several heads: HEAD=FILE for each"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder for the calibrated pipeline; default: "
+                                                                       "the pipeline folder itself"),
+    thresholds: bool = typer.Option(True, help="multi-label textcat: tune each label's threshold for F1 on dev"),
+    ner_precision: Optional[float] = typer.Option(None, help="NER: set the entity score threshold to the lowest "
+                                                             "that reaches this precision on dev (e.g. 0.95)"),
+    batch_size: Optional[int] = BatchSize,
+    text_column: str = TextColumn,
+    label_column: str = LabelColumn,
+    label_sep: Optional[str] = LabelSep,
+    strict: bool = Strict,
+    skip_bad: bool = SkipBad,
+) -> None:
+    """Fit each head's temperature on dev data (scores that mean what they say) and the thresholds on its
+    scores; write the calibrated pipeline, with ECE and Brier before and after and a reliability diagram."""
+    from ..stages.calibrate import calibrate
+
+    options = read_options(text_column, label_column, label_sep, strict)
+    try:
+        fitted = calibrate(model, files_by_head(dev, "dev"), output, options=options, skip_bad=skip_bad,
+                           batch_size=batch_size, tune_thresholds=thresholds, ner_precision=ner_precision)
+    except (DataError, ValueError) as err:
+        fail(err)
+    for head, c in fitted.items():
+        extra = {k: v for k, v in c.settings.items() if k != "temperature"}
+        typer.echo(f"{head}: temperature {c.temperature:.4f}; ECE {c.before['ece']:.4f} -> {c.after['ece']:.4f}, "
+                   f"Brier {c.before['brier']:.4f} -> {c.after['brier']:.4f} on {c.after['decisions']:,} decisions"
+                   + (f"; set {extra}" if extra else ""))
+    where = output or local_model(model)
+    typer.echo(f"wrote {where} (report: {where}/calibration/calibration.md)")
 
 
 @app.command("predict")

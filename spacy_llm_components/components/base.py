@@ -93,6 +93,7 @@ class HFPipe(FolderBytes, TrainablePipe):
         self.quantize = settings.quantize
         self.runtime = settings.runtime
         self.mixed_precision = settings.mixed_precision
+        self.temperature = settings.temperature
         self.model: Optional[Model] = None  # spaCy's trainable model: set when the checkpoint loads
         self.scorer = settings.scorer
         self.cfg: dict = {}
@@ -354,6 +355,19 @@ class HFPipe(FolderBytes, TrainablePipe):
                     n = len(inputs[i].input_ids)
                     results[i] = tuple(a[row, :n] if self.per_token else a[row] for a in arrays)
         return results
+
+    def feature_outputs(self, features: Sequence[Feature]) -> Iterator[Tuple[Dict[str, Any], Any]]:
+        """Training features (`features`) through the model inference runs (int8 too), length-sorted in
+        batches: yields (the padded batch, targets included; the model's outputs). What calibration fits on."""
+        ck = self.checkpoint
+        collate = FeatureCollator(self.spec.collator(ck.tokenizer), ck.tokenizer)
+        model = self._model if self.runtime == "torch" else ck.model  # (an ONNX session takes no tensors)
+        model.eval()
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        with torch.inference_mode():
+            for chosen in minibatch(order, size=self.batch_size):
+                batch = {k: v.to(ck.device) for k, v in collate([features[i] for i in chosen]).items()}
+                yield batch, model(**{k: v for k, v in batch.items() if k not in self.spec.targets})
 
     def record(self, doc: Doc) -> Dict[str, Any]:
         """This component's predictions on an annotated doc as JSON-ready data (for `sllm predict`

@@ -54,6 +54,9 @@ class NerSettings(SharedSettings):
     overwrite_ents: bool = setting(False, "replace entities already on the doc (else they are kept, ours added "
                                           "where they do not overlap)")
     stride: int = setting(128, "word pieces two windows of a long doc overlap by", ge=0)
+    threshold: float = setting(0.0, "entities whose score (`ent._.score`) is below this are left out (`sllm "
+                                    "calibrate --ner-precision P` picks the lowest one reaching precision P on dev)",
+                               ge=0, le=1)
     scorer: Optional[Callable] = setting({"@scorers": "spacy_llm_components.ner_scorer.v1"},
                                          "the scorer `nlp.evaluate` uses")
 
@@ -80,6 +83,7 @@ class HFEntityRecognizer(HFPipe):
         self.spans_key = settings.spans_key
         self.overwrite_ents = settings.overwrite_ents
         self.stride_cfg = settings.stride
+        self.threshold = settings.threshold
         self.snapped = 0  # entities grown to token boundaries since the component was made
         self.cfg = {"spans_key": settings.spans_key}
 
@@ -205,16 +209,29 @@ class HFEntityRecognizer(HFPipe):
             word_lp[words.bounds[d]:words.bounds[d + 1]] = log_softmax(word_logits.astype(np.float32))
         return word_lp
 
+    def word_tag_log_probs(self, docs: Sequence[Doc]) -> Tuple[Words, np.ndarray, np.ndarray]:
+        """The docs' tokenizer words (laid end to end), each word's tag log-probabilities at temperature 1
+        and its decoded tag: what entity scores are made of (calibration fits on them)."""
+        _, pieces, words = self._prepare(docs)
+        word_lp = self._word_log_probs(docs, pieces, words)
+        return words, word_lp, self.decoder(word_lp, words.bounds, self.transitions)
+
     def _entities(self, docs: Sequence[Doc], text_lengths: Sequence[int], words: Words, word_lp: np.ndarray
                   ) -> Entities:
         """Decode the words' tags for all docs at once, read the entities, and snap them to spaCy tokens."""
         tags = self.decoder(word_lp, words.bounds, self.transitions)
-        chosen = np.exp(word_lp[np.arange(len(tags)), tags])
+        # an entity's score: the mean probability of its words' tags, at the head's temperature (which
+        # changes the scores, not the decoded tags)
+        scaled = word_lp if self.temperature == 1.0 else log_softmax(word_lp / self.temperature)
+        chosen = np.exp(scaled[np.arange(len(tags)), tags])
         first_word = np.zeros(len(tags), dtype=bool)
         first_word[words.bounds[:-1][np.diff(words.bounds) > 0]] = True
         start, end, type_id = read_entities(tags, first_word, self.tag_table)
-        return locate(docs, text_lengths, words, start, end, type_id, segment_means(chosen, start, end),
-                      self.tag_table.types)
+        score = segment_means(chosen, start, end)
+        if self.threshold > 0:
+            keep = score >= self.threshold
+            start, end, type_id, score = start[keep], end[keep], type_id[keep], score[keep]
+        return locate(docs, text_lengths, words, start, end, type_id, score, self.tag_table.types)
 
     def record(self, doc: Doc) -> Dict[str, List[Dict[str, Any]]]:
         spans = doc.spans.get(self.spans_key, []) if self.spans_key else doc.ents

@@ -149,7 +149,8 @@ class HFQuestionAnswerer(HFPipe):
         for (i, question, start, offset, length), (start_logits, end_logits) in zip(plan, self._forward(inputs)):
             candidates, null_score = answer_candidates(
                 # extra candidates: several can snap to the same tokens and count once
-                start_logits, end_logits, (offset, offset + length), self.max_answer_len, 4 * self.top_k, null_index
+                start_logits / self.temperature, end_logits / self.temperature, (offset, offset + length),
+                self.max_answer_len, 4 * self.top_k, null_index
             )
             null[(i, question)] = min(null.get((i, question), 1.0), null_score)
             offsets = contexts[i].offsets

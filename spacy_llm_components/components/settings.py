@@ -38,6 +38,8 @@ class SharedSettings:
     runtime: str = setting("torch", "what runs inference: torch, or onnxruntime (an ONNX export made at load; the "
                                     "[onnx] extra)", choices=RUNTIMES)
     mixed_precision: bool = setting(False, "`spacy train`: autocast the forward pass (CUDA)")
+    temperature: float = setting(1.0, "the head's logits are divided by this before they become scores (`sllm "
+                                      "calibrate` fits it on dev data: temperature scaling)", gt=0)
     scorer: Optional[Callable] = setting(None, "the scorer `nlp.evaluate` uses (a registered function)")
 
 

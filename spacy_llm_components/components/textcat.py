@@ -153,7 +153,7 @@ class HFTextCategorizer(HFPipe):
         probs = np.zeros((len(docs), len(self.labels)), dtype=np.float32)
         window_logits: Dict[int, List[np.ndarray]] = {d: [] for d in long_docs}
         for batch, out in self._run(docs, pieces, rows):
-            logits = out.logits.float()
+            logits = out.logits.float() / self.temperature
             fitting = batch.rows < len(fitting_docs)
             if fitting.any():
                 chosen = logits[torch.from_numpy(np.flatnonzero(fitting)).to(logits.device)]
@@ -164,6 +164,7 @@ class HFTextCategorizer(HFPipe):
                                                                                       logits[j].cpu().numpy()))
         for d in long_docs:
             pooled = self.pooling(np.stack([x for _, x in sorted(window_logits[d], key=lambda w: w[0])]))
+            # (the windows' logits were divided by the temperature: mean and max pooling commute with that)
             probs[d] = 1.0 / (1.0 + np.exp(-pooled)) if self.multi_label else softmax(pooled, axis=-1)
         return probs
 

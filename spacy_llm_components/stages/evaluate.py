@@ -5,13 +5,13 @@ of several heads on one encoder is evaluated head by head, each on its own test 
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import numpy as np
 from spacy.language import Language
 
 from ..artifacts import METRICS, json_bytes, sha256_file, write_files
 from ..components.base import HFPipe
 from ..core.bootstrap import BootstrapSettings, PairedDifference, check_bootstrap
 from ..data import ReadOptions
+from .shared.plots import confusion_png, reliability_png
 from .shared.scoring import Comparison, Evaluation, compare_pipelines, open_pipeline, score_file
 
 MEAN = "weighted_score"  # a multi-head evaluation's primary: the mean of its heads' primary scores
@@ -33,6 +33,8 @@ def evaluate(pipeline: Union[str, Path, Language], test: Union[str, Path], outpu
                                       "test_sha256": test_hash, "skipped": [r.to_dict() for r in loaded.skipped]})}
         if result.confusion is not None:
             files["confusion.png"] = confusion_png(result.confusion)
+        if result.calibration:
+            files["reliability.png"] = reliability_png({"scores": result.reliability}, f"{result.task}: reliability")
         files["report.md"] = report_markdown(result, str(pipeline), str(test)).encode()
         write_files(Path(output), files)
     return result
@@ -79,9 +81,13 @@ def evaluate_heads(pipeline: Union[str, Path, Language], tests: Dict[str, Union[
         for head, result in results.items():
             section = report_markdown(result, str(reference), str(tests[head])).replace("# Evaluation:", "## Head",
                                                                                         1).replace("\n## ", "\n### ")
-            report.append(section.replace("(confusion.png)", f"(confusion-{head}.png)"))
+            report.append(section.replace("(confusion.png)", f"(confusion-{head}.png)")
+                          .replace("(reliability.png)", f"(reliability-{head}.png)"))
             if result.confusion is not None:
                 files[f"confusion-{head}.png"] = confusion_png(result.confusion)
+            if result.calibration:
+                files[f"reliability-{head}.png"] = reliability_png({"scores": result.reliability},
+                                                                   f"{head}: reliability")
         files["report.md"] = "\n".join(report).encode()
         write_files(Path(output), files)
     return metrics
@@ -132,33 +138,6 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def confusion_png(confusion: Dict[str, Any]) -> bytes:
-    """The confusion matrix (rows gold, columns predicted) as PNG bytes."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels, matrix = confusion["labels"], np.array(confusion["matrix"])
-    size = min(4 + 0.25 * len(labels), 24)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8 if len(labels) > 20 else 10)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8 if len(labels) > 20 else 10)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("gold")
-    if len(labels) <= 20:
-        for (i, j), n in np.ndenumerate(matrix):
-            ax.text(j, i, str(n), ha="center", va="center", color="white" if n > matrix.max() / 2 else "black")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def span(bounds) -> str:
     """[low, high] as `low–high` in points; "" without an interval."""
     return f"{100 * bounds[0]:.2f}–{100 * bounds[1]:.2f}" if bounds else ""
@@ -197,6 +176,16 @@ def report_markdown(result: Evaluation, pipeline: str, test: str) -> str:
             auc = f"{pct(v.get('auc'))} | " if has_auc else ""
             f_ci = f"{span((per_ci.get(label) or {}).get('f'))} | " if drawn else ""
             lines.append(f"| {label} | {pct(v['p'])} | {pct(v['r'])} | {pct(v['f'])} | {f_ci}{auc}{v['support']} |")
+    if result.calibration:
+        lines += ["", "## Calibration", "", calibration_text(result.calibration), "", "![reliability](reliability.png)"]
     if result.confusion is not None:
         lines += ["", "## Confusion matrix", "", "Rows: gold, columns: predicted.", "", "![confusion](confusion.png)"]
     return "\n".join(lines) + "\n"
+
+
+def calibration_text(calibration: Dict[str, Any]) -> str:
+    """One sentence on how well the scores match how often they are right."""
+    c = calibration
+    return (f"Of {c['of']}: {c['decisions']:,} decisions, mean score {c['mean_confidence']:.3f}, share right "
+            f"{c['accuracy']:.3f}; expected calibration error **{c['ece']:.4f}** ({c['bins']} equal-width bins), "
+            f"Brier score {c['brier']:.4f}. `sllm calibrate` fits the head's temperature on dev data.")

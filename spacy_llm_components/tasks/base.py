@@ -1,9 +1,10 @@
 """What every task spec says, the registry of specs, and reading a task's files into reference docs."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from spacy.language import Language
@@ -12,6 +13,7 @@ from spacy.training import Example
 from transformers import DataCollatorWithPadding
 
 from ..core.bootstrap import DocStatistics
+from ..core.calibration import CalibrationError, TemperatureProblem
 from ..data.docbin import read_docbin
 from ..data.errors import BadRecords, DataError
 from ..data.types import Loaded, ReadOptions
@@ -27,6 +29,22 @@ class Demo:
     files: Tuple[str, str, str]
     config: Dict[str, Any]
     request: Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ThresholdRequest:
+    """Which thresholds `sllm calibrate` tunes: per-label ones for F1 (multi-label textcat), and the entity
+    score threshold reaching a precision (NER; None: none set)."""
+
+    f1: bool = True
+    min_precision: Optional[float] = None
+
+
+@dataclass
+class TunedThresholds:
+    settings: Dict[str, Any] = field(default_factory=dict)  # component settings: thresholds, threshold...
+    scores: Optional[Dict[str, float]] = None  # the headline scores with them (None: as without)
+    curve: Any = None  # what they were read from (NER: a PrecisionRecall)
 
 
 class TaskSpec:
@@ -125,6 +143,40 @@ class TaskSpec:
     def doc_statistics(self, examples: List[Example], pipe) -> Optional[DocStatistics]:
         """Per-document statistics from which the headline metrics (`scores`' own, on the same examples,
         after `scores` ran) are sums: what a bootstrap over documents resamples. None: no intervals."""
+        return None
+
+    # -- calibration -------------------------------------------------------------------------------
+    def calibration_kind(self, pipe) -> str:
+        """How the head's logits become probabilities: "softmax" (one class per row) or "sigmoid"."""
+        return "softmax"
+
+    def calibration_rows(self, output, batch: Dict[str, Any], pipe) -> Tuple[np.ndarray, np.ndarray]:
+        """(logits, targets) of the head's gold decisions in one batch of training features."""
+        raise NotImplementedError
+
+    def temperature_problem(self, pipe, examples: List[Example]) -> TemperatureProblem:
+        """What the head's temperature is fitted on, given the pipeline's predictions on dev docs at
+        temperature 1 (`examples`): by default the NLL of its gold decisions (the loss it was trained to
+        lower) in training features of the references, built as inference builds its inputs."""
+        logits, targets = [], []
+        for batch, output in pipe.feature_outputs(pipe.features([eg.reference for eg in examples])):
+            rows, gold = self.calibration_rows(output, batch, pipe)
+            logits.append(rows)
+            targets.append(gold)
+        if not logits:
+            raise CalibrationError("the dev data gives no gold decisions to calibrate on")
+        width = max(x.shape[1] for x in logits)  # (QA: a softmax over each batch's padded length)
+        logits = [np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-1e4) for x in logits]
+        return TemperatureProblem(self.calibration_kind(pipe), np.concatenate(logits), np.concatenate(targets))
+
+    def tune_thresholds(self, pipe, examples: List[Example], request: "ThresholdRequest") -> "TunedThresholds":
+        """Decision thresholds on the head's (calibrated) scores, tuned on its dev predictions: the settings
+        to store, the headline scores they give on those predictions, the curve they were read from."""
+        return TunedThresholds()
+
+    def confidences(self, examples: List[Example], pipe) -> Optional[Tuple[np.ndarray, np.ndarray, str]]:
+        """(confidence, right or wrong, what they are in words) of each decision a user reads a score of,
+        after `scores` ran: what the calibration error and the Brier score measure. None: no scores."""
         return None
 
     def __repr__(self) -> str:

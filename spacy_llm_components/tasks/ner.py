@@ -1,23 +1,25 @@
 """Named-entity recognition: entities in `doc.ents` (or a span group), tagged per word."""
 
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch.nn.functional as F
 from spacy.pipeline.spancat import spancat_score
 from spacy.scorer import get_ner_prf
+from spacy.tokens import Span
 from spacy.training import Example
 from spacy.util import filter_spans, registry
 from transformers import DataCollatorForTokenClassification
 
 from ..core.bootstrap import DocStatistics, prf
+from ..core.calibration import CalibrationError, TemperatureProblem, precision_recall
 from ..core.constants import IGNORE_INDEX
 from ..data.conll import read_conll
 from ..data.errors import DataError
 from ..data.jsonl import read_ner_jsonl
 from ..data.types import Loaded
-from .base import Demo, TaskSpec, kl_divergence, register_task
+from .base import Demo, TaskSpec, TunedThresholds, kl_divergence, register_task
 
 
 class NerSpec(TaskSpec):
@@ -76,6 +78,52 @@ class NerSpec(TaskSpec):
         logits = student.logits.float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
+    def temperature_problem(self, pipe, examples):
+        """The entities' own scores: each predicted entity's words' tag log-probabilities (at temperature
+        1) and decoded tags, and whether the entity is exactly right, so that the fitted temperature makes
+        `ent._.score` say how often an entity is right (the words' tag NLL is mostly about O tags)."""
+        words, log_probs, tags = pipe.word_tag_log_probs([eg.predicted for eg in examples])
+        rows, segment, right = [], [], []
+        for i, eg in enumerate(examples):
+            a, b = int(words.bounds[i]), int(words.bounds[i + 1])
+            starts, ends = words.start[a:b], words.end[a:b]
+            for ent, is_right in entity_outcomes(eg)[0]:
+                first = a + int(np.searchsorted(starts, ent.start_char, side="left"))
+                last = a + int(np.searchsorted(ends, ent.end_char, side="right"))
+                span = np.arange(first, last)
+                # an entity grown to spaCy token edges, or made by resolving overlaps, may cover other words
+                # than it was decoded from: only entities whose score the words give are fitted on
+                if not len(span) or abs(np.exp(log_probs[span, tags[span]]).mean() - ent._.score) > 1e-4:
+                    continue
+                rows.append(span)
+                segment.append(np.full(len(span), len(right)))
+                right.append(is_right)
+        rows_at = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        return TemperatureProblem("segments", log_probs[rows_at], np.array(right, dtype=bool), tags[rows_at],
+                                  np.concatenate(segment) if segment else np.zeros(0, dtype=np.int64))
+
+    def tune_thresholds(self, pipe, examples, request):  # the entity score threshold for a precision
+        confidence, right, _ = self.confidences(examples, pipe)
+        n_gold = sum(len(eg.reference.ents) for eg in examples if eg.reference.has_annotation("ENT_IOB"))
+        curve = precision_recall(confidence, right, n_gold)
+        if request.min_precision is None:
+            return TunedThresholds(curve=curve)
+        threshold = curve.threshold_for(request.min_precision)
+        if threshold is None:
+            raise CalibrationError(f"no entity score threshold reaches precision {request.min_precision:g} on the dev "
+                                   f"data (the highest is {curve.precision.max() if len(curve.precision) else 0:.3f})")
+        kept = right[confidence >= threshold]
+        p, r = float(kept.mean()) if len(kept) else 0.0, float(kept.sum() / max(n_gold, 1))
+        return TunedThresholds({"threshold": threshold},
+                               {"ents_p": p, "ents_r": r, "ents_f": 2 * p * r / (p + r) if p + r else 0.0}, curve)
+
+    def confidences(self, examples, pipe):  # each predicted entity's `ent._.score`, right if exactly gold
+        outcomes = [(float(ent._.score), right) for eg in examples for ent, right in entity_outcomes(eg)[0]]
+        return (np.array([score for score, _ in outcomes], dtype=np.float64),
+
+                np.array([right for _, right in outcomes], dtype=bool),
+                "each predicted entity's score (ent._.score), right when it is exactly a gold entity")
+
     def scores(self, examples, pipe):
         if pipe.spans_key:  # gold data holds doc.ents: score the predicted span group as entities
             for eg in examples:
@@ -110,12 +158,19 @@ class NerSpec(TaskSpec):
 
 
 def entity_counts(eg: Example) -> Dict[str, List[int]]:
-    """[tp, fp, fn] per entity type of one example, by spaCy's `get_ner_prf` rules: predictions aligned to
-    the reference's tokens; one over reference tokens without entity annotation neither right nor wrong;
-    an example without entity annotation not counted."""
+    """[tp, fp, fn] per entity type of one example, by spaCy's `get_ner_prf` rules (`entity_outcomes`)."""
+    outcomes, counts = entity_outcomes(eg)
+    return counts
+
+
+def entity_outcomes(eg: Example) -> Tuple[List[Tuple[Span, bool]], Dict[str, List[int]]]:
+    """(entity, right) of each scored predicted entity that counts, and [tp, fp, fn] per entity type, by spaCy's
+    `get_ner_prf` rules: predictions aligned to the reference's tokens; one over reference tokens without
+    entity annotation neither right nor wrong; an example without entity annotation not counted."""
     counts: Dict[str, List[int]] = {}
+    outcomes: List[Tuple[Span, bool]] = []
     if not eg.y.has_annotation("ENT_IOB"):
-        return counts
+        return outcomes, counts
     golds = {(e.label_, e.start, e.end) for e in eg.y.ents}
     align = eg.alignment.x2y
     for ent in eg.x.ents:
@@ -123,14 +178,14 @@ def entity_counts(eg: Example) -> Dict[str, List[int]]:
         indices = align[ent.start:ent.end]
         if len(indices) and all(token.ent_iob != 0 for token in eg.y[indices[0]:indices[-1] + 1]):
             key = (ent.label_, indices[0], indices[-1] + 1)
-            if key in golds:
-                mine[0] += 1
-                golds.remove(key)
-            else:
-                mine[1] += 1
+            right = key in golds
+            mine[0 if right else 1] += 1
+            golds.discard(key)
+            if ent._.score is not None:  # (an entity another component set has no score)
+                outcomes.append((ent, right))
     for label, _, _ in golds:
         counts.setdefault(label, [0, 0, 0])[2] += 1
-    return counts
+    return outcomes, counts
 
 
 def score_ner(examples: Iterable[Example], *, spans_key: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:

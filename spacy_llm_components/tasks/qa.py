@@ -3,6 +3,7 @@
 from typing import Any, Callable, Dict, Iterable, List, Tuple
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from spacy.training import Example
 from spacy.util import registry
@@ -13,6 +14,8 @@ from ..data.errors import DataError
 from ..data.squad import read_squad
 from ..data.types import Loaded
 from .base import Demo, TaskSpec, kl_divergence, register_task
+
+PADDING_LOGIT = -1e4  # a padded position's logit when the start/end softmax is taken over the input
 
 
 class QASpec(TaskSpec):
@@ -78,6 +81,27 @@ class QASpec(TaskSpec):
         return (F.cross_entropy(student.start_logits.float()[gold], batch["start_positions"][gold])
                 + F.cross_entropy(student.end_logits.float()[gold], batch["end_positions"][gold])) / 2
 
+    def calibration_rows(self, output, batch, pipe):  # start and end positions, each a softmax over the input
+        padding = batch["attention_mask"] == 0
+        rows = [getattr(output, name).float().masked_fill(padding, PADDING_LOGIT) for name in ("start_logits",
+                                                                                                "end_logits")]
+        targets = [batch["start_positions"], batch["end_positions"]]
+        return torch.cat(rows).cpu().numpy(), torch.cat(targets).cpu().numpy()
+
+    def confidences(self, examples, pipe):  # each question's best answer's score, right if an exact match
+        scores, right = [], []
+        for eg in examples:
+            best = {}
+            for span in eg.predicted.spans.get(pipe.spans_key, []):
+                best.setdefault(span._.question, span)
+            gold = dict(question_golds(eg, pipe.spans_key))
+            for question, span in best.items():
+                if question in gold and span._.score is not None:
+                    scores.append(float(span._.score))
+                    right.append(max(exact_match(span.text, g) for g in (gold[question] or [""])) == 1.0)
+        return (np.array(scores, dtype=np.float64), np.array(right, dtype=bool),
+                "each question's best answer's score (span._.score), right when it matches a gold answer exactly")
+
     def input_doc(self, nlp, reference):
         doc = nlp.make_doc(reference.text)
         if reference._.qas:
@@ -116,6 +140,14 @@ def score_squad(examples: Iterable[Example], *, spans_key: str = "answers", **_:
 
 def question_pairs(eg: Example, spans_key: str) -> List[Tuple[str, List[str]]]:
     """(predicted answer text, gold answer texts) for each question of one example."""
+    predicted: Dict[str, str] = {}
+    for span in eg.predicted.spans.get(spans_key, []):
+        predicted.setdefault(span._.question, span.text)
+    return [(predicted.get(q, ""), answers) for q, answers in question_golds(eg, spans_key)]
+
+
+def question_golds(eg: Example, spans_key: str) -> List[Tuple[str, List[str]]]:
+    """(question, gold answer texts) of one example: from `doc._.qas`, else the reference's answer spans."""
     gold: Dict[str, List[str]] = {}
     if eg.reference._.qas:
         for qa in eg.reference._.qas:
@@ -124,10 +156,7 @@ def question_pairs(eg: Example, spans_key: str) -> List[Tuple[str, List[str]]]:
         gold = {q: [] for q in (eg.reference._.questions or [])}
         for span in eg.reference.spans.get(spans_key, []):
             gold.setdefault(span._.question, []).append(span.text)
-    predicted: Dict[str, str] = {}
-    for span in eg.predicted.spans.get(spans_key, []):
-        predicted.setdefault(span._.question, span.text)
-    return [(predicted.get(q, ""), answers) for q, answers in gold.items()]
+    return list(gold.items())
 
 
 @registry.scorers("spacy_llm_components.squad_scorer.v1")

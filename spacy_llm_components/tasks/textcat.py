@@ -10,13 +10,14 @@ from spacy.training import Example
 from spacy.util import registry
 
 from ..core.bootstrap import DocStatistics, prf
+from ..core.calibration import CalibrationError, best_f1_threshold
 from ..core.decode import decide_labels, label_thresholds
 from ..core.metrics import classification_scores, confusion_matrix
 from ..data.errors import DataError
 from ..data.jsonl import read_cats_jsonl
 from ..data.tabular import read_cats_table
 from ..data.types import Loaded
-from .base import Demo, TaskSpec, kl_divergence, register_task
+from .base import Demo, TaskSpec, TunedThresholds, kl_divergence, register_task
 
 
 class TextcatSpec(TaskSpec):
@@ -97,6 +98,33 @@ class TextcatSpec(TaskSpec):
 
     def multi_label_of(self, pipe):
         return pipe.multi_label
+
+    def calibration_kind(self, pipe):
+        return "sigmoid" if pipe.multi_label else "softmax"
+
+    def calibration_rows(self, output, batch, pipe):  # per window, each carrying its doc's labels
+        return output.logits.float().cpu().numpy(), batch["labels"].cpu().numpy()
+
+    def confidences(self, examples, pipe):  # exclusive: the chosen class's probability; multi-label: each label's
+        gold, decided, prob = decisions(examples, list(pipe.labels), pipe.multi_label, pipe.cfg.get("threshold", 0.5),
+                                        pipe.cfg.get("thresholds"))
+        if pipe.multi_label:
+            return prob.ravel(), gold.ravel(), "each label's probability (doc.cats), right when the doc has the label"
+        return (prob.max(axis=1) if prob.size else prob.ravel(), (gold == decided).all(axis=1),
+                "each doc's probability of its chosen class (doc.cats), right when that is the gold class")
+
+    def tune_thresholds(self, pipe, examples, request):  # per label, for F1, on the calibrated probabilities
+        if not (pipe.multi_label and request.f1):
+            return TunedThresholds()
+        labels = list(pipe.labels)
+        gold, _, prob = decisions(examples, labels, True, 0.5, None)
+        missing = [label for j, label in enumerate(labels) if not gold[:, j].any()]
+        if missing:
+            raise CalibrationError(f"no dev doc has the labels {missing}: their thresholds cannot be tuned (add dev "
+                                   "docs with them, or calibrate with --no-thresholds)")
+        thresholds = {label: best_f1_threshold(prob[:, j], gold[:, j])[0] for j, label in enumerate(labels)}
+        scores = score_textcat(examples, labels=labels, multi_label=True, thresholds=thresholds)
+        return TunedThresholds({"thresholds": thresholds}, scores)
 
     def gold_for(self, loaded, pipe):
         if loaded.cat_rows and not all(d.cats for d in loaded.docs):

@@ -6,15 +6,13 @@
 - `distill` (its own module): a student with fewer encoder layers trained on the teacher's outputs.
 """
 
-import shutil
 from pathlib import Path
 from typing import List, Sequence, Union
 
 import spacy
-from spacy.language import Language
 
 from ... import artifacts
-from ...artifacts import METRICS, TRAINING_LOG, sha256_tree
+from ...artifacts import sha256_tree
 from ...tasks import TASKS, factories_in_words
 from ..shared.references import local_pipeline, pin_model
 
@@ -89,7 +87,7 @@ def quantized_copy(pipeline: Union[str, Path], output: Union[str, Path], runtime
     block[COMPRESSION] = {"method": "int8", "runtime": runtime, "source": str(reference),
                           "source_sha256": sha256_tree(folder)}
     nlp.meta[artifacts.META_BLOCK] = block
-    artifacts.replace_folder(output, lambda tmp: _to_disk_with(nlp, folder, tmp))
+    artifacts.replace_folder(output, lambda tmp: artifacts.save_pipeline_copy(nlp, folder, tmp))
     return output
 
 
@@ -100,10 +98,3 @@ def check_apart(output: Union[str, Path], source: Path, what: str) -> Path:
         raise CompressError(f"{output}: {what} needs a folder apart from its source {source} (writing there would "
                             "replace the source)")
     return output
-
-
-def _to_disk_with(nlp: Language, source: Path, target: Path) -> None:
-    nlp.to_disk(target)
-    for name in (METRICS, TRAINING_LOG):  # how the weights were trained: still true of the copy
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)

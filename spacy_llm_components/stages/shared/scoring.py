@@ -25,6 +25,7 @@ from ...core.bootstrap import (
     mcnemar,
     paired_differences,
 )
+from ...core.calibration import BINS, Reliability, reliability, summary
 from ...data import Loaded, ReadOptions
 from ...models.devices import machine
 from ...tasks import load_docs
@@ -42,6 +43,17 @@ class Evaluation:
     predictions: List[Doc]
     intervals: Dict[str, Any] = field(default_factory=dict)  # the bootstrap's: settings, scores, per_label
     doc_statistics: Optional[DocStatistics] = None  # what the bootstrap resampled (not serialized)
+    calibration: Dict[str, Any] = field(default_factory=dict)  # ECE, Brier and reliability bins of the scores
+    confidences: Optional[Tuple[Any, Any]] = None  # (confidence, right) per scored decision (not serialized)
+    references: List[Doc] = field(default_factory=list)  # the gold docs, beside `predictions` (not serialized)
+
+    def examples(self) -> List[Example]:
+        """The predictions beside their gold docs."""
+        return [Example(p, r) for p, r in zip(self.predictions, self.references)]
+
+    @property
+    def reliability(self) -> Optional[Reliability]:
+        return reliability(*self.confidences, self.calibration["bins"]) if self.calibration else None
 
     @property
     def primary_score(self) -> float:
@@ -55,7 +67,8 @@ class Evaluation:
 
     def to_json(self) -> Dict[str, Any]:
         return {"task": self.task, "primary": self.primary, "scores": self.scores, "statistics": self.statistics,
-                "per_label": self.per_label, "confusion": self.confusion, "intervals": self.intervals}
+                "per_label": self.per_label, "confusion": self.confusion, "intervals": self.intervals,
+                "calibration": self.calibration}
 
     def interval(self, metric: str) -> Optional[List[float]]:
         """The metric's confidence interval [low, high], if the evaluation drew one."""
@@ -89,7 +102,17 @@ def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Opti
     drawn_too = bool(bootstrap and bootstrap.replicates)
     stats = spec.doc_statistics(examples, pipe) if (drawn_too or statistics) and examples else None
     drawn = bootstrap_intervals(stats, bootstrap) if stats is not None and drawn_too else {}
-    return Evaluation(spec.name, spec.primary, scores, statistics, per_label, confusion, predictions, drawn, stats)
+    confidences = spec.confidences(examples, pipe) if examples else None
+    calibration = calibration_summary(*confidences) if confidences is not None and len(confidences[0]) else {}
+    return Evaluation(spec.name, spec.primary, scores, statistics, per_label, confusion, predictions, drawn, stats,
+                      calibration, confidences[:2] if calibration else None, list(references))
+
+
+def calibration_summary(confidence, right, unit: str, bins: int = BINS) -> Dict[str, Any]:
+    """How far the scores users read are from the share of them that is right: expected calibration error
+    over `bins` equal-width bins, Brier score, and the bins themselves."""
+    return {**summary(confidence, right, bins), "bins": bins, "of": unit,
+            "reliability": reliability(confidence, right, bins).rows()}
 
 
 def bootstrap_intervals(stats: DocStatistics, settings: BootstrapSettings) -> Dict[str, Any]:
