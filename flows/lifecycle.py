@@ -29,9 +29,10 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
                    pretrain_dev: Optional[List[str]] = None, pretrain_config: Optional[Dict[str, Any]] = None,
                    progress: bool = True, compress_methods: Optional[List[str]] = None,
                    max_drop: float = 0.5, distill_config: Optional[Dict[str, Any]] = None,
-                   strict: bool = False) -> Dict[str, Any]:
+                   strict: bool = False, gate: str = "drop") -> Dict[str, Any]:
     """prepare -> (pretrain ->) finetune -> evaluate (on `test`, else the dev split) -> register (-> promote)
-    (-> compress: `compress_methods` variants of the new version, gated on `max_drop` points).
+    (-> compress: `compress_methods` variants of the new version, gated on `max_drop` points: by `gate`
+    drop, the point estimates, or no-worse, the paired bootstrap interval of the difference on the test file).
     With a `pretrain_corpus`, the fine-tune's base model is first pre-trained on it, and the fine-tune
     starts from that encoder. Returns the registered version and its metrics. Outputs go to `workdir`
     (default `<project>/training/<name>`)."""
@@ -40,9 +41,11 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
     if compress_methods:  # bad compression settings fail now, not after fine-tuning and registering
         from spacy_llm_components.stages.compress import check_max_drop, check_methods
         from spacy_llm_components.stages.compress.distill import DistillConfig, check_distill_config
+        from spacy_llm_components.stages.registry import check_gate
 
         check_methods(compress_methods)
         check_max_drop(max_drop)
+        check_gate(gate, test or "the dev split")
         if "distill" in compress_methods:  # the teacher will have its base model's layers
             from spacy_llm_components.models.checkpoint import peek_config
 
@@ -76,5 +79,5 @@ def train_pipeline(task: str, train: List[str], name: str, dev: Optional[str] = 
         result["compression"] = compress(version["uri"], test or prepared["dev"], compress_methods, max_drop=max_drop,
                                          train=prepared["train"], dev=prepared["dev"], workdir=str(root),
                                          finetune_config=finetune_config, distill_config=distill_config,
-                                         progress=progress)
+                                         progress=progress, gate=gate)
     return result

@@ -420,7 +420,9 @@ def test_calibrate_command_and_evaluation_report(tiny_pipelines, tmp_path):
     assert bad.exit_code == 2 and "hf_ner" in bad.output and not (tmp_path / "x").exists()
 
 
-def test_segment_temperature_is_the_grid_minimum_of_the_entities_nll():
+@pytest.mark.parametrize("product", [False, True])
+def test_segment_temperature_is_the_grid_minimum_of_the_entities_nll(product):
+    """Mean (an entity's words) or product (an answer's start and end) of the chosen probabilities."""
     from spacy_llm_components.core.calibration import fit_segment_temperature
 
     rng = np.random.default_rng(4)
@@ -430,21 +432,22 @@ def test_segment_temperature_is_the_grid_minimum_of_the_entities_nll():
     logits = rng.normal(size=(len(segment), n_tags)) * 5
     chosen = logits.argmax(1)
     log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    right = rng.random(n_entities) < 0.6
-    fitted = fit_segment_temperature(log_probs, chosen, segment, right)
+    right = rng.random(n_entities) < (0.6 if not product else 0.3)
+    fitted = fit_segment_temperature(log_probs, chosen, segment, right, product=product)
 
-    def nll(t):  # written out: an entity's score is the mean of its words' chosen-tag probabilities
+    def nll(t):  # written out: a segment's score is the mean (or product) of its rows' chosen probabilities
         p = np.exp(logits / t) / np.exp(logits / t).sum(1, keepdims=True)
-        s = np.array([p[segment == e, chosen[segment == e]].mean() for e in range(n_entities)])
+        pick = np.prod if product else np.mean
+        s = np.array([pick(p[segment == e, chosen[segment == e]]) for e in range(n_entities)])
         return -np.mean(np.where(right, np.log(s), np.log1p(-np.minimum(s, 1 - 1e-12))))
 
     grid = np.exp(np.linspace(np.log(0.05), np.log(20), 3001))
     values = [nll(t) for t in grid]
     reference = grid[int(np.argmin(values))]
-    assert 1.0 < reference < 19
+    assert 0.06 < reference < 19 and abs(np.log(reference)) > 0.05  # inside the range, away from 1
     assert fitted == pytest.approx(reference, rel=3e-3) and nll(fitted) <= min(values) + 1e-9
     with pytest.raises(CalibrationError, match="every scored prediction on the dev data is right"):
-        fit_segment_temperature(log_probs, chosen, segment, np.ones(n_entities, dtype=bool))
+        fit_segment_temperature(log_probs, chosen, segment, np.ones(n_entities, dtype=bool), product=product)
 
 
 def test_calibrated_ner_temperature_minimises_the_entities_nll_through_the_pipeline(ckpts, tmp_path):
@@ -492,3 +495,91 @@ def test_calibrated_ner_temperature_minimises_the_entities_nll_through_the_pipel
     # (the fit leaves out the few entities whose words do not give their score: grown to token edges)
     assert at == pytest.approx(fitted.nll_after, rel=0.01)
     assert fitted.after["ece"] < fitted.before["ece"]
+
+
+def _squad2(path, contexts):
+    """A SQuAD 2.0-style file: each context with answerable questions (answers found in it) and unanswerable ones."""
+    data = []
+    for c, (context, answerable, impossible) in enumerate(contexts):
+        qas = [{"id": f"{c}-a{i}", "question": q, "answers": [{"text": a, "answer_start": context.index(a)}],
+                "is_impossible": False} for i, (q, a) in enumerate(answerable)]
+        qas += [{"id": f"{c}-n{i}", "question": q, "answers": [], "is_impossible": True}
+                for i, q in enumerate(impossible)]
+        data.append({"title": f"t{c}", "paragraphs": [{"context": context, "qas": qas}]})
+    path.write_text(json.dumps({"version": "v2.0", "data": data}))
+    return path
+
+
+def test_calibrate_tunes_the_no_answer_threshold_to_the_best_of_every_cut(ckpts, tmp_path):
+    """The tuned null threshold's dev F1, from the stored pipeline through `sllm evaluate`'s scorer, equals the
+    best F1 of pipelines run at every threshold the dev margins allow (and the margins stored per question
+    are the null score minus the best answer's, as answer_candidates scores them)."""
+    from spacy_llm_components.stages.evaluate import evaluate
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("hf_qa", config={"model": str(_scaled_head(ckpts["qa"], tmp_path / "sharp", "qa_outputs", 1 / 40)),
+                                  "device": "cpu", "handle_impossible": True})
+    nlp.to_disk(tmp_path / "pipeline")
+    texts = {"Marta opened a bakery in Lindenfeld in 1998 and sold it in 2011.":
+             ["Who opened a bakery?", "Where was the bakery?", "Who bought the bakery?", "What did Marta bake?"],
+             "The river Wend floods every spring, and the town of Brock built a wall against it.":
+             ["Which river floods?", "What did Brock build?", "When was the wall finished?", "Who designed it?",
+              "How high is the wall?"],
+             "Lena Hartmann joined Brightwater Foods as a chemist.":
+             ["Who joined Brightwater Foods?", "What is Lena's job?", "Where does Lena live?"]}
+    # gold: the model's own best answer for some questions (right), another word for some (wrong), none for
+    # the rest (unanswerable), so both the temperature and the no-answer threshold have something to fit
+    open_answers = spacy.blank("en")
+    open_answers.add_pipe("hf_qa", config={"model": nlp.get_pipe("hf_qa").model_name, "device": "cpu"})
+    contexts = []
+    for k, (context, questions) in enumerate(texts.items()):
+        doc = open_answers(_with_questions(open_answers, context, questions))
+        best = {}
+        for span in doc.spans["answers"]:
+            best.setdefault(span._.question, span.text)
+        answerable = [(q, best[q] if (j + k) % 3 else context.split()[j]) for j, q in enumerate(questions[:2])]
+        answerable += [(questions[2], best[questions[2]])] if k == 1 else []
+        contexts.append((context, answerable, questions[len(answerable):]))
+    dev = _squad2(tmp_path / "dev.json", contexts)
+    fitted = calibrate(tmp_path / "pipeline", dev, tmp_path / "out")["hf_qa"]
+    threshold = fitted.settings["null_threshold"]
+    assert spacy.load(tmp_path / "out").get_pipe("hf_qa").null_threshold == threshold
+    tuned = evaluate(tmp_path / "out", dev, bootstrap=None).scores["qa_f1"]
+    assert fitted.scores_after["qa_f1"] == pytest.approx(tuned)
+
+    margins = []
+    for doc in spacy.load(tmp_path / "pipeline").get_pipe("hf_qa").pipe(
+            [_with_questions(nlp, context, [q for q, _ in a] + n) for context, a, n in contexts]):
+        margins.extend(doc.spans["answers"].attrs["null_margin"].values())
+    assert len(margins) == 12
+    cuts = [min(margins) - 1, *sorted(set(margins))]
+    best = 0.0
+    for cut in cuts:
+        at = spacy.load(tmp_path / "pipeline", config={"components": {"hf_qa": {"null_threshold": cut}}})
+        best = max(best, evaluate(at, dev, bootstrap=None).scores["qa_f1"])
+    assert tuned == pytest.approx(best)
+    plain = spacy.load(tmp_path / "pipeline")
+    assert evaluate(plain, dev, bootstrap=None).scores["qa_f1"] <= tuned
+
+
+def _with_questions(nlp, text, questions):
+    doc = nlp.make_doc(text)
+    doc._.questions = questions
+    return doc
+
+
+def test_calibration_reaches_the_mlflow_metrics_and_the_model_card():
+    from spacy_llm_components.core.cards import model_card
+    from spacy_llm_components.stages.shared.tracking import calibration_metrics
+
+    measured = {"ece": 0.031, "brier": 0.11, "decisions": 872, "of": "each doc's probability"}
+    evaluation = {"primary": "cats_score", "scores": {"cats_score": 0.85}, "statistics": {"docs": 872},
+                  "calibration": measured, "test": "dev.tsv"}
+    assert calibration_metrics(evaluation) == {"calibration.ece": 0.031, "calibration.brier": 0.11}
+    heads = {"primary": "weighted_score", "scores": {}, "heads": {"textcat": evaluation}}
+    assert calibration_metrics(heads) == {"textcat_calibration.ece": 0.031, "textcat_calibration.brier": 0.11}
+    info = {"task": "textcat", "calibration": {"source": "x", "textcat": {
+        "temperature": 1.25, "dev": "dev.tsv", "before": {"ece": 0.05}, "after": {"ece": 0.02}, "settings": {}}}}
+    card = model_card("m", "1", info, evaluation, {})
+    assert "temperature 1.25 fitted on `dev.tsv`; ECE there 0.0500 -> 0.0200" in card
+    assert "ECE 0.0310, Brier 0.1100 over 872 decisions" in card

@@ -182,8 +182,9 @@ def test_run_refuses_bad_compression_settings_before_preparing_anything(ckpts, m
     for extra, message in (({"max_drop": -0.5}, "max_drop -0.5"),
                            ({"distill_config": {"layers": 0}}, "--layers 0"),
                            ({"distill_config": {"layers": layers + 1}}, f"--layers {layers + 1}"),
-                           ({"distill_config": {"alpha": -1}}, "--alpha -1")):
-        with pytest.raises(CompressError, match=message):
+                           ({"distill_config": {"alpha": -1}}, "--alpha -1"),
+                           ({"gate": "closest"}, "gate 'closest'")):
+        with pytest.raises(ValueError, match=message):  # (CompressError, RegistryError for the gate)
             lifecycle.train_pipeline(**params, compress_methods=["int8", "distill"], **extra)
     assert not (mlflow_project / "training" / "run-refused").exists()
     assert _versions("run-refused") == {}
@@ -193,9 +194,10 @@ def test_run_with_compress_registers_the_teacher_then_its_int8_variant(ckpts, ml
     train, dev, test = demo_files("textcat")
     result = lifecycle.train_pipeline("textcat", [str(train)], "run-tc", dev=str(dev), test=str(test),
                                       finetune_config={"base_model": str(ckpts["base"]), **TRAINING},
-                                      compress_methods=["int8"], max_drop=100.0, progress=False)
+                                      compress_methods=["int8"], max_drop=100.0, progress=False, gate="no-worse")
     assert result["version"] == "1"
     (variant,) = result["compression"]["variants"]
+    assert "(no-worse)" in variant["gate"]["reason"] and "CI [" in variant["gate"]["reason"]  # the paired gate
     assert (variant["version"], variant["source_version"], variant["method"]) == ("2", "1", "int8")
     assert variant["source_score"] == result["score"]  # the teacher's registered evaluation, on the same file
     root = mlflow_project / "training" / "run-tc"

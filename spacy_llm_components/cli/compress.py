@@ -94,6 +94,8 @@ Compress = typer.Option(None, help="after registering, compress the new version:
                                    "comma-separated (see `sllm compress`)")
 MaxDrop = typer.Option(0.5, help="a variant gets its alias (int8, distilled) only if its primary metric is at most "
                                  "this many points below the version it came from")
+Gate = typer.Option("drop", help="drop (the variant's score at most --max-drop points below its source's) or no-worse "
+                                 "(the paired bootstrap interval of the difference on the test file above -MAX_DROP)")
 
 
 @app.command("compress")
@@ -105,9 +107,7 @@ def compress_command(
     test: Path = typer.Option(..., help="test file the variants and their source are evaluated on"),
     methods: str = typer.Option("int8,distill", help="int8 and/or distill, comma-separated"),
     max_drop: float = MaxDrop,
-    gate: str = typer.Option("drop", help="drop (the variant's score at most --max-drop points below its source's) "
-                                          "or no-worse (the paired bootstrap interval of the difference on --test "
-                                          "above -MAX_DROP)"),
+    gate: str = Gate,
     train: Optional[Path] = typer.Option(None, help="train.spacy from `sllm prepare` (for distill)"),
     dev: Optional[Path] = typer.Option(None, help="dev.spacy from `sllm prepare` (for distill)"),
     workdir: Optional[Path] = typer.Option(None, help="outputs (variants and evaluations); default training/NAME"),

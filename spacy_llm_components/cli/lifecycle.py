@@ -14,7 +14,7 @@ from ..stages.compress.distill import DistillConfig
 from ..stages.pretrain import PretrainConfig
 from ..stages.shared.training import FinetuneConfig
 from .common import LabelColumn, LabelSep, SkipBad, Strict, TaskArg, TextColumn, app, check_task, fail, with_settings
-from .compress import Compress, MaxDrop, parse_methods, variant_line
+from .compress import Compress, Gate, MaxDrop, parse_methods, variant_line
 
 
 @app.command("register")
@@ -97,7 +97,7 @@ def _flow_parameters(task: str, train: List[Path], name: str, dev: Optional[Path
                      label_sep: Optional[str], config: FinetuneConfig, pretrain_corpus: Optional[List[Path]] = None,
                      pretrain_dev: Optional[List[Path]] = None, pretrain_config: Optional[PretrainConfig] = None,
                      compress: Optional[str] = None, max_drop: float = 0.5,
-                     distill_config: Optional[DistillConfig] = None, strict: bool = False) -> dict:
+                     distill_config: Optional[DistillConfig] = None, strict: bool = False, gate: str = "drop") -> dict:
     """train_pipeline's parameters with absolute paths (a scheduled run starts elsewhere)."""
     absolute = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
     pretraining = {}
@@ -110,7 +110,7 @@ def _flow_parameters(task: str, train: List[Path], name: str, dev: Optional[Path
     return dict(task=check_task(task), train=[absolute(p) for p in train], name=name, dev=absolute(dev),
                 test=absolute(test), workdir=absolute(workdir), finetune_config=asdict(config),
                 promote_if_better=promote, text_column=text_column, label_column=label_column, label_sep=label_sep,
-                compress_methods=parse_methods(compress) if compress else None, max_drop=max_drop,
+                compress_methods=parse_methods(compress) if compress else None, max_drop=max_drop, gate=gate,
                 distill_config=asdict(distill_config) if distill_config is not None else None, strict=strict,
                 **pretraining)
 
@@ -142,6 +142,7 @@ def run_command(
     pretrain_dev: Optional[List[Path]] = PretrainDev,
     compress: Optional[str] = Compress,
     max_drop: float = MaxDrop,
+    gate: str = Gate,
     config: FinetuneConfig = None,
     pretrain_config: PretrainConfig = None,
     distill_config: DistillConfig = None,
@@ -150,7 +151,7 @@ def run_command(
     and compress). Finished steps are skipped on a re-run with the same inputs; an interrupted fine-tune resumes."""
     params = _flow_parameters(task, train, name, dev, test, workdir, promote, text_column, label_column, label_sep,
                               config, pretrain_corpus, pretrain_dev, pretrain_config, compress, max_drop,
-                              distill_config, strict)
+                              distill_config, strict, gate)
     from ..flows.lifecycle import train_pipeline
 
     try:
@@ -186,6 +187,7 @@ def schedule_command(
     pretrain_dev: Optional[List[Path]] = PretrainDev,
     compress: Optional[str] = Compress,
     max_drop: float = MaxDrop,
+    gate: str = Gate,
     config: FinetuneConfig = None,
     pretrain_config: PretrainConfig = None,
     distill_config: DistillConfig = None,
@@ -202,7 +204,7 @@ def schedule_command(
                         "PREFECT_API_URL=http://127.0.0.1:4200/api"))
     params = _flow_parameters(task, train, name, dev, test, workdir, promote, text_column, label_column, label_sep,
                               config, pretrain_corpus, pretrain_dev, pretrain_config, compress, max_drop,
-                              distill_config, strict)
+                              distill_config, strict, gate)
     from prefect.deployments.runner import EntrypointType
 
     from ..flows.lifecycle import train_pipeline

@@ -3,10 +3,12 @@
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 from spacy.language import Language
 from spacy.tokens import Doc, Span, SpanGroup
 
 from ..core.align import snap_to_tokens, unit_piece_ranges, window_spans
+from ..core.constants import NULL_MARGIN
 from ..core.decode import answer_candidates
 from ..core.settings import setting
 from ..tasks.qa import QA
@@ -27,7 +29,8 @@ class QASettings(SharedSettings):
     max_question_len: int = setting(64, "word pieces of a question kept (at most half the input)", ge=1)
     doc_stride: int = setting(128, "word pieces two windows of a long context overlap by", ge=0)
     handle_impossible: bool = setting(False, "SQuAD 2.0: no answer where the null score wins by `null_threshold`")
-    null_threshold: float = setting(0.0, "how far the no-answer score must beat the best answer")
+    null_threshold: float = setting(0.0, "how far the no-answer score must beat the best answer (`sllm calibrate` "
+                                         "tunes it on dev data with unanswerable questions)")
     batch_size: int = setting(32, "sequences per forward pass (length-sorted batches)", ge=1)
     max_length: Optional[int] = setting(384, "question + context window in word pieces; null: the model's limit", ge=8)
     scorer: Optional[Callable] = setting({"@scorers": "spacy_llm_components.squad_scorer.v1"},
@@ -42,6 +45,15 @@ class Answer:
     start: int
     end: int
     score: float
+
+
+@dataclass
+class DocAnswers:
+    """A doc's answers, and per question how far the no-answer score beat the best answer (negative: it
+    did not); with `handle_impossible`, a question whose margin exceeds `null_threshold` gets no answer."""
+
+    answers: List[Answer]
+    null_margin: Dict[str, float]
 
 
 class HFQuestionAnswerer(HFPipe):
@@ -131,7 +143,10 @@ class HFQuestionAnswerer(HFPipe):
                     features.append(model_input.feature(start_positions=first, end_positions=last))
         return features
 
-    def _predict_prepared(self, docs: Sequence[Doc], prepared: None) -> List[List[Answer]]:
+    def _search(self, docs: Sequence[Doc]):
+        """Every window of every (doc, question) through the model, its answer candidates snapped to spaCy
+        tokens: (questions per doc; per doc and question, token span -> (best score, window, start, end in
+        it); each (doc, question)'s least no-answer score; each window's logits and context range)."""
         asked = [self._questions_of(doc) for doc in docs]
         q_ids = self._question_ids([q for qs in asked for q in qs])
         contexts = self._encode([d.text for d in docs]) if q_ids else [None] * len(docs)
@@ -143,10 +158,14 @@ class HFQuestionAnswerer(HFPipe):
                 for model_input, start, offset, length in self._windows(q_ids[question], ctx.ids):
                     inputs.append(model_input)
                     plan.append((i, question, start, offset, length))
-        found: List[Dict[str, Dict[Tuple[int, int], float]]] = [{q: {} for q in qs} for qs in asked]
+        found: List[Dict[str, Dict[Tuple[int, int], Tuple[float, int, int, int]]]] = [{q: {} for q in qs}
+                                                                                     for qs in asked]
         null: Dict[Tuple[int, str], float] = {}
         bounds = [([t.idx for t in doc], [t.idx + len(t) for t in doc]) for doc in docs]
-        for (i, question, start, offset, length), (start_logits, end_logits) in zip(plan, self._forward(inputs)):
+        windows = []
+        for j, ((i, question, start, offset, length), (start_logits, end_logits)) in enumerate(
+                zip(plan, self._forward(inputs))):
+            windows.append((start_logits, end_logits, offset, length))
             candidates, null_score = answer_candidates(
                 # extra candidates: several can snap to the same tokens and count once
                 start_logits / self.temperature, end_logits / self.temperature, (offset, offset + length),
@@ -158,33 +177,60 @@ class HFQuestionAnswerer(HFPipe):
             for s, e, score in candidates:
                 # snap before ranking, so spans that snap to the same tokens count once towards top_k
                 tokens = snap_to_tokens((offsets[start + s - offset][0], offsets[start + e - offset][1]), *bounds[i])
-                if tokens is not None:
-                    best[tokens] = max(best.get(tokens, 0.0), score)
+                if tokens is not None and score > best.get(tokens, (0.0,))[0]:
+                    best[tokens] = (score, j, s, e)
+        return asked, found, null, windows
+
+    def _predict_prepared(self, docs: Sequence[Doc], prepared: None) -> List["DocAnswers"]:
+        asked, found, null, _ = self._search(docs)
         results = []
         for i, questions in enumerate(asked):
-            answers = []
+            answers, margins = [], {}
             for question in dict.fromkeys(questions):
-                ranked = sorted(found[i][question].items(), key=lambda kv: -kv[1])[: self.top_k]
-                if self.handle_impossible and (
-                    not ranked or null.get((i, question), 0.0) - ranked[0][1] > self.null_threshold
-                ):
+                ranked = sorted(((k, v[0]) for k, v in found[i][question].items()), key=lambda kv: -kv[1])[: self.top_k]
+                margins[question] = null.get((i, question), 0.0) - (ranked[0][1] if ranked else 0.0)
+                if self.handle_impossible and (not ranked or margins[question] > self.null_threshold):
                     continue
                 answers.extend(Answer(question, s, e, score) for (s, e), score in ranked)
-            results.append(answers)
+            results.append(DocAnswers(answers, margins))
         return results
+
+    def best_answer_logits(self, docs: Sequence[Doc]) -> List[Dict[str, Tuple[np.ndarray, np.ndarray, int, int]]]:
+        """Per doc and question, what its best answer's score is made of: the start and end logits of the
+        window it came from (-inf outside the context and the null position, as the softmax takes them)
+        and the answer's start and end there. (The score is p_start * p_end at the head's temperature.)"""
+        asked, found, _, windows = self._search(docs)
+        null_index = 0 if self.specials.pair_prefix else None
+        out = []
+        for i, questions in enumerate(asked):
+            per_question = {}
+            for question in dict.fromkeys(questions):
+                if found[i][question]:
+                    _, j, s, e = max(found[i][question].values())
+                    start_logits, end_logits, offset, length = windows[j]
+                    keep = np.zeros(len(start_logits), dtype=bool)
+                    keep[offset:offset + length] = True
+                    if null_index is not None:
+                        keep[null_index] = True
+                    per_question[question] = (np.where(keep, start_logits, -np.inf),
+                                              np.where(keep, end_logits, -np.inf), s, e)
+            out.append(per_question)
+        return out
 
     def record(self, doc: Doc) -> Dict[str, List[Dict[str, Any]]]:
         return {"answers": [{"question": s._.question, **span_record(s)} for s in doc.spans.get(self.spans_key, [])]}
 
-    def set_annotations(self, docs: Sequence[Doc], predictions: Sequence[List[Answer]]) -> None:
-        for doc, answers in zip(docs, predictions):
+    def set_annotations(self, docs: Sequence[Doc], predictions: Sequence["DocAnswers"]) -> None:
+        for doc, predicted in zip(docs, predictions):
             spans = []
-            for ans in answers:
+            for ans in predicted.answers:
                 span = Span(doc, ans.start, ans.end, label=ANSWER_LABEL, span_id=doc.vocab.strings.add(ans.question))
                 span._.question = ans.question
                 span._.score = ans.score
                 spans.append(span)
-            doc.spans[self.spans_key] = SpanGroup(doc, name=self.spans_key, spans=spans)
+            group = SpanGroup(doc, name=self.spans_key, spans=spans)
+            group.attrs[NULL_MARGIN] = predicted.null_margin
+            doc.spans[self.spans_key] = group
 
 
 make_hf_qa = component_factory("hf_qa", QASettings, HFQuestionAnswerer, module=__name__, assigns=["doc.spans"],

@@ -32,12 +32,15 @@ def temperature_nll(logits: np.ndarray, targets: np.ndarray, temperature: float,
     return float((np.logaddexp(0.0, z) - y * z).mean())  # binary cross-entropy, stable for any z
 
 
-def segment_scores(log_probs: np.ndarray, chosen: np.ndarray, segment: np.ndarray, n: int,
-                   temperature: float) -> np.ndarray:
-    """Each segment's score at a temperature: the mean over its rows of the chosen class's probability
-    under softmax(log_probs / T) (an entity's score from its words' tags)."""
-    p = np.exp(_log_softmax(np.asarray(log_probs, dtype=np.float64) / temperature)[np.arange(len(chosen)), chosen])
-    return np.bincount(segment, p, minlength=n) / np.maximum(np.bincount(segment, minlength=n), 1)
+def segment_scores(log_probs: np.ndarray, chosen: np.ndarray, segment: np.ndarray, n: int, temperature: float,
+                   product: bool = False) -> np.ndarray:
+    """Each segment's score at a temperature, from the chosen class's probability in each of its rows under
+    softmax(log_probs / T): their mean (an entity's score from its words' tags) or their product (an
+    answer's from its start and end)."""
+    lp = _log_softmax(np.asarray(log_probs, dtype=np.float64) / temperature)[np.arange(len(chosen)), chosen]
+    if product:
+        return np.exp(np.bincount(segment, lp, minlength=n))
+    return np.bincount(segment, np.exp(lp), minlength=n) / np.maximum(np.bincount(segment, minlength=n), 1)
 
 
 def check_calibration_data(logits: np.ndarray, targets: np.ndarray, kind: str, what: str = "the dev data") -> None:
@@ -88,7 +91,7 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, kind: str = "softma
 
 
 def fit_segment_temperature(log_probs: np.ndarray, chosen: np.ndarray, segment: np.ndarray, right: np.ndarray,
-                            bounds: Tuple[float, float] = TEMPERATURE_RANGE) -> float:
+                            bounds: Tuple[float, float] = TEMPERATURE_RANGE, product: bool = False) -> float:
     """The temperature whose segment scores (`segment_scores`) best predict whether each segment is right:
     least binary NLL. For NER this calibrates `ent._.score` itself: an entity's score is the mean of its
     words' tag probabilities, and it is right when it is exactly a gold entity."""
@@ -98,30 +101,31 @@ def fit_segment_temperature(log_probs: np.ndarray, chosen: np.ndarray, segment: 
     if right.all() or not right.any():
         raise CalibrationError(f"every scored prediction on the dev data is {'right' if right.all() else 'wrong'}: "
                                "calibration needs right and wrong ones")
-    if not np.isfinite(log_probs).all():
+    if np.isnan(log_probs).any() or not np.isfinite(log_probs[np.arange(len(chosen)), chosen]).all():
         raise CalibrationError("the dev data: the model's scores are not all finite")
-
-    return minimise_over_temperature(lambda t: segment_nll(log_probs, chosen, segment, right, t), bounds)
+    return minimise_over_temperature(lambda t: segment_nll(log_probs, chosen, segment, right, t, product), bounds)
 
 
 def segment_nll(log_probs: np.ndarray, chosen: np.ndarray, segment: np.ndarray, right: np.ndarray,
-                temperature: float) -> float:
+                temperature: float, product: bool = False) -> float:
     """Mean binary NLL of whether each segment is right under its score at the temperature."""
-    s = np.clip(segment_scores(log_probs, chosen, segment, len(right), temperature), 1e-12, 1 - 1e-12)
+    s = np.clip(segment_scores(log_probs, chosen, segment, len(right), temperature, product), 1e-12, 1 - 1e-12)
     return float(-np.where(right, np.log(s), np.log1p(-s)).mean())
 
 
 @dataclass
 class TemperatureProblem:
     """What a head's temperature is fitted on: logits and targets (`kind` softmax or sigmoid), or for
-    scores that are means over rows (`kind` segments: rows' log-probabilities, the chosen class of each,
-    the segment each row belongs to, and whether each segment is right)."""
+    scores made of several rows' probabilities (`kind` segments: rows' logits, the chosen class of each,
+    the segment each row belongs to, whether each segment is right, and whether its score is the rows'
+    mean or `product`)."""
 
     kind: str
     logits: np.ndarray
     targets: np.ndarray
     chosen: Optional[np.ndarray] = None
     segment: Optional[np.ndarray] = None
+    product: bool = False
 
     @property
     def decisions(self) -> int:
@@ -130,11 +134,12 @@ class TemperatureProblem:
     def nll(self, temperature: float) -> float:
         if self.kind != "segments":
             return temperature_nll(self.logits, self.targets, temperature, self.kind)
-        return segment_nll(self.logits, self.chosen, self.segment, self.targets, temperature)
+        return segment_nll(self.logits, self.chosen, self.segment, self.targets, temperature, self.product)
 
     def fit(self) -> float:
         if self.kind == "segments":
-            return fit_segment_temperature(self.logits, self.chosen, self.segment, self.targets)
+            return fit_segment_temperature(self.logits, self.chosen, self.segment, self.targets,
+                                           product=self.product)
         return fit_temperature(self.logits, self.targets, self.kind)
 
 

@@ -62,6 +62,12 @@ def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Option
                      + (f", keeping encoder layers {kept}" if kept else "")
                      + (f" (its score {_pct(float(score))})" if score else "")
                      + (f"; {float(speedup):.2f}x its docs/s" if speedup else ""))
+    calibration = {h: c for h, c in (info.get("calibration") or {}).items() if isinstance(c, dict)}
+    for head, c in calibration.items():  # `sllm calibrate`'s record, per head
+        extra = {k: v for k, v in (c.get("settings") or {}).items() if k != "temperature"}
+        lines.append(f"- **Calibration** ({head}): temperature {c.get('temperature', 1.0):.4g} fitted on `{c.get('dev')}`; "
+                     f"ECE there {(c.get('before') or {}).get('ece', 0):.4f} -> {(c.get('after') or {}).get('ece', 0):.4f}"
+                     + (f"; thresholds {extra}" if extra else ""))
     if evaluation:
         scores, stats = evaluation.get("scores") or {}, evaluation.get("statistics") or {}
         primary = evaluation.get("primary")
@@ -81,6 +87,10 @@ def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Option
             lines.append(f"- **Evaluation**: `{evaluation.get('test')}` (content {_short(evaluation.get('test_sha256'))}, "
                          f"{stats.get('docs', '?'):,} docs): **{primary} {_pct(scores.get(primary))}**"
                          f"{_ci(evaluation, primary)}; {others}")
+        measured = evaluation.get("calibration") or {}
+        if measured:
+            lines.append(f"- **Scores' calibration** on that test data: ECE {measured['ece']:.4f}, Brier "
+                         f"{measured['brier']:.4f} over {measured['decisions']:,} decisions ({measured.get('of', '')})")
         if stats.get("docs_per_second"):
             lines.append(f"- **Measured speed**: {stats['docs_per_second']:,} docs/s, "
                          f"{stats.get('words_per_second', 0):,} words/s on {stats.get('machine') or stats.get('device')}")

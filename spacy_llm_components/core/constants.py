@@ -1,3 +1,4 @@
 """Constants every layer agrees on."""
 
 IGNORE_INDEX = -100  # label of positions a loss skips (torch's CrossEntropyLoss default, HF's collators' padding)
+NULL_MARGIN = "null_margin"  # hf_qa's answer group attrs: per question, the no-answer score - the best answer's

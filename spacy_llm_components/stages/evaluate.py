@@ -15,6 +15,8 @@ from .shared.plots import confusion_png, reliability_png
 from .shared.scoring import Comparison, Evaluation, compare_pipelines, open_pipeline, score_file
 
 MEAN = "weighted_score"  # a multi-head evaluation's primary: the mean of its heads' primary scores
+ERRORS = "errors.jsonl"  # every error of the evaluation, most confident first per kind, for relabelling
+WORST = 10  # errors of each kind the report shows
 
 
 def evaluate(pipeline: Union[str, Path, Language], test: Union[str, Path], output: Optional[Union[str, Path]] = None,
@@ -26,7 +28,7 @@ def evaluate(pipeline: Union[str, Path, Language], test: Union[str, Path], outpu
     exclusive classes, confusion.png."""
     check_bootstrap(bootstrap or BootstrapSettings())
     result, loaded, pipeline = score_file(pipeline, test, options=options, skip_bad=skip_bad, batch_size=batch_size,
-                                          bootstrap=bootstrap)
+                                          bootstrap=bootstrap, errors=output is not None)
     if output is not None:
         test_hash = sha256_file(test) if Path(test).is_file() else None  # what promotion compares on
         files = {METRICS: json_bytes({**result.to_json(), "pipeline": str(pipeline), "test": str(test),
@@ -35,6 +37,7 @@ def evaluate(pipeline: Union[str, Path, Language], test: Union[str, Path], outpu
             files["confusion.png"] = confusion_png(result.confusion)
         if result.calibration:
             files["reliability.png"] = reliability_png({"scores": result.reliability}, f"{result.task}: reliability")
+        files[ERRORS] = jsonl_bytes(result.errors or [])
         files["report.md"] = report_markdown(result, str(pipeline), str(test)).encode()
         write_files(Path(output), files)
     return result
@@ -59,7 +62,7 @@ def evaluate_heads(pipeline: Union[str, Path, Language], tests: Dict[str, Union[
     for head in heads:
         results[head], loaded_by_head[head], _ = score_file(nlp, tests[head], options=options, skip_bad=skip_bad,
                                                            batch_size=batch_size, component=head,
-                                                           bootstrap=bootstrap)
+                                                           bootstrap=bootstrap, errors=output is not None)
     hashes = {h: sha256_file(t) if Path(t).is_file() else None for h, t in tests.items()}
     scores = {MEAN: sum(r.primary_score for r in results.values()) / len(results)}
     scores.update({f"{h}_{k}": v for h, r in results.items() for k, v in r.scores.items()})
@@ -82,7 +85,9 @@ def evaluate_heads(pipeline: Union[str, Path, Language], tests: Dict[str, Union[
             section = report_markdown(result, str(reference), str(tests[head])).replace("# Evaluation:", "## Head",
                                                                                         1).replace("\n## ", "\n### ")
             report.append(section.replace("(confusion.png)", f"(confusion-{head}.png)")
-                          .replace("(reliability.png)", f"(reliability-{head}.png)"))
+                          .replace("(reliability.png)", f"(reliability-{head}.png)")
+                          .replace(f"`{ERRORS}`", f"`errors-{head}.jsonl`"))
+            files[f"errors-{head}.jsonl"] = jsonl_bytes(result.errors or [])
             if result.confusion is not None:
                 files[f"confusion-{head}.png"] = confusion_png(result.confusion)
             if result.calibration:
@@ -178,6 +183,8 @@ def report_markdown(result: Evaluation, pipeline: str, test: str) -> str:
             lines.append(f"| {label} | {pct(v['p'])} | {pct(v['r'])} | {pct(v['f'])} | {f_ci}{auc}{v['support']} |")
     if result.calibration:
         lines += ["", "## Calibration", "", calibration_text(result.calibration), "", "![reliability](reliability.png)"]
+    if result.errors is not None:
+        lines += ["", *errors_markdown(result.errors)]
     if result.confusion is not None:
         lines += ["", "## Confusion matrix", "", "Rows: gold, columns: predicted.", "", "![confusion](confusion.png)"]
     return "\n".join(lines) + "\n"
@@ -189,3 +196,39 @@ def calibration_text(calibration: Dict[str, Any]) -> str:
     return (f"Of {c['of']}: {c['decisions']:,} decisions, mean score {c['mean_confidence']:.3f}, share right "
             f"{c['accuracy']:.3f}; expected calibration error **{c['ece']:.4f}** ({c['bins']} equal-width bins), "
             f"Brier score {c['brier']:.4f}. `sllm calibrate` fits the head's temperature on dev data.")
+
+
+def jsonl_bytes(records: List[Dict[str, Any]]) -> bytes:
+    import json
+
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def errors_markdown(errors: List[Dict[str, Any]]) -> List[str]:
+    """The errors section: how many of each kind, and the most confident of each with their text."""
+    kinds: Dict[str, List[Dict[str, Any]]] = {}
+    for record in errors:
+        kinds.setdefault(record["kind"], []).append(record)
+    lines = ["## Errors", "", f"{len(errors):,} errors: " + (", ".join(f"{len(v):,} {k.replace('_', ' ')}"
+                                                                        for k, v in kinds.items()) or "none")
+             + f"; all of them in `{ERRORS}` (one JSON record each, with the doc's text, for relabelling)."]
+    for kind, records in kinds.items():
+        lines += ["", f"### {kind.replace('_', ' ')} (most confident first)", "", "| doc | score | gold | predicted | text |",
+                  "| ---: | ---: | --- | --- | --- |"]
+        for r in records[:WORST]:
+            score = "" if r.get("score") is None else f"{r['score']:.3f}"
+            lines.append(f"| {r['doc']} | {score} | {_cell(r.get('gold', r.get('label')))} | "
+                         f"{_cell(r.get('predicted', r.get('label') if kind == 'false_positive' else None))} | "
+                         f"{_cell(r.get('question', '') + ' ' if r.get('question') else '')}{_cell(r['text'][:120])} |")
+    return lines
+
+
+def _cell(value: Any) -> str:
+    """A value as a Markdown table cell: spans as `text` (LABEL), lists joined, pipes escaped."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "; ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return f"{value['text']} ({value['label']})" if "label" in value else str(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")

@@ -169,6 +169,12 @@ class TaskSpec:
         logits = [np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-1e4) for x in logits]
         return TemperatureProblem(self.calibration_kind(pipe), np.concatenate(logits), np.concatenate(targets))
 
+    def errors(self, examples: List[Example], pipe) -> List[Dict[str, Any]]:
+        """What the head got wrong on each example, as records for a person to look at or relabel: the
+        doc's index and text, the kind of error, the gold and predicted labels or spans, and the model's
+        score for what it predicted; most confident first within a kind (after `scores` ran)."""
+        return []
+
     def tune_thresholds(self, pipe, examples: List[Example], request: "ThresholdRequest") -> "TunedThresholds":
         """Decision thresholds on the head's (calibrated) scores, tuned on its dev predictions: the settings
         to store, the headline scores they give on those predictions, the curve they were read from."""
@@ -263,3 +269,13 @@ def load_docs(task: "str | TaskSpec", path: Union[str, Path], nlp: Language, *, 
               skip_bad: bool = False) -> Loaded:
     """`TaskSpec.load` of the task named `task`."""
     return task_spec(task).load(path, nlp, options=options, skip_bad=skip_bad)
+
+
+def error_record(i: int, doc: Doc, kind: str, **fields: Any) -> Dict[str, Any]:
+    """One error for errors.jsonl: the doc (index and whole text, for relabelling), the kind, the rest."""
+    return {"doc": i, "kind": kind, **fields, "text": doc.text}
+
+
+def by_confidence(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Errors grouped by kind, the most confident first (those without a score last)."""
+    return sorted(records, key=lambda r: (r["kind"], -(r.get("score") if r.get("score") is not None else -1.0)))

@@ -19,7 +19,7 @@ from ..data.conll import read_conll
 from ..data.errors import DataError
 from ..data.jsonl import read_ner_jsonl
 from ..data.types import Loaded
-from .base import Demo, TaskSpec, TunedThresholds, kl_divergence, register_task
+from .base import Demo, TaskSpec, TunedThresholds, by_confidence, error_record, kl_divergence, register_task
 
 
 class NerSpec(TaskSpec):
@@ -101,6 +101,33 @@ class NerSpec(TaskSpec):
         rows_at = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         return TemperatureProblem("segments", log_probs[rows_at], np.array(right, dtype=bool), tags[rows_at],
                                   np.concatenate(segment) if segment else np.zeros(0, dtype=np.int64))
+
+    def errors(self, examples, pipe):  # by character spans: wrong type, wrong boundaries, spurious, missed
+        records = []
+        for i, eg in enumerate(examples):
+            if not eg.reference.has_annotation("ENT_IOB"):
+                continue
+            gold = {(e.start_char, e.end_char): e for e in eg.reference.ents}
+            found = set()
+            for ent in eg.predicted.ents:
+                span = (ent.start_char, ent.end_char)
+                same = gold.get(span)
+                overlapping = [g for (s, e), g in gold.items() if s < ent.end_char and ent.start_char < e]
+                found.update((g.start_char, g.end_char) for g in overlapping)
+                if same is not None and same.label_ == ent.label_:
+                    continue
+                kind = ("wrong_label" if same is not None else "boundary" if overlapping else "false_positive")
+                records.append(error_record(
+                    i, eg.predicted, kind, predicted={"start": span[0], "end": span[1], "label": ent.label_,
+                                                      "text": ent.text},
+                    gold=[{"start": g.start_char, "end": g.end_char, "label": g.label_, "text": g.text}
+                          for g in overlapping], score=ent._.score))
+            for span, g in gold.items():
+                if span not in found:
+                    records.append(error_record(i, eg.predicted, "false_negative", predicted=None, score=None,
+                                                gold=[{"start": span[0], "end": span[1], "label": g.label_,
+                                                       "text": g.text}]))
+        return by_confidence(records)
 
     def tune_thresholds(self, pipe, examples, request):  # the entity score threshold for a precision
         confidence, right, _ = self.confidences(examples, pipe)

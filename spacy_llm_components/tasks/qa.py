@@ -9,11 +9,14 @@ from spacy.training import Example
 from spacy.util import registry
 
 from ..core.bootstrap import DocStatistics
+from ..core.calibration import TemperatureProblem, best_null_threshold
+from ..core.constants import NULL_MARGIN
+from ..core.decode import log_softmax
 from ..core.metrics import exact_match, squad_scores, token_f1
 from ..data.errors import DataError
 from ..data.squad import read_squad
 from ..data.types import Loaded
-from .base import Demo, TaskSpec, kl_divergence, register_task
+from .base import Demo, TaskSpec, TunedThresholds, by_confidence, error_record, kl_divergence, register_task
 
 PADDING_LOGIT = -1e4  # a padded position's logit when the start/end softmax is taken over the input
 
@@ -87,6 +90,79 @@ class QASpec(TaskSpec):
                                                                                                 "end_logits")]
         targets = [batch["start_positions"], batch["end_positions"]]
         return torch.cat(rows).cpu().numpy(), torch.cat(targets).cpu().numpy()
+
+    def errors(self, examples, pipe):  # questions whose best answer matches no gold answer exactly
+        records = []
+        for i, eg in enumerate(examples):
+            best = {}
+            for span in eg.predicted.spans.get(pipe.spans_key, []):
+                best.setdefault(span._.question, span)
+            for question, answers in question_golds(eg, pipe.spans_key):
+                span = best.get(question)
+                predicted = span.text if span is not None else ""
+                if max(exact_match(predicted, a) for a in (answers or [""])) == 1.0:
+                    continue
+                kind = ("false_negative" if span is None else "false_positive" if not answers else "wrong_answer")
+                records.append(error_record(i, eg.predicted, kind, question=question, predicted=predicted or None,
+                                            gold=list(answers), score=span._.score if span is not None else None,
+                                            f1=max((token_f1(predicted, a) for a in answers), default=0.0)))
+        return by_confidence(records)
+
+    def tune_thresholds(self, pipe, examples, request):  # SQuAD 2.0: the no-answer threshold, for F1
+        golds = [dict(question_golds(eg, pipe.spans_key)) for eg in examples]
+        if not (request.f1 and pipe.handle_impossible and any(not a for g in golds for a in g.values())):
+            return TunedThresholds()
+        handle = pipe.handle_impossible
+        pipe.handle_impossible = False  # every question's best answer, and its margin to the null score
+        try:
+            docs = list(pipe.pipe(eg.predicted.copy() for eg in examples))  # (their questions come along)
+        finally:
+            pipe.handle_impossible = handle
+        margin, f1, em, impossible = [], [], [], []
+        for doc, gold in zip(docs, golds):
+            group = doc.spans.get(pipe.spans_key)
+            best = {}
+            for span in group or []:
+                best.setdefault(span._.question, span.text)
+            for question, answers in gold.items():
+                margin.append(group.attrs[NULL_MARGIN].get(question, np.inf) if group is not None else np.inf)
+                predicted = best.get(question, "")
+                f1.append(max(token_f1(predicted, a) for a in answers) if answers else 0.0)
+                em.append(max(exact_match(predicted, a) for a in answers) if answers else 0.0)
+                impossible.append(not answers)
+        margin, impossible = np.array(margin), np.array(impossible)
+        threshold, best_f1 = best_null_threshold(np.nan_to_num(margin, posinf=1e9), np.array(f1), impossible)
+        abstain = margin > threshold
+        exact = np.where(abstain, impossible, np.where(impossible, 0.0, em)).mean()
+        return TunedThresholds({"null_threshold": threshold}, {"qa_exact": float(exact), "qa_f1": best_f1})
+
+    def temperature_problem(self, pipe, examples):
+        """Each question's best answer's score (p_start * p_end in its window) against whether it matches a
+        gold answer exactly, so that the fitted temperature makes `span._.score` say how often an answer is
+        right (fitted on the start and end positions' NLL instead, it stays far too low: the probability of
+        an answer's span is spread over the spans overlapping it)."""
+        windows = pipe.best_answer_logits([eg.predicted for eg in examples])
+        rows, chosen, right = [], [], []
+        for eg, per_question in zip(examples, windows):
+            best = {}
+            for span in eg.predicted.spans.get(pipe.spans_key, []):
+                best.setdefault(span._.question, span)
+            for question, answers in question_golds(eg, pipe.spans_key):
+                span = best.get(question)
+                if span is None or span._.score is None or question not in per_question:
+                    continue
+                start, end, s, e = per_question[question]
+                if abs(float(np.exp(log_softmax(start)[s] + log_softmax(end)[e])) - span._.score) > 1e-4:
+                    continue  # (another window's span snapped to the same tokens)
+                rows += [start, end]
+                chosen += [s, e]
+                right.append(max(exact_match(span.text, a) for a in (answers or [""])) == 1.0)
+        width = max((len(r) for r in rows), default=1)
+        padded = np.full((len(rows), width), -np.inf)
+        for k, r in enumerate(rows):
+            padded[k, :len(r)] = r
+        return TemperatureProblem("segments", padded, np.array(right, dtype=bool), np.array(chosen, dtype=np.int64),
+                                  np.repeat(np.arange(len(right)), 2), product=True)
 
     def confidences(self, examples, pipe):  # each question's best answer's score, right if an exact match
         scores, right = [], []

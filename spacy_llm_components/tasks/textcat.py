@@ -17,7 +17,7 @@ from ..data.errors import DataError
 from ..data.jsonl import read_cats_jsonl
 from ..data.tabular import read_cats_table
 from ..data.types import Loaded
-from .base import Demo, TaskSpec, TunedThresholds, kl_divergence, register_task
+from .base import Demo, TaskSpec, TunedThresholds, by_confidence, error_record, kl_divergence, register_task
 
 
 class TextcatSpec(TaskSpec):
@@ -112,6 +112,24 @@ class TextcatSpec(TaskSpec):
             return prob.ravel(), gold.ravel(), "each label's probability (doc.cats), right when the doc has the label"
         return (prob.max(axis=1) if prob.size else prob.ravel(), (gold == decided).all(axis=1),
                 "each doc's probability of its chosen class (doc.cats), right when that is the gold class")
+
+    def errors(self, examples, pipe):  # exclusive: the confusions; multi-label: each label decided wrongly
+        labels = list(pipe.labels)
+        gold, decided, prob = decisions(examples, labels, pipe.multi_label, pipe.cfg.get("threshold", 0.5),
+                                        pipe.cfg.get("thresholds"))
+        records = []
+        for i, eg in enumerate(examples):
+            if not pipe.multi_label:
+                if (gold[i] != decided[i]).any():
+                    chosen = int(np.argmax(decided[i]))
+                    records.append(error_record(i, eg.predicted, "confusion", gold=labels[int(np.argmax(gold[i]))],
+                                                predicted=labels[chosen], score=float(prob[i, chosen])))
+                continue
+            for j in np.flatnonzero(gold[i] != decided[i]).tolist():
+                kind = "false_positive" if decided[i, j] else "false_negative"
+                records.append(error_record(i, eg.predicted, kind, label=labels[j], score=float(
+                    prob[i, j] if decided[i, j] else 1.0 - prob[i, j])))
+        return by_confidence(records)
 
     def tune_thresholds(self, pipe, examples, request):  # per label, for F1, on the calibrated probabilities
         if not (pipe.multi_label and request.f1):

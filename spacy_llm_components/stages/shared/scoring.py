@@ -46,6 +46,7 @@ class Evaluation:
     calibration: Dict[str, Any] = field(default_factory=dict)  # ECE, Brier and reliability bins of the scores
     confidences: Optional[Tuple[Any, Any]] = None  # (confidence, right) per scored decision (not serialized)
     references: List[Doc] = field(default_factory=list)  # the gold docs, beside `predictions` (not serialized)
+    errors: Optional[List[Dict[str, Any]]] = None  # what it got wrong, if asked (errors.jsonl, not metrics.json)
 
     def examples(self) -> List[Example]:
         """The predictions beside their gold docs."""
@@ -77,10 +78,11 @@ class Evaluation:
 
 def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Optional[int] = None,
                    component: Optional[str] = None, bootstrap: Optional[BootstrapSettings] = None,
-                   statistics: bool = False) -> Evaluation:
+                   statistics: bool = False, errors: bool = False) -> Evaluation:
     """Run the pipeline over the references' texts and score the predictions of its hf_* component (the
     first, or `component`) against them; with `bootstrap`, each headline metric's confidence interval
-    (documents resampled); with `statistics` (or `bootstrap`), the per-document statistics kept."""
+    (documents resampled); with `statistics` (or `bootstrap`), the per-document statistics kept; with
+    `errors`, what the component got wrong (`TaskSpec.errors`)."""
     pipe = nlp.get_pipe(component) if component else hf_component(nlp)
     spec = pipe.spec
     start = time.perf_counter()
@@ -105,7 +107,8 @@ def score_pipeline(nlp: Language, references: Sequence[Doc], *, batch_size: Opti
     confidences = spec.confidences(examples, pipe) if examples else None
     calibration = calibration_summary(*confidences) if confidences is not None and len(confidences[0]) else {}
     return Evaluation(spec.name, spec.primary, scores, statistics, per_label, confusion, predictions, drawn, stats,
-                      calibration, confidences[:2] if calibration else None, list(references))
+                      calibration, confidences[:2] if calibration else None, list(references),
+                      spec.errors(examples, pipe) if errors else None)
 
 
 def calibration_summary(confidence, right, unit: str, bins: int = BINS) -> Dict[str, Any]:
@@ -157,7 +160,7 @@ def open_pipeline(pipeline: Union[str, Path, Language]) -> Tuple[Language, str]:
 
 def score_file(pipeline: Union[str, Path, Language], test: Union[str, Path], *, options: ReadOptions = ReadOptions(),
                skip_bad: bool = False, batch_size: Optional[int] = None, component: Optional[str] = None,
-               bootstrap: Optional[BootstrapSettings] = None, statistics: bool = False
+               bootstrap: Optional[BootstrapSettings] = None, statistics: bool = False, errors: bool = False
                ) -> Tuple["Evaluation", Loaded, str]:
     """Load the pipeline (`open_pipeline`), read `test` (any format `prepare` reads) and score its hf_*
     component (the first, or `component`, with the pipeline's other hf_* heads off): (evaluation, the
@@ -169,7 +172,7 @@ def score_file(pipeline: Union[str, Path, Language], test: Union[str, Path], *, 
     others = [name for name, p in nlp.pipeline if isinstance(p, HFPipe) and p is not pipe]
     with nlp.select_pipes(disable=others):
         result = score_pipeline(nlp, loaded.docs, batch_size=batch_size, component=pipe.name, bootstrap=bootstrap,
-                                statistics=statistics)
+                                statistics=statistics, errors=errors)
     result.statistics["skipped"] = len(loaded.skipped)
     return result, loaded, reference
 

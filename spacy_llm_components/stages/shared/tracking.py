@@ -238,10 +238,24 @@ def interval_metrics(data: Dict[str, Any]) -> Dict[str, float]:
     return out
 
 
+def calibration_metrics(data: Dict[str, Any]) -> Dict[str, float]:
+    """An evaluation's (or each head's) calibration of its scores as MLflow metrics: `calibration.ece` and
+    `calibration.brier` (a head's prefixed with its name)."""
+    out: Dict[str, float] = {}
+    sources = [("", data)] + [(f"{head}_", ev) for head, ev in (data.get("heads") or {}).items()]
+    for prefix, evaluation in sources:
+        calibration = evaluation.get("calibration") or {}
+        for name in ("ece", "brier"):
+            if name in calibration:
+                out[metric_key(f"{prefix}calibration.{name}")] = float(calibration[name])
+    return out
+
+
 def log_evaluation(evaluation: Union[str, Path], *, run_name: Optional[str] = None,
                    experiment: Optional[str] = None) -> str:
     """One MLflow run for an evaluation folder (`sllm evaluate -o`): every score and statistic, the
-    per-label scores, the test set's hash, and report.md, metrics.json and confusion.png as artifacts."""
+    per-label scores, their intervals and calibration, the test set's hash, and the folder's files (report.md,
+    metrics.json, errors.jsonl, the plots) as artifacts."""
     import mlflow
 
     evaluation = Path(evaluation)
@@ -255,5 +269,6 @@ def log_evaluation(evaluation: Union[str, Path], *, run_name: Optional[str] = No
         mlflow.log_metrics(numbers(data.get("statistics") or {}, "statistics."))
         mlflow.log_metrics(numbers(data.get("per_label") or {}, "per_label."))
         mlflow.log_metrics(interval_metrics(data))
-        mlflow.log_artifacts(str(evaluation), "evaluation")
+        mlflow.log_metrics(calibration_metrics(data))
+        mlflow.log_artifacts(str(evaluation), "evaluation")  # report.md, reliability.png, errors.jsonl...
     return run.info.run_id
