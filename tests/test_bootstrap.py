@@ -340,3 +340,60 @@ def test_paired_verdicts_by_rule(rule, margin, low, high, passed):
     assert got is passed, reason
     assert "challenger ents_f 81.00 vs champion's 80.00: difference +1.00 points" in reason
     assert f"[{100 * low:+.2f}, {100 * high:+.2f}]" in reason
+
+
+def test_compare_one_head_of_pipelines_with_several(ckpts, tmp_path):
+    """A multi-task pipeline (NER + textcat on one hf_encoder) against a one-head textcat pipeline, by the
+    head named with --test HEAD=FILE: each side's accuracy equals its doc.cats' argmax against the gold."""
+    import csv
+
+    from conftest import demo_files, make_ckpt, save_tiny
+
+    from spacy_llm_components.components.pipeline import build_pipeline
+
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    ner = AutoModelForTokenClassification.from_pretrained(ckpts["ner"])  # an NER head on the textcat encoder
+    ner.bert.load_state_dict(AutoModelForSequenceClassification.from_pretrained(ckpts["textcat"]).bert.state_dict(),
+                             strict=False)  # (the token head has no pooler)
+    save_tiny(ner, tmp_path / "ner-ckpt")
+    shared = spacy.blank("en")
+    shared.add_pipe("hf_encoder", name="encoder", config={"model": str(ckpts["textcat"]), "device": "cpu"})
+    shared.add_pipe("hf_ner", name="ner", config={"encoder": "encoder", "model": str(tmp_path / "ner-ckpt")})
+    shared.add_pipe("hf_textcat", name="textcat", config={"encoder": "encoder"})
+    shared.initialize()
+    shared.to_disk(tmp_path / "shared")
+    other = make_ckpt(tmp_path / "other-ckpt", "textcat", seed=7, num_labels=2, id2label={0: "neg", 1: "pos"},
+                      label2id={"neg": 0, "pos": 1})
+    alone = build_pipeline("textcat", other, settings={"device": "cpu"})
+    alone.to_disk(tmp_path / "alone")
+    with open(demo_files("textcat")[2], encoding="utf8", newline="") as f:  # the demo's texts, the checkpoints' labels
+        rows = [{"text": r["text"], "label": r["label"][:3]} for r in csv.DictReader(f)]
+    test = tmp_path / "test.csv"
+    with open(test, "w", encoding="utf8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    right = []
+    for nlp in (spacy.load(tmp_path / "shared"), spacy.load(tmp_path / "alone")):
+        docs = list(nlp.pipe(r["text"] for r in rows))
+        right.append(np.array([max(d.cats, key=d.cats.get) == r["label"] for d, r in zip(docs, rows)]))
+    assert (right[0] != right[1]).any()  # the two heads decide differently: the comparison has something to show
+    expected = [r.mean() for r in right]
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "shared"), str(tmp_path / "alone"), "--test",
+                                      f"textcat={test}", "-o", str(tmp_path / "cmp"), "--bootstrap-replicates", "100"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    accuracy = data["scores"]["cats_accuracy"]
+    assert data["head"] == "textcat" and data["task"] == "textcat"
+    assert (accuracy["a"], accuracy["b"]) == (pytest.approx(expected[0]), pytest.approx(expected[1]))
+    assert accuracy["difference"] == pytest.approx(expected[1] - expected[0])
+    assert data["mcnemar"]["only_a_right"] == int((right[0] & ~right[1]).sum())
+    assert data["mcnemar"]["only_b_right"] == int((right[1] & ~right[0]).sum())
+    refused = CliRunner().invoke(app, ["compare", str(tmp_path / "shared"), str(tmp_path / "alone"), "--test",
+                                       str(test), "-o", str(tmp_path / "no-head")])
+    assert refused.exit_code == 2 and "HEAD=FILE" in refused.output
+    unknown = CliRunner().invoke(app, ["compare", str(tmp_path / "shared"), str(tmp_path / "alone"), "--test",
+                                       f"sentiment={test}", "-o", str(tmp_path / "unknown")])
+    assert unknown.exit_code == 2 and "no hf_* head 'sentiment'" in unknown.output
+    assert not (tmp_path / "no-head").exists() and not (tmp_path / "unknown").exists()

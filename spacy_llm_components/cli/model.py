@@ -123,7 +123,8 @@ def finetune_command(
 def compare_command(
     a: str = typer.Argument(..., help="pipeline A (the baseline): a folder, models:/NAME/VERSION or models:/NAME@ALIAS"),
     b: str = typer.Argument(..., help="pipeline B (compared with A): a folder or models:/ reference"),
-    test: Path = typer.Option(..., help="test data in any format `sllm prepare` reads; both run on its documents"),
+    test: str = typer.Option(..., help="test data in any format `sllm prepare` reads; both run on its documents. "
+                                       "Pipelines of several heads: HEAD=FILE, the head compared"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder for comparison.json and comparison.md"),
     batch_size: Optional[int] = BatchSize,
     text_column: str = TextColumn,
@@ -139,8 +140,10 @@ def compare_command(
 
     options = read_options(text_column, label_column, label_sep, strict)
     try:
-        result = compare(a, b, test, output, options=options, skip_bad=skip_bad, batch_size=batch_size,
-                         bootstrap=bootstrap)
+        test = files_by_head([test], "test")
+        head, test = next(iter(test.items())) if isinstance(test, dict) else (None, test)
+        result = compare(a, b, Path(test), output, options=options, skip_bad=skip_bad, batch_size=batch_size,
+                         bootstrap=bootstrap, head=head)
     except (DataError, ValueError) as err:
         fail(err)
     typer.echo(f"B - A on {result.evaluations[0].statistics['docs']:,} docs of {test}, "

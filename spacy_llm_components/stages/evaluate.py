@@ -100,14 +100,15 @@ def evaluate_heads(pipeline: Union[str, Path, Language], tests: Dict[str, Union[
 
 def compare(a: Union[str, Path, Language], b: Union[str, Path, Language], test: Union[str, Path],
             output: Optional[Union[str, Path]] = None, *, options: ReadOptions = ReadOptions(), skip_bad: bool = False,
-            batch_size: Optional[int] = None, bootstrap: BootstrapSettings = BootstrapSettings()) -> Comparison:
-    """Pipelines A and B (folders or models:/ references) on the same test file, compared document by
-    document: every headline metric's difference B - A with its paired bootstrap interval and p-value, per
+            batch_size: Optional[int] = None, bootstrap: BootstrapSettings = BootstrapSettings(),
+            head: Optional[str] = None) -> Comparison:
+    """Pipelines A and B (folders or models:/ references) on the same test file (their one head, or the
+    head named `head` in each), compared document by document: every headline metric's difference B - A with its paired bootstrap interval and p-value, per
     label too, and McNemar's test for classes. With `output`: comparison.json and comparison.md."""
     result = compare_pipelines(a, b, test, options=options, skip_bad=skip_bad, batch_size=batch_size,
-                               bootstrap=bootstrap)
+                               bootstrap=bootstrap, head=head)
     if output is not None:
-        data = {**result.to_json(), "test": str(test), "test_sha256": sha256_file(test) if Path(test).is_file() else None}
+        data = {**result.to_json(), "head": head, "test": str(test), "test_sha256": sha256_file(test) if Path(test).is_file() else None}
         write_files(Path(output), {"comparison.json": json_bytes(data),
                                    "comparison.md": comparison_markdown(result, str(test)).encode()})
     return result

@@ -207,9 +207,11 @@ class Comparison:
 
 def compare_pipelines(a: Union[str, Path, Language], b: Union[str, Path, Language], test: Union[str, Path], *,
                       options: ReadOptions = ReadOptions(), skip_bad: bool = False, batch_size: Optional[int] = None,
-                      bootstrap: BootstrapSettings = BootstrapSettings()) -> Comparison:
+                      bootstrap: BootstrapSettings = BootstrapSettings(), head: Optional[str] = None) -> Comparison:
     """Run pipelines A and B (folders, models:/ references or loaded) on the same test file and compare
-    them document by document (`paired_differences`). Both must be one head of the same task and labels."""
+    them document by document (`paired_differences`): their one hf_* head, or the head named `head` in
+    each (pipelines of several heads on a shared encoder, e.g. a multi-task teacher and its student), the
+    other heads off. The two heads must be of the same task, labels and label kind."""
     check_bootstrap(bootstrap)
     if not bootstrap.replicates:
         raise ValueError("--bootstrap-replicates 0: a paired comparison needs replicates (e.g. 1000)")
@@ -217,10 +219,12 @@ def compare_pipelines(a: Union[str, Path, Language], b: Union[str, Path, Languag
     pipes = []
     for nlp, ref in ((nlp_a, ref_a), (nlp_b, ref_b)):
         heads = [name for name, p in nlp.pipeline if isinstance(p, HFPipe)]
-        if len(heads) != 1:
-            raise ValueError(f"{ref}: the pipeline has {len(heads)} hf_* heads ({heads}); compare pipelines of one "
-                             "head (export each head with export_hf, or evaluate them with `sllm evaluate` HEAD=FILE)")
-        pipes.append(nlp.get_pipe(heads[0]))
+        if head is not None and head not in heads:
+            raise ValueError(f"{ref}: no hf_* head {head!r} (its heads: {heads})")
+        if head is None and len(heads) != 1:
+            raise ValueError(f"{ref}: the pipeline has {len(heads)} hf_* heads ({heads}); name the one to compare "
+                             f"with --test HEAD=FILE (e.g. {heads[0]}=test.conll)")
+        pipes.append(nlp.get_pipe(head or heads[0]))
     pa, pb = pipes
     if pa.spec.name != pb.spec.name:
         raise ValueError(f"{ref_a} is a {pa.spec.name} pipeline and {ref_b} a {pb.spec.name} one: compare pipelines "
@@ -234,7 +238,7 @@ def compare_pipelines(a: Union[str, Path, Language], b: Union[str, Path, Languag
         raise ValueError(f"{ref_a} is {kinds[kind_a]} and {ref_b} {kinds[kind_b]}: their scores are not the same "
                          "metric; compare pipelines of one kind")
     ev_a, ev_b = (score_file(nlp, test, options=options, skip_bad=skip_bad, batch_size=batch_size,
-                             statistics=True)[0] for nlp in (nlp_a, nlp_b))
+                             component=pipe.name, statistics=True)[0] for nlp, pipe in ((nlp_a, pa), (nlp_b, pb)))
     if ev_a.doc_statistics is None or ev_b.doc_statistics is None:
         raise ValueError(f"the {pa.spec.name} task gives no per-document statistics: it cannot be compared")
     diffs = paired_differences(ev_a.doc_statistics, ev_b.doc_statistics, bootstrap.replicates, bootstrap.seed,
