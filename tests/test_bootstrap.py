@@ -348,10 +348,9 @@ def test_compare_one_head_of_pipelines_with_several(ckpts, tmp_path):
     import csv
 
     from conftest import demo_files, make_ckpt, save_tiny
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from spacy_llm_components.components.pipeline import build_pipeline
-
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     ner = AutoModelForTokenClassification.from_pretrained(ckpts["ner"])  # an NER head on the textcat encoder
     ner.bert.load_state_dict(AutoModelForSequenceClassification.from_pretrained(ckpts["textcat"]).bert.state_dict(),

@@ -220,6 +220,13 @@ class HFPipe(FolderBytes, TrainablePipe):
         """Training features from reference docs, built with the encoding and windows `predict` uses."""
         raise NotImplementedError
 
+    def distillation_features(self, docs: Sequence[Doc], teacher: "HFPipe") -> List[Feature]:
+        """`features` of `docs` plus the outputs of `teacher` (a head of this task and labels, with any
+        tokenizer and width) in this head's units, as `teacher_*` fields: what a student distilled across
+        tokenizers learns from."""
+        raise ValueError(f"{self.name}: distilling a {self.spec.name} head across tokenizers is not supported; "
+                         "distill it into fewer of the teacher's layers instead (without --student-base)")
+
     def update(self, examples: Iterable[Example], *, drop: float = 0.0, sgd: Optional[Optimizer] = None,
                losses: Optional[Dict[str, float]] = None) -> Dict[str, float]:
         """One step of `spacy train`: the features of the reference docs through the model, its loss back.

@@ -10,8 +10,15 @@ from spacy.attrs import ENT_IOB
 from spacy.language import Language
 from spacy.tokens import Doc, Span, SpanGroup
 
-from ..core.align import group_words, merge_window_scores, unit_piece_ranges, window_spans, word_char_spans
-from ..core.constants import IGNORE_INDEX
+from ..core.align import (
+    align_words,
+    group_words,
+    merge_window_scores,
+    unit_piece_ranges,
+    window_spans,
+    word_char_spans,
+)
+from ..core.constants import IGNORE_INDEX, TEACHER_PREFIX
 from ..core.decode import (
     SCHEMES,
     LabelSchemeError,
@@ -22,6 +29,7 @@ from ..core.decode import (
     parse_tag,
     read_entities,
     segment_means,
+    tag_transfer,
     tags_for_types,
     transitions,
 )
@@ -128,19 +136,24 @@ class HFEntityRecognizer(HFPipe):
         """Overlapping piece windows that fit the model (none for a text without pieces)."""
         return window_spans(n_pieces, self.max_length - self.specials.n_single, self.stride) if n_pieces else []
 
-    def features(self, docs: Sequence[Doc]) -> List[Feature]:
+    def features(self, docs: Sequence[Doc], teacher: Optional[Tuple[Words, np.ndarray, np.ndarray]] = None
+                 ) -> List[Feature]:
         """Training features from gold `doc.ents`: one per window, the word's tag on its first piece.
 
         A tokenizer word overlapping an entity belongs to it; tags follow the
         head's scheme. Built with the same encoding and windows as `predict`.
+        With `teacher` (another tokenizer's words of the same docs and their target log-probabilities
+        over this head's tags, for a word that starts with it and one that starts inside it), each feature also holds, on its words' first pieces, the target of the
+        teacher word each word is aligned to (`align_words`): `teacher_logits`.
         """
         tag_ids = {tag: i for i, tag in enumerate(self.tags)}
         n_pre = len(self.specials.single_prefix)
         n_suf = len(self.specials.single_suffix)
         features = []
-        for doc, enc in zip(docs, self._encode([d.text for d in docs])):
+        for d, (doc, enc) in enumerate(zip(docs, self._encode([d.text for d in docs]))):
             words = group_words(enc.word_ids)
             word_spans = word_char_spans(words, enc.offsets)
+            soft = self._teacher_rows(teacher, d, words, word_spans, len(enc.ids)) if teacher is not None else None
             ents = [(ent.start_char, ent.end_char, ent.label_) for ent in doc.ents]
             ranges = unit_piece_ranges([(s, e) for s, e, _ in ents], word_spans)
             entities = []
@@ -159,8 +172,37 @@ class HFEntityRecognizer(HFPipe):
             for start, end in self._windows(len(enc.ids)):
                 model_input = self._single(enc.ids[start:end])
                 labels = [IGNORE_INDEX] * n_pre + piece_labels[start:end] + [IGNORE_INDEX] * n_suf
-                features.append(model_input.feature(labels=labels))
+                extra = {}
+                if soft is not None:
+                    rows = np.zeros((len(labels), len(self.tags)), dtype=np.float32)
+                    rows[n_pre:n_pre + end - start] = soft[start:end]
+                    extra[TEACHER_PREFIX + "logits"] = rows
+                features.append(model_input.feature(labels=labels, **extra))
         return features
+
+    @staticmethod
+    def _teacher_rows(teacher: Tuple[Words, np.ndarray, np.ndarray], d: int, words, word_spans, n_pieces: int
+                      ) -> np.ndarray:
+        """(pieces x tags) targets of doc `d`: on each word's first piece, its aligned teacher word's (the
+        `inside` one for a word that begins inside the teacher's word)."""
+        teacher_words, start, inside = teacher
+        a, b = int(teacher_words.bounds[d]), int(teacher_words.bounds[d + 1])
+        rows = np.zeros((n_pieces, start.shape[-1]), dtype=np.float32)
+        if words and b > a:
+            at, continues = align_words(np.array([s for s, _ in word_spans]), teacher_words.start[a:b],
+                                        teacher_words.end[a:b])
+            rows[[first for first, _ in words]] = np.where(continues[:, None], inside[a + at], start[a + at])
+        return rows
+
+    def distillation_features(self, docs: Sequence[Doc], teacher: "HFEntityRecognizer") -> List[Feature]:
+        """Training features of `docs` whose `teacher_logits` are the teacher's (a head with the same tags,
+        any tokenizer) word tag log-probabilities at temperature 1, per word of this head's tokenizer: a
+        word that begins inside a teacher word takes that word's distribution with B-X moved to I-X."""
+        start_map, inside_map = tag_transfer(teacher.tags, self.tags)
+        teacher_words, log_probs, _ = teacher.word_tag_log_probs(docs)
+        probs = np.exp(log_probs)
+        return self.features(docs, teacher=(teacher_words, np.log(probs @ start_map + 1e-8),
+                                            np.log(probs @ inside_map + 1e-8)))
 
     def _prepare(self, docs: Sequence[Doc]) -> Tuple[List[int], Pieces, Words]:
         texts = [d.text for d in docs]  # (Doc.text joins the tokens' texts: once per doc)

@@ -9,6 +9,7 @@ from spacy.language import Language
 from spacy.tokens import Doc
 
 from ..core.align import pack_units, refine_units, unit_piece_ranges
+from ..core.constants import TEACHER_PREFIX
 from ..core.decode import decide_labels, label_thresholds, softmax
 from ..core.settings import setting
 from ..tasks.textcat import TEXTCAT
@@ -117,9 +118,11 @@ class HFTextCategorizer(HFPipe):
                 owner.append(i)
         return inputs, owner
 
-    def features(self, docs: Sequence[Doc]) -> List[Feature]:
+    def features(self, docs: Sequence[Doc], teacher: Optional[np.ndarray] = None) -> List[Feature]:
         """Training features from gold `doc.cats`: every window of a doc carries the doc's labels
-        (a class index, or a 0/1 vector for multi-label heads), as `predict` pools over them."""
+        (a class index, or a 0/1 vector for multi-label heads), as `predict` pools over them. With
+        `teacher` (docs x this head's labels: a teacher's logits), each window carries its doc's row as
+        `teacher_logits`."""
         labels = self.labels
         targets = []
         for doc in docs:
@@ -129,7 +132,22 @@ class HFTextCategorizer(HFPipe):
             scores = [float(doc.cats[label]) for label in labels]
             targets.append(scores if self.multi_label else int(np.argmax(scores)))
         inputs, owner = self._inputs(docs)
-        return [model_input.feature(labels=targets[i]) for model_input, i in zip(inputs, owner)]
+        if teacher is None:
+            return [model_input.feature(labels=targets[i]) for model_input, i in zip(inputs, owner)]
+        return [model_input.feature(labels=targets[i], **{TEACHER_PREFIX + "logits": teacher[i]})
+                for model_input, i in zip(inputs, owner)]
+
+    def distillation_features(self, docs: Sequence[Doc], teacher: "HFTextCategorizer") -> List[Feature]:
+        """Training features of `docs` carrying the teacher's (the same labels, any tokenizer) logits of
+        each doc, read back from its probabilities at its temperature (a calibrated teacher's T is
+        divided out): log-probabilities for exclusive classes, log-odds for multi-label ones."""
+        if sorted(teacher.labels) != sorted(self.labels) or teacher.multi_label != self.multi_label:
+            raise ValueError(f"the teacher's labels {sorted(teacher.labels)} (multi-label: {teacher.multi_label}) "
+                             f"differ from the student's {sorted(self.labels)} ({self.multi_label})")
+        probs = teacher._predict_prepared(docs, teacher._prepare(docs)).astype(np.float64)
+        probs = np.clip(probs[:, [teacher.labels.index(label) for label in self.labels]], 1e-7, 1 - 1e-7)
+        logits = np.log(probs) - (np.log1p(-probs) if self.multi_label else 0.0)
+        return self.features(docs, teacher=(logits * teacher.temperature).astype(np.float32))
 
     def _prepare(self, docs: Sequence[Doc]) -> Pieces:
         return self._pieces([d.text for d in docs])

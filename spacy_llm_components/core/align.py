@@ -215,3 +215,22 @@ def padded_ranges(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -
     out[np.arange(out.shape[1])[None, :] < lengths[:, None]] = values[range_positions(starts, lengths)]
     return out
 
+
+
+def align_words(student_start: np.ndarray, teacher_start: np.ndarray, teacher_end: np.ndarray
+                ) -> Tuple[np.ndarray, np.ndarray]:
+    """For each student word (by its first character), the teacher word it reads its target from, and
+    whether it starts inside that word (a continuation: the teacher saw one word where the student sees
+    several). Two tokenizers' words of one text are compared through their character offsets: the
+    teacher word starting at or before the student word's start that still covers it, else the next
+    teacher word (a student word over characters the teacher tokenizer dropped). Needs >= 1 teacher word."""
+    if not len(teacher_start):
+        raise ValueError("the teacher has no words in a text where the student has some")
+    student_start = np.asarray(student_start, dtype=np.int64)
+    at = np.searchsorted(teacher_start, student_start, side="right") - 1
+    before = at < 0
+    at = np.clip(at, 0, len(teacher_start) - 1)
+    past = ~before & (teacher_end[at] <= student_start) & (at + 1 < len(teacher_start))
+    at = np.where(past, at + 1, at)
+    continues = (teacher_start[at] < student_start) & (student_start < teacher_end[at])
+    return at, continues

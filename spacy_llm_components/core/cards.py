@@ -62,6 +62,13 @@ def model_card(name: str, version: str, info: Dict[str, Any], evaluation: Option
                      + (f", keeping encoder layers {kept}" if kept else "")
                      + (f" (its score {_pct(float(score))})" if score else "")
                      + (f"; {float(speedup):.2f}x its docs/s" if speedup else ""))
+    distillation = info.get("distillation") or {}  # a student: `sllm distill`'s record
+    if distillation:
+        how = (f"into `{distillation['student_base']}` (its own tokenizer)" if distillation.get("student_base")
+               else f"keeping teacher layers {distillation.get('kept_layers')}")
+        lines.append(f"- **Distilled from**: `{distillation.get('teacher', '?')}`"
+                     + (f" (base `{distillation['teacher_base']}`)" if distillation.get("teacher_base") else "")
+                     + f" {how}; alpha {distillation.get('alpha')}, temperature {distillation.get('temperature')}")
     calibration = {h: c for h, c in (info.get("calibration") or {}).items() if isinstance(c, dict)}
     for head, c in calibration.items():  # `sllm calibrate`'s record, per head
         extra = {k: v for k, v in (c.get("settings") or {}).items() if k != "temperature"}

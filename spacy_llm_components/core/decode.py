@@ -194,6 +194,24 @@ def decode_entities(
     return [(s, e, t, (total[e] - total[s]) / (e - s)) for s, e, t in tags_to_entities([tags[i] for i in path])]
 
 
+def tag_transfer(teacher_tags: Sequence[str], student_tags: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """(teacher tags x student tags) 0/1 matrices that carry a teacher word's tag distribution to a
+    student word: `start` for a student word that begins where the teacher's word does (the same tag),
+    `inside` for one that begins inside it (the teacher's word continues there: B-X and I-X both go to
+    I-X, as every tag of type X does). The two heads must have the same tags."""
+    if sorted(teacher_tags) != sorted(student_tags):
+        raise LabelSchemeError(f"the teacher's tags {sorted(teacher_tags)} differ from the student's "
+                               f"{sorted(student_tags)}: a student learns the teacher's tags")
+    index = {tag: j for j, tag in enumerate(student_tags)}
+    start = np.zeros((len(teacher_tags), len(student_tags)), dtype=np.float32)
+    inside = np.zeros_like(start)
+    for i, tag in enumerate(teacher_tags):
+        start[i, index[tag]] = 1.0
+        kind = parse_tag(tag)[1]
+        inside[i, index.get(f"I-{kind}", index[tag]) if kind else index[tag]] = 1.0
+    return start, inside
+
+
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = x - x.max(axis=axis, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))

@@ -58,6 +58,9 @@ class TaskSpec:
     corpus_formats: Tuple[str, ...] = ()  # of those, the ones pre-training reads text from with this task's reader
     has_labels: bool = True  # whether the head has a label set of its own
     targets: Tuple[str, ...] = ("labels",)  # the gold keys of a training feature (not model inputs)
+    # the model outputs a student distilled across tokenizers reads from its features (as `teacher_NAME`),
+    # each per input position (True) or one per feature (False); empty: the task cannot be distilled so
+    teacher_outputs: Dict[str, bool] = {}
     description: str  # what model cards call the task
     input_example: Dict[str, List[Any]]  # a served request's columns, logged with each model
     # what its component's `record` adds to a served response, for the served model's signature: a column's

@@ -26,6 +26,7 @@ class NerSpec(TaskSpec):
     name, hf_task, factory = "ner", "token-classification", "hf_ner"
     head = "token"
     primary = "ents_f"
+    teacher_outputs = {"logits": True}
     score_weights = {"ents_f": 1.0, "ents_p": 0.0, "ents_r": 0.0, "ents_per_type": None}
     formats = (".conll", ".iob", ".bio", ".txt", ".tsv", ".jsonl", ".spacy")
     gold_description = "entity annotation (doc.ents)"

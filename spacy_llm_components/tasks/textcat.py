@@ -24,6 +24,7 @@ class TextcatSpec(TaskSpec):
     name, hf_task, factory = "textcat", "text-classification", "hf_textcat"
     head = "sequence"
     primary = "cats_score"  # accuracy for exclusive classes, macro F for multi-label (see score_textcat)
+    teacher_outputs = {"logits": False}
     score_weights = {"cats_score": 1.0}
     formats = (".csv", ".tsv", ".jsonl", ".spacy")
     gold_description = "categories (doc.cats)"

@@ -13,16 +13,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import spacy
 import torch
-from spacy.language import Language
 from transformers import TrainerCallback, set_seed
 
 from ... import artifacts
 from ...artifacts import sha256_file, sha256_tree
-from ...components.pipeline import hf_component, make_input_doc
+from ...components.pipeline import hf_component
 from ...core.settings import check_settings, setting
 from ...data import DataError
 from ...models.collate import FeatureCollator
@@ -47,11 +46,12 @@ from ..shared.training import (
     FinetuneResult,
     PipelineTrainer,
     TrainingPlan,
-    check_prepared,
     schedule,
     train_component,
 )
 from . import COMPRESSION, CompressError, check_apart, hf_components, shared_encoders
+from .cross import CrossDistillTrainer, check_student_base, cross_plan
+from .teacher import check_data, corpus_docs, distill_loss, load_teacher
 
 
 @dataclass
@@ -66,6 +66,8 @@ class DistillConfig:
     temperature: float = setting(2.0, "softmax temperature of the KL term (the term is scaled by T^2)", gt=0)
     corpus: Optional[str] = setting(None, 'extra unlabelled text that the teacher labels: JSONL {"text": ..., '
                                           '"questions": [...]} per line, as `sllm predict` reads')
+    student_base: Optional[str] = setting(None, "a Hugging Face encoder checkpoint the student starts from instead "
+                                                "of the teacher's layers: any tokenizer, width and depth (NER, textcat)")
 
 
 def check_distill_config(config: DistillConfig, teacher_layers: Optional[int] = None) -> Optional[List[int]]:
@@ -74,6 +76,8 @@ def check_distill_config(config: DistillConfig, teacher_layers: Optional[int] = 
     check_settings(config, error=CompressError)
     if config.corpus and not Path(config.corpus).is_file():
         raise DataError(Path(config.corpus), None, "file does not exist")
+    if config.student_base is not None:
+        check_student_base(config.student_base)
     if teacher_layers is not None:
         return kept_layers(teacher_layers, config)
     _keep_indices(config)
@@ -131,13 +135,6 @@ class DistillTrainer(PipelineTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def distill_loss(pipe, outputs, teacher, inputs, alpha: float, temperature: float) -> torch.Tensor:
-    """alpha * the task's KL to the teacher's outputs at `temperature` + (1 - alpha) * its gold loss."""
-    soft = pipe.spec.soft_loss(outputs, teacher, inputs, temperature, pipe)
-    gold = pipe.spec.gold_loss(outputs, inputs, pipe) if alpha < 1 else soft * 0.0
-    return alpha * soft + (1 - alpha) * gold
-
-
 class MultitaskDistillTrainer(MultitaskTrainer):
     """DistillTrainer's loss for a student whose heads share an encoder: each batch (of one head's task)
     through the student's and the teacher's encoder and that head, alpha * KL + (1 - alpha) * gold, times
@@ -180,6 +177,14 @@ def distill(teacher: Union[str, Path], train: Paths, dev: Paths, output: Union[s
     wall_start = time.perf_counter()
     config = config or FinetuneConfig()
     distill_config = distill_config or DistillConfig()
+    if distill_config.student_base is not None:
+        if is_shared(teacher):
+            raise CompressError("--student-base: distilling heads on a shared encoder into another encoder is not "
+                                "supported; distill each head's pipeline, or drop --student-base to keep the layers")
+        plan, kwargs = cross_plan(teacher, _one(train, "train"), _one(dev, "dev"), Path(output), config, distill_config)
+        return train_component(plan, Path(output), config, wall_start=wall_start, resume=resume,
+                               keep_checkpoints=keep_checkpoints, progress=progress, callbacks=callbacks,
+                               trainer_class=CrossDistillTrainer, trainer_kwargs=kwargs)
     if is_shared(teacher):
         plan, teacher_model = _shared_plan(teacher, _paths(train), _paths(dev), Path(output), config, distill_config,
                                            multitask or MultitaskSettings())
@@ -217,20 +222,6 @@ def _one(paths: Paths, option: str) -> Path:
     return given[0]
 
 
-def _check_data(spec_name: str, labels: Sequence[str], multi_label: Optional[bool], train: Path, dev: Path):
-    info = check_prepared(spec_name, train, dev, "distillation", whose="the teacher's task")
-    if sorted(info.labels) != sorted(labels):
-        raise DataError(train.parent / artifacts.LABELS, None,
-                        f"the teacher's labels {sorted(labels)} differ from the data's {sorted(info.labels)}: "
-                        "distill on data with the teacher's label set")
-    if multi_label is not None and bool(info.multi_label) != multi_label:
-        kinds = {True: "multi-label", False: "single-label"}
-        raise DataError(train.parent / artifacts.LABELS, None,
-                        f"the teacher is {kinds[multi_label]}, the data is {kinds[bool(info.multi_label)]}: "
-                        "distill on data of the teacher's kind")
-    return info
-
-
 def check_distillation(teacher: Union[str, Path], train: Union[str, Path], dev: Union[str, Path],
                        distill_config: DistillConfig, config: Optional[FinetuneConfig] = None) -> List[int]:
     """Everything `distill` refuses (the settings, the layers against the teacher's, the data's task,
@@ -241,25 +232,11 @@ def check_distillation(teacher: Union[str, Path], train: Union[str, Path], dev: 
     return _load_and_check(teacher, Path(train), Path(dev), replace(config, device="cpu"), distill_config)[-1]
 
 
-def _load_and_check(teacher: Union[str, Path], train: Path, dev: Path, config: FinetuneConfig,
-                    distill_config: DistillConfig):
-    check_settings(config, error=CompressError)
+def _load_and_check(teacher, train: Path, dev: Path, config: FinetuneConfig, distill_config: DistillConfig):
+    """`load_teacher` after the settings are checked, with the kept layer indices last."""
     check_distill_config(distill_config)
-    reference = pin_model(teacher)
-    folder = local_pipeline(reference)
-    names = hf_components(folder)
-    device = training_device(config.device)
-    # both run in float32 on the training device (bf16 comes from the Trainer's autocast on CUDA)
-    settings = {"device": str(device), "dtype": "float32", "quantize": None, "runtime": "torch"}
-    if config.max_length:
-        settings["max_length"] = config.max_length
-    overrides = {"components": {name: dict(settings) for name in names}}
-    teacher_pipe = hf_component(spacy.load(folder, config=overrides))
-    spec = teacher_pipe.spec
-    info = _check_data(spec.name, teacher_pipe.labels if spec.has_labels else [],
-                       spec.multi_label_of(teacher_pipe), train, dev)
-    keep = kept_layers(len(encoder_layers(teacher_pipe.checkpoint.encoder.model)), distill_config)
-    return reference, folder, overrides, device, teacher_pipe, info, keep
+    loaded = load_teacher(teacher, train, dev, config)
+    return (*loaded, kept_layers(len(encoder_layers(loaded[4].checkpoint.encoder.model)), distill_config))
 
 
 def _plan(teacher: Union[str, Path], train: Path, dev: Path, output: Path, config: FinetuneConfig,
@@ -284,7 +261,7 @@ def _plan(teacher: Union[str, Path], train: Path, dev: Path, output: Path, confi
     dev_docs = load_docs(spec.name, dev, vocab_nlp).docs
     features = [{**f, "gold": 1} for f in student_pipe.features(train_docs)]
     if corpus is not None:
-        features += [{**f, "gold": 0} for f in student_pipe.features(_corpus_docs(corpus, vocab_nlp, spec,
+        features += [{**f, "gold": 0} for f in student_pipe.features(corpus_docs(corpus, vocab_nlp, spec,
                                                                                    student_pipe))]
     if not features:
         raise DataError(train, None, "no training features (are the docs empty?)")
@@ -341,7 +318,7 @@ def _shared_plan(teacher: Union[str, Path], train: List[Path], dev: List[Path], 
     if not len(train) == len(dev) == len(heads):
         raise CompressError(f"{folder}: the teacher's {len(heads)} heads ({', '.join(heads)}) need as many --train "
                             f"and --dev files, in that order; got {len(train)} and {len(dev)}")
-    infos = [_check_data(p.spec.name, p.labels if p.spec.has_labels else [], p.spec.multi_label_of(p), t, d)
+    infos = [check_data(p.spec.name, p.labels if p.spec.has_labels else [], p.spec.multi_label_of(p), t, d)
              for p, t, d in zip(pipes, train, dev)]
     if len({info.lang for info in infos}) > 1:
         raise CompressError(f"the heads' data were prepared for different languages: {[i.lang for i in infos]}")
@@ -367,7 +344,7 @@ def _shared_plan(teacher: Union[str, Path], train: List[Path], dev: List[Path], 
     for index, (name, pipe, path, dev_path) in enumerate(zip(heads, students, train, dev)):
         mine = [{**f, "gold": 1} for f in pipe.features(load_docs(pipe.spec.name, path, vocab_nlp).docs)]
         if corpus is not None:
-            mine += [{**f, "gold": 0} for f in pipe.features(_corpus_docs(corpus, vocab_nlp, pipe.spec, pipe))]
+            mine += [{**f, "gold": 0} for f in pipe.features(corpus_docs(corpus, vocab_nlp, pipe.spec, pipe))]
         if not mine:
             raise DataError(path, None, "no training features (are the docs empty?)")
         features += [{**f, TASK_KEY: index} for f in mine]
@@ -405,16 +382,3 @@ def _shared_plan(teacher: Union[str, Path], train: List[Path], dev: List[Path], 
                         resume_keys=("task", "heads", "train_sha256", "dev_sha256", "labels", "teacher_sha256",
                                      "kept_layers", "corpus_sha256", "distill_loss", "batches_per_epoch"))
     return plan, teacher_model
-
-
-def _corpus_docs(path: Path, nlp: Language, spec, pipe) -> List[Any]:
-    """The extra corpus as training docs with placeholder gold (the teacher's outputs are their only target)."""
-    from ...data.errors import BadRecords
-    from ...data.jsonl import json_records
-
-    bad = BadRecords(False)
-    docs = [spec.unlabelled(make_input_doc(nlp, record, f"line {number}", path), pipe)
-            for number, record in json_records(path, bad)]
-    if not docs:
-        raise DataError(path, None, "no records")
-    return docs
