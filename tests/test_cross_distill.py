@@ -205,7 +205,7 @@ def test_bad_cross_tokenizer_input_fails_before_writing(setup, tmp_path):
     weightless.mkdir()
     (weightless / "config.json").write_text((setup["student_base"] / "config.json").read_text())
     cases = [
-        (DistillConfig(student_base=str(tmp_path / "missing")), "not a folder"),
+        (DistillConfig(student_base=str(tmp_path / "missing")), "does not exist"),
         (DistillConfig(student_base=str(parts["pipeline"])), "a spaCy pipeline, not an encoder"),
         (DistillConfig(student_base=str(tmp_path)), "not an encoder checkpoint.*no config.json"),
         (DistillConfig(student_base=str(weightless)), "no safetensors weights"),

@@ -26,7 +26,7 @@ from ...artifacts import sha256_file, sha256_tree
 from ...components.pipeline import build_pipeline, hf_component
 from ...core.constants import TEACHER_PREFIX
 from ...data import DataError
-from ...models.checkpoint import CheckpointError, open_source, read_config
+from ...models.checkpoint import CheckpointError, open_source, read_config, resolve_source
 from ...models.collate import FeatureCollator
 from ...tasks import load_docs
 from ..shared.training import FinetuneConfig, PipelineTrainer, TrainingPlan, schedule
@@ -37,8 +37,11 @@ from .teacher import corpus_docs, distill_loss, load_teacher
 def check_student_base(base: str) -> Path:
     """The student's starting encoder: a Hugging Face checkpoint folder (config.json, safetensors weights),
     not a spaCy pipeline, or a CompressError saying what it is instead."""
-    folder = Path(base).expanduser()
-    if not folder.is_dir():
+    try:
+        folder = resolve_source(base)  # a folder, or the name of an offline mirror (all-MiniLM-L6-v2)
+    except CheckpointError as err:
+        raise CompressError(f"--student-base {base}: {err}") from None
+    if not isinstance(folder, Path):
         raise CompressError(f"--student-base {base}: not a folder (give a Hugging Face encoder checkpoint)")
     if (folder / "config.cfg").is_file():
         raise CompressError(f"--student-base {base}: a spaCy pipeline, not an encoder; give its encoder's "
@@ -99,7 +102,8 @@ def cross_plan(teacher, train: Path, dev: Path, output: Path, config: FinetuneCo
     if distill_config.layers is not None or distill_config.keep is not None:
         raise CompressError("--student-base starts the student from another encoder: --layers / --keep (which "
                             "pick teacher layers) do not apply")
-    base = check_student_base(distill_config.student_base)
+    check_student_base(distill_config.student_base)
+    base = distill_config.student_base  # as given: a folder or an offline mirror's name
     reference, folder, _, device, teacher_pipe, info = load_teacher(teacher, train, dev, config)
     check_apart(output, folder, "the student")
     spec = teacher_pipe.spec
