@@ -26,9 +26,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_compress import load1, wait_for_quiet  # noqa: E402
 from bench_inference import DATA, conll_sentences  # noqa: E402
+from transformers import AutoModelForTokenClassification, AutoTokenizer  # noqa: E402
+
 from spacy_llm_components.models.checkpoint import DEFAULT_MODEL, resolve_source  # noqa: E402
 from spacy_llm_components.models.runtimes import inference_model  # noqa: E402
-from transformers import AutoModelForTokenClassification, AutoTokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
