@@ -63,8 +63,9 @@ def distill_command(
     multitask: MultitaskSettings = None,
 ) -> None:
     """Distill a pipeline into a student with fewer encoder layers (the teacher's, every other one by
-    default), trained on the teacher's soft outputs and the gold labels with the HF Trainer. Heads on a
-    shared encoder stay together: the student has every head on one shorter encoder."""
+    default), or with --student-base into another encoder (its own tokenizer and width, e.g. MPNet into
+    MiniLM; NER and textcat), trained on the teacher's soft outputs and the gold labels with the HF
+    Trainer. Heads on a shared encoder stay together: the student has every head on one shorter encoder."""
     from ..stages.compress.distill import distill
     from ..stages.shared.trainer import is_main_process
 
