@@ -252,3 +252,14 @@ def test_model_card_names_the_teacher_of_a_cross_tokenizer_student():
                              "across_tokenizers": True, "alpha": 0.5, "temperature": 2.0}}
     card = model_card("small", "1", info, None, {})
     assert "- **Distilled from**: `models:/big/3` (base `/m/mpnet`) into `/m/minilm` (its own tokenizer)" in card
+
+
+def test_a_student_tags_in_its_teachers_scheme(setup, tmp_path):
+    parts = setup["ner"]
+    labels = json.loads((parts["train"].parent / "labels.json").read_text())["labels"]
+    ckpt = make_checkpoint(tmp_path / "bioes", "roberta", "ner", tags_for_types(labels, "BIOES"), seed=5)
+    build_pipeline("ner", ckpt, settings={"device": "cpu"}).to_disk(tmp_path / "teacher")
+    distill(tmp_path / "teacher", parts["train"], parts["dev"], tmp_path / "student", config(max_steps=1, eval_steps=1),
+            DistillConfig(student_base=str(setup["student_base"])), progress=False)
+    student = hf_component(spacy.load(tmp_path / "student"))
+    assert student.scheme == "BIOES" and sorted(student.tags) == sorted(tags_for_types(labels, "BIOES"))

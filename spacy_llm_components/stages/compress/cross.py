@@ -111,9 +111,8 @@ def cross_plan(teacher, train: Path, dev: Path, output: Path, config: FinetuneCo
     train_docs = load_docs(spec.name, train, vocab_nlp).docs
     dev_docs = load_docs(spec.name, dev, vocab_nlp).docs
     settings = {**spec.component_settings(info.labels, info.multi_label, train_docs), "device": str(device)}
-    for name in ("scheme", "multi_label"):  # the teacher's reading of its labels, where the task has one
-        if name in settings and hasattr(teacher_pipe, name):
-            settings[name] = getattr(teacher_pipe, name)
+    if isinstance(getattr(teacher_pipe, "scheme", None), str):  # a tagger: the student tags in the teacher's scheme
+        settings["scheme"] = teacher_pipe.scheme
     if config.max_length:
         settings["max_length"] = config.max_length
     set_seed(config.seed)  # the student's new head
